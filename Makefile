@@ -1,0 +1,38 @@
+# One command each, on a fresh machine: `make demo`, `make test`, `make bench`.
+# Each creates/refreshes the virtualenv first (torch pinned and installed first: see ../shared/STACK.md).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DVC_NO_ANALYTICS=1
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+# pip on these machines warns about every missing local mirror folder; keep the log readable
+QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/share demo
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache
