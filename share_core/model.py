@@ -83,6 +83,7 @@ class ShareModel(nn.Module):
         self._heads_backup = head_tensors(model, state.head_modules)
         self.active_task: str | None = None
         self.training_task: str | None = None
+        self.last_errors: dict[str, float] = {}  # per task: worst relative ΔW error of the last build/merge
         self._sync()
 
     # ---- construction ----------------------------------------------------------------------
@@ -116,12 +117,13 @@ class ShareModel(nn.Module):
             check_task_name(a.name)
             _check_fits(model, a, targets, heads, base_model_id)
         layers = sorted(first.factors)
-        bases, per_task = {}, [dict() for _ in adapters]
+        bases, per_task, worst = {}, [dict() for _ in adapters], {a.name: 0.0 for a in adapters}
         for layer in layers:
             f = subspace.build([a.factors[layer][0] for a in adapters], [a.factors[layer][1].T for a in adapters], policy)
             bases[layer] = (f.basis_b, f.basis_a)
-            for j in range(len(adapters)):
+            for j, a in enumerate(adapters):
                 per_task[j][layer] = (f.coefs_b[j], f.coefs_a[j])
+                worst[a.name] = max(worst[a.name], f.errors[j])
         infos = infos or [{} for _ in adapters]
         tasks = [
             TaskRecord(a.name, a.rank, a.scale, per_task[j], dict(a.heads), {"source": "adapter", **infos[j]})
@@ -132,7 +134,9 @@ class ShareModel(nn.Module):
             target_modules=list(targets), head_modules=list(heads), bases=bases, tasks=tasks,
             policy=policy, phi=phi,
         )
-        return cls(model, state, check_hash=False)
+        share = cls(model, state, check_hash=False)
+        share.last_errors = worst
+        return share
 
     # ---- syncing state -> layers -------------------------------------------------------------
     def _sync(self) -> None:
@@ -306,6 +310,7 @@ class ShareModel(nn.Module):
             record = TaskRecord(name, pend["rank"], pend["scale"], {}, heads, {"source": "dataset", **pend["info"]})
             new_state, errors = _merged_state(self.state, [record], factors, policy or self.state.policy)
         self._install(new_state)
+        self.last_errors = errors
         return errors
 
     def absorb(self, adapters: list[LoraAdapter], infos: list[dict] | None = None, policy: subspace.KPolicy | None = None) -> dict[str, float]:
@@ -328,6 +333,7 @@ class ShareModel(nn.Module):
         records = [TaskRecord(a.name, a.rank, a.scale, {}, dict(a.heads), {"source": "adapter", **i}) for a, i in zip(adapters, infos)]
         new_state, errors = _merged_state(self.state, records, factors, policy or self.state.policy)
         self._install(new_state)
+        self.last_errors = errors
         return errors
 
     def _install(self, new_state: SubspaceState) -> None:

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random transformers models (built from a config, no download) and real
+PEFT adapters saved by PEFT itself."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3)
+
+
+def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    """The same random tiny BERT for the same seed (so its hash is stable)."""
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**{**TINY_BERT, **overrides})).eval()
+
+
+def save_peft_adapter(path, seed: int, r: int = 4, alpha: float = 8, targets=("query", "value"), base_seed: int = 0, base_name: str = "tiny-bert", **model_overrides):
+    """A real PEFT LoRA with random (non-zero) factors and a trained-looking head, saved by PEFT."""
+    model = tiny_bert(base_seed, **model_overrides)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), modules_to_save=["classifier"], init_lora_weights=False, base_model_name_or_path=base_name)
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(str(path))
+    cfg_path = path / "adapter_config.json"  # PEFT writes the live model's (empty) name_or_path
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": base_name}))
+    return path
+
+
+@pytest.fixture
+def adapters_dir(tmp_path):
+    """Three PEFT adapters (r=4, lora_alpha=8) of the tiny BERT."""
+    return [save_peft_adapter(tmp_path / f"task{j}", seed=10 + j) for j in range(3)]
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(1, 100, (6, 9), generator=g)
