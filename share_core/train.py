@@ -77,7 +77,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(job, advance=1, loss=losses[-1])
     model.eval()
     return losses
