@@ -27,9 +27,10 @@ from .update import load_params  # noqa: E402
 from .workspace import Workspace, write_atomic  # noqa: E402
 
 
-def eval_data(ws: Workspace, task: str) -> TaskData | None:
+def eval_data(ws: Workspace, version: str, task: str) -> TaskData | None:
     """The task's eval rows from its ingested landing (None when it brought none)."""
-    landing = ws.landings / task
+    entry = next(t for t in st.read_manifest(ws.version_dir(version))["tasks"] if t["name"] == task)
+    landing = ws.landings / entry["info"].get("landing", task)
     if not (landing / EVAL_FILE).is_file():
         return None
     spec = read_task_spec(landing / SPEC_FILE)
@@ -38,7 +39,7 @@ def eval_data(ws: Workspace, task: str) -> TaskData | None:
 
 def score_task(ws: Workspace, version: str, task: str) -> dict:
     """{"task", "score", "majority"} of one task on one version (score None: no eval data)."""
-    data = eval_data(ws, task)
+    data = eval_data(ws, version, task)
     if data is None:
         return {"task": task, "score": None, "majority": None}
     params = load_params(ws.root / "params.yaml")

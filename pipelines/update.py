@@ -69,8 +69,12 @@ def landing_hash(landing: Path, kind: str) -> str:
     return h.hexdigest()
 
 
-def build_version(landings: list[Path], kind: str, out: Path, parent: Path | None, params: Params) -> dict:
-    """Write version `out` (atomically) from `parent` + `landings`; return its manifest."""
+def build_version(landings: list[Path], kind: str, out: Path, parent: Path | None, params: Params, provenance: dict | None = None) -> dict:
+    """Write version `out` (atomically) from `parent` + `landings`; return its manifest.
+
+    Each task records its landing directory's name (where its eval data lives) and
+    `provenance` (e.g. the storage key/ETag) lands in the manifest, so a retried update can
+    recognise a version it already built."""
     if kind not in ("dataset", "adapter"):
         raise ValueError(f"kind must be 'dataset' or 'adapter', got {kind!r}")
     if kind == "dataset" and len(landings) != 1:
@@ -82,7 +86,7 @@ def build_version(landings: list[Path], kind: str, out: Path, parent: Path | Non
     infos = []
     for landing in landings:
         spec = read_task_spec(landing / "task.yaml")
-        infos.append({"labels": list(spec.labels), "type": spec.type, "data_hash": landing_hash(landing, kind), "kind": kind})
+        infos.append({"labels": list(spec.labels), "type": spec.type, "data_hash": landing_hash(landing, kind), "kind": kind, "landing": landing.name})
     if kind == "dataset":
         task = load_task(landings[0])
         share, _ = learn(share, model, tok, task, params.train, params.policy, params.phi, params.model_id, {"train": 0.0})
@@ -99,6 +103,7 @@ def build_version(landings: list[Path], kind: str, out: Path, parent: Path | Non
         "kind": kind,
         "reconstruction_error": share.last_errors,
         "code_version": share_core.__version__,
+        "provenance": provenance or {},
     }
     st.save(share.state, out)
     return st.read_manifest(out)

@@ -12,6 +12,8 @@ Every writer replaces files atomically (write to a temp file, then os.replace).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -85,6 +87,18 @@ class Workspace:
         if not (self.version_dir(version) / "manifest.json").is_file():
             raise ValueError(f"version {version} does not exist in {self.versions}")
         write_atomic(self.root / "HEAD", version + "\n")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive lock on the chain: updates, absorbs and rollbacks never interleave, whichever
+        process or deployment runs them (deployment concurrency limits are per deployment)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def ledger(self) -> dict[str, dict]:
         return json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}

@@ -1,0 +1,46 @@
+"""The deployments `share serve` runs: the event-triggered continual update (concurrency 1:
+versions form a chain), cron batch-absorb and champion re-evaluation, and on-demand rollback
+and evaluate-version."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.events import DeploymentEventTrigger
+
+from pipelines import register
+from pipelines.workspace import Workspace
+
+from .continual import batch_absorb, continual_update, evaluate_version, rollback
+from .watcher import EVENT, RESOURCE_PREFIX
+
+
+@flow(name="reevaluate-champion", log_prints=True)
+def reevaluate_champion(workspace: str, model_name: str = "share-subspace", tracking_uri: str | None = None) -> dict:
+    """Scheduled check that the serving version still scores what it scored when registered."""
+    ws = Workspace(workspace)
+    version = register.champion_version(model_name, tracking_uri=tracking_uri or ws.tracking_uri)
+    if version is None:
+        return {"status": "no-champion"}
+    return evaluate_version(workspace, version)
+
+
+def landing_trigger() -> DeploymentEventTrigger:
+    return DeploymentEventTrigger(
+        expect={EVENT},
+        match={"prefect.resource.id": f"{RESOURCE_PREFIX}.*"},
+        parameters={"key": "{{ event.payload.key }}", "etag": "{{ event.payload.etag }}"},
+    )
+
+
+def build_deployments(storage_url: str, workspace: str, *, model_name: str = "share-subspace", tracking_uri: str | None = None, tolerance: float = 0.01, absorb_cron: str = "0 * * * *", reeval_cron: str = "30 3 * * *", train_deployment: str | None = None) -> list:
+    common = {"workspace": workspace, "model_name": model_name, "tracking_uri": tracking_uri}
+    return [
+        continual_update.to_deployment(
+            name="continual-update", triggers=[landing_trigger()], concurrency_limit=1,
+            parameters={**common, "storage_url": storage_url, "tolerance": tolerance, "train_deployment": train_deployment},
+        ),
+        batch_absorb.to_deployment(name="batch-absorb", cron=absorb_cron, concurrency_limit=1, parameters={**common, "storage_url": storage_url, "tolerance": tolerance}),
+        reevaluate_champion.to_deployment(name="reevaluate-champion", cron=reeval_cron, parameters=common),
+        rollback.to_deployment(name="rollback", parameters=common),
+        evaluate_version.to_deployment(name="evaluate-version", parameters={"workspace": workspace}),
+    ]
