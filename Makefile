@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.txt
 venv: $(STAMP)
 
 demo: venv
-	$(VENV)/bin/share demo
+	$(VENV)/bin/share core-demo
 
 test: venv
 	$(PY) -m pytest -q

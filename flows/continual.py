@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.deployments import run_deployment
 
 from pipelines import evaluate as ev
@@ -47,13 +47,24 @@ def mark(storage_url: str, landing: Landing, status: str, detail: dict) -> None:
 
 
 @task
-def validate(workspace: str, landing: Landing, local: str) -> dict:
-    """None-or-reason: validation against the current HEAD's manifest; nothing changes."""
+def validate(workspace: str, landing: Landing, local: str) -> str | None:
+    """The rejection reason, or None: checked against the HEAD version; nothing changes.
+    A rejection is an outcome of the run, not a failure of the task."""
     ws = Workspace(workspace)
     head = ws.head()
     manifest = st.read_manifest(ws.version_dir(head)) if head else None
-    validate_landing(Path(local), landing.kind, landing.task, manifest)
-    return {"kind": landing.kind, "task": landing.task}
+    try:
+        validate_landing(Path(local), landing.kind, landing.task, manifest)
+    except LandingRejected as e:
+        return e.reason
+    return None
+
+
+def reject(ws: Workspace, storage_url: str, landing: Landing, reason: str) -> dict:
+    get_run_logger().warning("rejected %s: %s", landing.key, reason)
+    mark(storage_url, landing, "rejected", {"reason": reason})
+    ws.record_landing(landing.key, {"etag": landing.etag, "status": "rejected", "reason": reason})
+    return {"status": "rejected", "reason": reason}
 
 
 @task
@@ -107,7 +118,7 @@ def summarize(workspace: str, version: str, results: list[dict]) -> dict:
 def evaluate_all(workspace: str, version: str) -> dict:
     """Score every task of the version in parallel (mapped), then summarize."""
     tasks = [t["name"] for t in st.read_manifest(Workspace(workspace).version_dir(version))["tasks"]]
-    futures = score.map(workspace, version, tasks)
+    futures = score.map(unmapped(workspace), unmapped(version), tasks)
     return summarize(workspace, version, [f.result() for f in futures])
 
 
@@ -167,13 +178,9 @@ def _continual_update(key, storage_url, workspace, model_name, tolerance, tracki
         return {"status": "duplicate", **seen}
     with tempfile.TemporaryDirectory() as tmp:
         local = download(storage_url, landing, tmp)
-        try:
-            validate(workspace, landing, local)
-        except LandingRejected as e:
-            log.warning("rejected %s: %s", key, e.reason)
-            mark(storage_url, landing, "rejected", {"reason": e.reason})
-            ws.record_landing(key, {"etag": landing.etag, "status": "rejected", "reason": e.reason})
-            return {"status": "rejected", "reason": e.reason}
+        reason = validate(workspace, landing, local)
+        if reason:
+            return reject(ws, storage_url, landing, reason)
         name = ingest(workspace, landing, local)
     provenance = {"key": key, "etag": landing.etag}
     out = _build_and_publish(workspace, [name], landing.kind, provenance, model_name, tolerance, tracking_uri, train_deployment)
@@ -197,12 +204,9 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
     with tempfile.TemporaryDirectory() as tmp:
         for lnd in pending:
             local = download(storage_url, lnd, str(Path(tmp) / lnd.task))
-            try:
-                validate(workspace, lnd, local)
-            except LandingRejected as e:
-                mark(storage_url, lnd, "rejected", {"reason": e.reason})
-                ws.record_landing(lnd.key, {"etag": lnd.etag, "status": "rejected", "reason": e.reason})
-                rejected[lnd.key] = e.reason
+            reason = validate(workspace, lnd, local)
+            if reason:
+                rejected[lnd.key] = reject(ws, storage_url, lnd, reason)["reason"]
                 continue
             accepted.append((lnd, ingest(workspace, lnd, local)))
     if not accepted:

@@ -1,0 +1,214 @@
+"""The task format of the storage contract (DESIGN §4): ``task.yaml`` + ``train.jsonl`` + ``eval.jsonl``.
+
+Shared by training, the pipeline's validator and the task generator, so that whatever one side
+writes the other accepts. Everything that arrives from a bucket is untrusted: every check raises
+`TaskFormatError` naming the file (and line) and what was expected, so a rejected landing can be
+reported as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+SPEC_FILE, TRAIN_FILE, EVAL_FILE = "task.yaml", "train.jsonl", "eval.jsonl"
+TASK_FILES = (SPEC_FILE, TRAIN_FILE, EVAL_FILE)
+CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
+METRICS = {CLASSIFICATION: ("accuracy",), CAUSAL_LM: ("accuracy", "perplexity")}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_SPEC_BYTES = 64 * 1024  # a spec is a handful of fields; anything bigger is not one
+
+
+class TaskFormatError(ValueError):
+    """A task file is missing or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What ``task.yaml`` declares. Build from untrusted input only via `from_yaml_dict`."""
+
+    name: str
+    type: str
+    labels: tuple[str, ...] = ()
+    text_field: str = "text"
+    label_field: str = "label"
+    metric: str = "accuracy"
+
+    @property
+    def is_classification(self) -> bool:
+        return self.type == CLASSIFICATION
+
+    def to_yaml_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "labels": list(self.labels),
+            "text_field": self.text_field,
+            "label_field": self.label_field,
+            "metric": self.metric,
+        }
+
+    @classmethod
+    def from_yaml_dict(cls, d, source: str) -> TaskSpec:
+        """Validate a parsed ``task.yaml``; `source` names the file in every error."""
+
+        def fail(field: str, expected: str, got) -> TaskFormatError:
+            return TaskFormatError(f"{source}: field '{field}' is {got!r}; expected {expected}")
+
+        if not isinstance(d, dict):
+            raise TaskFormatError(f"{source}: expected a mapping of task fields, got {type(d).__name__}")
+        known = ("name", "type", "labels", "text_field", "label_field", "metric")
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise TaskFormatError(f"{source}: unknown field(s) {unknown}; expected only {list(known)}")
+        for key in ("name", "type"):
+            if key not in d:
+                raise TaskFormatError(f"{source}: missing required field '{key}'")
+
+        name = d["name"]
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise fail("name", "1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit", name)
+        task_type = d["type"]
+        if task_type not in METRICS:
+            raise fail("type", f"one of {list(METRICS)}", task_type)
+
+        labels = d.get("labels") or []
+        if task_type == CLASSIFICATION:
+            ok = (
+                isinstance(labels, list)
+                and all(isinstance(x, str) and x.strip() for x in labels)
+                and len(set(labels)) == len(labels) >= 2
+            )
+            if not ok:
+                raise fail("labels", "a list of >= 2 unique non-empty strings (quote numbers and yes/no)", labels)
+        elif labels:
+            raise fail("labels", f"empty or absent for type {task_type}", labels)
+
+        fields = {}
+        for key in ("text_field", "label_field"):
+            value = d.get(key, cls.__dataclass_fields__[key].default)
+            if not isinstance(value, str) or not value.strip():
+                raise fail(key, "a non-empty string", value)
+            fields[key] = value
+        metric = d.get("metric", "accuracy")
+        if metric not in METRICS[task_type]:
+            raise fail("metric", f"one of {list(METRICS[task_type])} for type {task_type}", metric)
+        return cls(name=name, type=task_type, labels=tuple(labels), metric=metric, **fields)
+
+
+def read_task_spec(path: Path) -> TaskSpec:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise TaskFormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(raw) > MAX_SPEC_BYTES:
+        raise TaskFormatError(f"{path}: larger than {MAX_SPEC_BYTES} bytes (size limit)")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise TaskFormatError(f"{path}: invalid YAML: {e}") from e
+    return TaskSpec.from_yaml_dict(data, source=str(path))
+
+
+def _check_row(row, spec: TaskSpec, where: str) -> None:
+    """One example must carry what training reads: the text and (classification) a known label."""
+    if not isinstance(row, dict):
+        raise TaskFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    text = row.get(spec.text_field)
+    if not isinstance(text, str) or not text.strip():
+        raise TaskFormatError(f"{where}: field '{spec.text_field}' is {text!r}; expected a non-empty string")
+    if spec.is_classification:
+        label = row.get(spec.label_field)
+        if not isinstance(label, str) or label not in spec.labels:
+            raise TaskFormatError(
+                f"{where}: field '{spec.label_field}' is {label!r}; expected one of {list(spec.labels)}"
+            )
+
+
+def read_examples(path: Path, spec: TaskSpec, max_rows: int = 1_000_000) -> list[dict]:
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                if len(rows) >= max_rows:
+                    raise TaskFormatError(f"{where}: more than {max_rows} rows (size limit)")
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskFormatError(f"{where}: invalid JSON: {e.msg}") from e
+                _check_row(row, spec, where)
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(f"{path}: not UTF-8 text: {e}") from e
+    except OSError as e:
+        raise TaskFormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    if not rows:
+        raise TaskFormatError(f"{path}: no examples")
+    return rows
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[dict]
+    eval: list[dict]
+    root: Path
+
+    def label_ids(self, rows: list[dict]) -> list[int]:
+        index = {label: i for i, label in enumerate(self.spec.labels)}
+        return [index[row[self.spec.label_field]] for row in rows]
+
+    def majority_accuracy(self) -> float:
+        """The score of always answering the most frequent eval label: every score's baseline."""
+        if not self.spec.is_classification:
+            raise ValueError(f"task {self.spec.name}: no majority baseline for type {self.spec.type}")
+        counts = Counter(row[self.spec.label_field] for row in self.eval)
+        return max(counts.values()) / len(self.eval)
+
+
+def load_task(task_dir: Path) -> TaskData:
+    task_dir = Path(task_dir)
+    for name in TASK_FILES:
+        if not (task_dir / name).is_file():
+            raise TaskFormatError(f"{task_dir / name}: missing file (a task needs {list(TASK_FILES)})")
+    spec = read_task_spec(task_dir / SPEC_FILE)
+    train = read_examples(task_dir / TRAIN_FILE, spec)
+    eval_rows = read_examples(task_dir / EVAL_FILE, spec)
+    return TaskData(spec=spec, train=train, eval=eval_rows, root=task_dir)
+
+
+def write_task(task_dir: Path, spec: TaskSpec, train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """Write a task that `load_task` accepts; ``task.yaml`` goes last since its arrival marks completion."""
+    task_dir = Path(task_dir)
+    spec = TaskSpec.from_yaml_dict(spec.to_yaml_dict(), source=str(task_dir / SPEC_FILE))
+    for name, rows in ((TRAIN_FILE, train_rows), (EVAL_FILE, eval_rows)):
+        for i, row in enumerate(rows, start=1):
+            _check_row(row, spec, f"{task_dir / name}:{i}")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in ((TRAIN_FILE, train_rows), (EVAL_FILE, eval_rows)):
+        with open(task_dir / name, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with open(task_dir / SPEC_FILE, "w", encoding="utf-8", newline="\n") as f:
+        yaml.safe_dump(spec.to_yaml_dict(), f, sort_keys=False, allow_unicode=True)
+
+
+def data_hash(task_dir: Path) -> str:
+    """sha256 of the task's three files (sorted by name; each name and size hashed before its bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(TASK_FILES):
+        data = (Path(task_dir) / name).read_bytes()
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()

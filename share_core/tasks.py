@@ -1,0 +1,160 @@
+"""A deterministic generator of small English text-classification tasks (the embedded default
+data for tests, the demo and the benchmarks), written in the storage format of DESIGN §4.
+
+Each task draws sentences from templates over a shared vocabulary, so tasks overlap in words
+but differ in what decides the label (sentiment, topic, sentence type, tense, grammatical
+number, intent, urgency). Hard cases keep them from being trivial: negation flips sentiment,
+questions lose their question mark, tense adverbs are dropped, and a few percent of the
+training labels are noisy. Same (name, seed) → byte-identical files on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from .taskdata import CLASSIFICATION, TaskSpec, write_task
+
+Example = tuple[str, str]  # (text, label)
+
+PEOPLE = ["the teacher", "my neighbour", "our manager", "the driver", "a student", "the doctor", "my sister", "the chef", "an engineer", "the pilot"]
+PLACES = ["in the city", "at the station", "near the river", "at home", "in the office", "on the bus", "at school", "downtown"]
+FILLER = ["today", "this morning", "again", "as usual", "after lunch", "on monday", "for a while", "with friends"]
+
+
+def _pick(rng: random.Random, xs: list[str]) -> str:
+    return xs[rng.randrange(len(xs))]
+
+
+def _sentiment(rng: random.Random) -> Example:
+    things = ["the movie", "the dinner", "the concert", "this phone", "the hotel", "the book", "the service", "the game", "the trip", "the new album"]
+    good = ["wonderful", "excellent", "delightful", "fantastic", "great", "lovely", "superb", "enjoyable"]
+    bad = ["terrible", "awful", "boring", "disappointing", "horrible", "dreadful", "poor", "annoying"]
+    label = rng.choice(["positive", "negative"])
+    negate = rng.random() < 0.25  # "not great" is negative: the word alone does not decide
+    word = _pick(rng, good if (label == "positive") != negate else bad)
+    verb = "was not" if negate else _pick(rng, ["was", "was really", "felt", "seemed"])
+    tail = _pick(rng, ["", " " + _pick(rng, FILLER), ", said " + _pick(rng, PEOPLE)])
+    return f"{_pick(rng, things)} {verb} {word}{tail}", label
+
+
+TOPICS = {
+    "sports": ["the team won the match", "the striker scored twice", "the coach praised the players", "the race ended in a sprint", "the tennis final was close", "fans filled the stadium"],
+    "politics": ["the senate passed the bill", "the minister announced a reform", "voters went to the polls", "the party chose a new leader", "the debate focused on taxes", "parliament rejected the budget"],
+    "technology": ["the company released a new chip", "engineers fixed the software bug", "the app update added encryption", "the startup trained a larger model", "the laptop battery lasts longer", "the network outage was repaired"],
+    "food": ["the bakery sells fresh bread", "the soup needed more salt", "the chef cooked a spicy curry", "the market had ripe tomatoes", "the pasta was served with basil", "the cafe roasts its own coffee"],
+}
+
+
+def _topic(rng: random.Random) -> Example:
+    label = rng.choice(sorted(TOPICS))
+    lead = _pick(rng, ["", "reports say ", "according to " + _pick(rng, PEOPLE) + ", ", "yesterday "])
+    return f"{lead}{_pick(rng, TOPICS[label])} {_pick(rng, FILLER)}", label
+
+
+def _question(rng: random.Random) -> Example:
+    person, place = _pick(rng, PEOPLE), _pick(rng, PLACES)
+    act = _pick(rng, ["read the report", "take the train", "call the office", "finish the work", "stay late", "buy the tickets"])
+    if rng.random() < 0.5:
+        aux = _pick(rng, ["did", "will", "can", "should", "does", "why did", "when will", "where can"])
+        text = f"{aux} {person} {act} {place}"
+        return (text + "?" if rng.random() < 0.5 else text), "question"  # half lose their "?"
+    aux = _pick(rng, ["did", "will", "can", "should", "often"])
+    return f"{person} {aux} {act} {place}", "statement"
+
+
+TENSES = {  # verb: (past, present, future)
+    "walk": ("walked", "walks", "will walk"), "cook": ("cooked", "cooks", "will cook"), "write": ("wrote", "writes", "will write"),
+    "drive": ("drove", "drives", "will drive"), "sing": ("sang", "sings", "will sing"), "build": ("built", "builds", "will build"),
+    "visit": ("visited", "visits", "will visit"), "paint": ("painted", "paints", "will paint"),
+}
+TIME_WORDS = {"past": ["yesterday", "last week", "two days ago"], "present": ["every day", "usually", "on weekends"], "future": ["tomorrow", "next week", "soon"]}
+
+
+def _tense(rng: random.Random) -> Example:
+    label = rng.choice(["past", "present", "future"])
+    verb = TENSES[_pick(rng, sorted(TENSES))][["past", "present", "future"].index(label)]
+    when = _pick(rng, TIME_WORDS[label]) if rng.random() < 0.5 else ""  # half carry no time word
+    return " ".join(w for w in (_pick(rng, PEOPLE), verb, _pick(rng, PLACES), when) if w), label
+
+
+NOUNS = [("dog", "dogs"), ("child", "children"), ("car", "cars"), ("bird", "birds"), ("worker", "workers"), ("box", "boxes"), ("mouse", "mice"), ("woman", "women")]
+
+
+def _number(rng: random.Random) -> Example:
+    label = rng.choice(["singular", "plural"])
+    noun = _pick(rng, NOUNS)[label == "plural"]
+    verb = _pick(rng, [("is", "are"), ("was", "were"), ("has", "have"), ("looks", "look")])[label == "plural"]
+    det = _pick(rng, ["the", "that", "this"] if label == "singular" else ["the", "those", "these", "some"])
+    rest = _pick(rng, ["outside", "very quiet", "a problem", "tired", "ready", "new"])
+    return f"{det} {noun} {_pick(rng, PLACES)} {verb} {rest}", label
+
+
+INTENTS = {
+    "greeting": ["hello there", "good morning everyone", "hi, nice to meet you", "hey, how are you", "good evening"],
+    "request": ["could you send me the file", "please book a table", "can you help me with the form", "would you close the window", "please call me back"],
+    "complaint": ["the package arrived broken", "nobody answered my email", "the room was dirty", "i was charged twice", "the train was late again"],
+    "thanks": ["thank you so much", "thanks for the help", "i really appreciate it", "many thanks for the quick reply", "thanks a lot"],
+}
+
+
+def _intent(rng: random.Random) -> Example:
+    label = rng.choice(sorted(INTENTS))
+    return f"{_pick(rng, INTENTS[label])} {_pick(rng, FILLER)}", label
+
+
+def _urgency(rng: random.Random) -> Example:
+    label = rng.choice(["urgent", "routine"])
+    issue = _pick(rng, ["the server", "the printer", "the water pipe", "the payment system", "the alarm", "the elevator"])
+    if label == "urgent":
+        state = _pick(rng, ["is down and customers are waiting", "is on fire", "stopped working right now", "is leaking everywhere", "failed during the launch"])
+        lead = _pick(rng, ["", "immediately: ", "asap, ", "emergency: "])
+    else:
+        state = _pick(rng, ["needs a check next month", "could be cleaned sometime", "has a small scheduled update", "is due for maintenance", "works but is a bit slow"])
+        lead = _pick(rng, ["", "no rush: ", "when you have time, ", "fyi, "])
+    return f"{lead}{issue} {state}", label
+
+
+GENERATORS: dict[str, tuple[tuple[str, ...], Callable[[random.Random], Example]]] = {
+    "sentiment": (("negative", "positive"), _sentiment),
+    "topic": (("food", "politics", "sports", "technology"), _topic),
+    "question": (("question", "statement"), _question),
+    "tense": (("future", "past", "present"), _tense),
+    "number": (("plural", "singular"), _number),
+    "intent": (("complaint", "greeting", "request", "thanks"), _intent),
+    "urgency": (("routine", "urgent"), _urgency),
+}
+TASK_NAMES: tuple[str, ...] = tuple(GENERATORS)
+LABEL_NOISE = 0.05  # fraction of training labels replaced by a random other label
+
+
+def generate_task(name: str, seed: int = 0, n_train: int = 256, n_eval: int = 128) -> tuple[TaskSpec, list[dict], list[dict]]:
+    """(spec, train rows, eval rows) of task `name`; deterministic in (name, seed)."""
+    if name not in GENERATORS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {list(TASK_NAMES)}")
+    labels, gen = GENERATORS[name]
+    rng = random.Random(zlib.crc32(f"{name}/{seed}".encode()))
+    spec = TaskSpec(name=name, type=CLASSIFICATION, labels=labels)
+
+    def rows(n: int, noise: float) -> list[dict]:
+        out = []
+        for _ in range(n):
+            text, label = gen(rng)
+            if rng.random() < noise:
+                label = rng.choice([x for x in labels if x != label])
+            out.append({"text": " ".join(text.split()), "label": label})
+        return out
+
+    return spec, rows(n_train, LABEL_NOISE), rows(n_eval, 0.0)
+
+
+def generate_tasks(root: Path, names: list[str] | None = None, seed: int = 0, n_train: int = 256, n_eval: int = 128) -> list[Path]:
+    """Write each task as <root>/<name>/{train.jsonl, eval.jsonl, task.yaml}; the directories."""
+    out = []
+    for name in names or list(TASK_NAMES):
+        spec, train, eval_rows = generate_task(name, seed, n_train, n_eval)
+        write_task(Path(root) / name, spec, train, eval_rows)
+        out.append(Path(root) / name)
+    return out
