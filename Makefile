@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.txt
 venv: $(STAMP)
 
 demo: venv
-	$(VENV)/bin/share core-demo
+	$(VENV)/bin/share demo
 
 test: venv
 	$(PY) -m pytest -q

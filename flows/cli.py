@@ -14,6 +14,8 @@ from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 busy cores: the default 20 s is too tight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual learning in one shared LoRA subspace.")
 console = Console()

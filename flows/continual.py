@@ -54,7 +54,7 @@ def validate(workspace: str, landing: Landing, local: str) -> str | None:
     head = ws.head()
     manifest = st.read_manifest(ws.version_dir(head)) if head else None
     try:
-        validate_landing(Path(local), landing.kind, landing.task, manifest)
+        validate_landing(Path(local), landing.kind, landing.task, manifest, load_params(ws.root / "params.yaml").model_id, list(landing.files))
     except LandingRejected as e:
         return e.reason
     return None

@@ -349,7 +349,7 @@ class ShareModel(nn.Module):
 def _check_fits(model: nn.Module, a: LoraAdapter, targets: list[str], heads: list[str], base_model_id: str, layers: set[str] | None = None) -> None:
     """An adapter must be for this base model, these target modules and heads, these shapes."""
     src = f"adapter {a.name!r}"
-    if a.base_model_name and base_model_id and not _same_base(a.base_model_name, base_model_id):
+    if a.base_model_name and base_model_id and not same_base_model(a.base_model_name, base_model_id):
         raise AdapterError(f"{src} was trained on base model {a.base_model_name!r}, not {base_model_id!r}")
     if sorted(a.target_modules) != sorted(targets):
         raise AdapterError(f"{src} targets {sorted(a.target_modules)}, the subspace targets {sorted(targets)}")
@@ -368,7 +368,7 @@ def _check_fits(model: nn.Module, a: LoraAdapter, targets: list[str], heads: lis
             raise AdapterError(f"{src}: layer {layer}: factors imply {b.shape[0]}×{A.shape[1]}, the base layer is {n}×{d}")
 
 
-def _same_base(a: str, b: str) -> bool:
+def same_base_model(a: str, b: str) -> bool:
     """Model ids match exactly or by their last path component (local paths differ by machine)."""
     norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
     return a == b or norm(a) == norm(b)

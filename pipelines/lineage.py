@@ -1,0 +1,165 @@
+"""Step `lineage`: the continual chain as a DVC pipeline in the workspace's git repo.
+
+Every landing is `dvc add`-ed (landings/<name>.dvc); every version is one stage of dvc.yaml
+whose deps are its landing(s) and its parent version and whose out is versions/<id>:
+
+    stages:
+      v0002:
+        cmd: python -m pipelines.update --workspace . --landing landings/topic-1a2b… --kind dataset --out versions/v0002 --parent versions/v0001
+        deps: [landings/topic-1a2b…, versions/v0001]
+        params: [train, subspace, base]
+        outs: [versions/v0002]
+
+so `dvc dag` draws the chain (a rollback shows up as a branch), `dvc repro` rebuilds it, and
+dvc.lock pins every dep/out hash — the lineage attached to each MLflow model version. The
+flows build a version first and then `dvc commit` its stage (recording hashes without
+re-running it); versions are pushed to the DVC remote (a local dir or S3).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+import yaml
+
+from .update import DEFAULT_PARAMS
+from .workspace import write_atomic
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+IGNORED = ["mlflow.db", "mlartifacts/", ".lock", "ledger.json", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
+
+
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed in {root}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | None = None) -> None:
+    """Make `root` a git + DVC repo with params.yaml, an empty dvc.yaml and (optionally) a
+    default remote (a local path or s3://…; credentials stay in the AWS environment). Idempotent."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".git").exists():
+        _git(root, "init", "-q", "-b", "main")
+    for key, value in (("user.name", "share pipeline"), ("user.email", "share@localhost")):
+        if not subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True).stdout.strip():
+            _git(root, "config", key, value)
+    if not (root / ".dvc").exists():
+        _dvc_cli(root, "init", "-q")
+        _dvc_cli(root, "config", "core.analytics", "false")
+    if not (root / "params.yaml").exists():
+        write_atomic(root / "params.yaml", yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False))
+    if not (root / "dvc.yaml").exists():
+        write_atomic(root / "dvc.yaml", yaml.safe_dump({"stages": {}}))
+    ignore = root / ".gitignore"
+    have = ignore.read_text().splitlines() if ignore.exists() else []
+    write_atomic(ignore, "\n".join(have + [x for x in IGNORED if x not in have]) + "\n")
+    if remote:
+        _dvc_cli(root, "remote", "add", "-d", "-f", "storage", remote)
+        if endpoint_url:
+            _dvc_cli(root, "remote", "modify", "storage", "endpointurl", endpoint_url)
+    _git(root, "add", "-A", ".gitignore", ".dvc", "params.yaml", "dvc.yaml")
+    if _git(root, "status", "--porcelain"):
+        _git(root, "commit", "-q", "-m", "share workspace: params, dvc.yaml, remote")
+
+
+def _dvc_cli(root: Path, *args: str) -> str:
+    """The dvc command line in `root`. DVC's Python API resolves paths against the process's
+    cwd, which flows running in threads cannot change safely; a subprocess can."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PAGER": "cat", "DVC_PAGER": "cat"}
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed in {root}: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def track_landing(root: Path, name: str) -> None:
+    """`dvc add landings/<name>`: the landing becomes a versioned, pushable input."""
+    root = Path(root).resolve()
+    _dvc_cli(root, "add", "-q", f"landings/{name}")
+
+
+def stage(version: str, landings: list[str], kind: str, parent: str | None) -> dict:
+    """The dvc.yaml stage that (re)builds `version` with pipelines.update."""
+    cmd = ["python -m pipelines.update --workspace ."]
+    cmd += [f"--landing landings/{n}" for n in landings]
+    cmd += [f"--kind {kind} --out versions/{version}"] + ([f"--parent versions/{parent}"] if parent else [])
+    deps = [f"landings/{n}" for n in landings] + ([f"versions/{parent}"] if parent else [])
+    return {"cmd": " ".join(cmd), "deps": deps, "params": sorted(DEFAULT_PARAMS), "outs": [f"versions/{version}"]}
+
+
+def add_version_stage(root: Path, version: str, landings: list[str], kind: str, parent: str | None) -> None:
+    """Add the version's stage and record its hashes in dvc.lock (the version is already built)."""
+    root = Path(root).resolve()
+    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    stages = spec.setdefault("stages", {}) or {}
+    spec["stages"] = stages
+    stages[version] = stage(version, landings, kind, parent)
+    write_atomic(root / "dvc.yaml", yaml.safe_dump(spec, sort_keys=False, width=1000))
+    _dvc_cli(root, "commit", "-q", "-f", version)
+
+
+def record_version(root: Path, version: str, message: str) -> dict:
+    """git-commit the chain's metadata; return the lineage to attach to the MLflow version:
+    the git revision and the stage's dvc.lock entry (dep and out hashes)."""
+    root = Path(root).resolve()
+    _git(root, "add", "-A", "dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", "landings", "versions/.gitignore")
+    if _git(root, "status", "--porcelain", "--", "dvc.yaml", "dvc.lock", "landings", "versions"):
+        _git(root, "commit", "-q", "-m", message)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][version]
+    hashes = {e["path"]: e.get("md5", "") for e in lock.get("deps", []) + lock.get("outs", [])}
+    return {"git_rev": _git(root, "rev-parse", "HEAD"), "dvc_stage": version, "dvc_hashes": hashes}
+
+
+def has_remote(root: Path) -> bool:
+    cfg = Path(root) / ".dvc" / "config"
+    return cfg.is_file() and "remote" in cfg.read_text()
+
+
+def push(root: Path) -> None:
+    """Upload landings and versions to the DVC remote (no-op without one)."""
+    root = Path(root).resolve()
+    if has_remote(root):
+        _dvc_cli(root, "push", "-q")
+
+
+def checkout_version(root: Path, version: str) -> Path:
+    """Make sure versions/<version> is present in the workspace (pulled from the remote if it
+    was removed); it becomes the base of the next update."""
+    root = Path(root).resolve()
+    path = root / "versions" / version
+    if not (path / "manifest.json").is_file():
+        if not has_remote(root):
+            raise FileNotFoundError(f"{path} is missing and the workspace has no DVC remote to pull it from")
+        _dvc_cli(root, "pull", "-q", version)
+    return path
+
+
+def dag(root: Path) -> str:
+    """The text of `dvc dag`: every version with the landing(s) and parent it came from."""
+    return _dvc_cli(Path(root), "dag")
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def init(workspace: Path = typer.Option(Path(".")), remote: str | None = None, endpoint_url: str | None = None) -> None:
+    """Make WORKSPACE a git + DVC repo for a continual chain."""
+    init_workspace(workspace, remote, endpoint_url)
+
+
+@app.command(name="dag")
+def dag_cmd(workspace: Path = typer.Option(Path("."))) -> None:
+    """Print the chain's DAG."""
+    typer.echo(dag(workspace))
+
+
+if __name__ == "__main__":
+    app()

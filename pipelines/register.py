@@ -1,0 +1,227 @@
+"""Step `register`: a version becomes an MLflow run + a model version; aliases; rollback.
+
+Per version: one run in the experiment named like the registered model, with params (the
+knobs that built it), metrics (ACC, BWT, every task's score and majority baseline, storage
+against one LoRA per task, reconstruction errors), artifacts (the version directory under
+`subspace/`, its manifest, the evaluation record and the forgetting heatmap) and one model
+version whose tags carry the lineage (parent, landing key/ETag, data hashes, git revision and
+DVC hashes). Aliases: `candidate` = newest; `champion` moves only when the forgetting gate
+passes — no task the champion serves scores more than `tolerance` lower in the new version.
+A rollback moves `champion` (and the workspace HEAD) to a chosen version and is itself
+recorded as a run. Works the same on a sqlite store and an MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from share_core import state as st
+from share_core.metrics import accounting
+
+from .workspace import Workspace
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+SENSITIVE = ("secret", "password", "token", "access_key", "credential")
+
+
+def client(ws: Workspace, tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri or ws.tracking_uri, registry_uri=tracking_uri or ws.tracking_uri)
+
+
+def _experiment(c, ws: Workspace, name: str, tracking_uri: str | None) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = (tracking_uri or ws.tracking_uri).startswith(("sqlite:", "file:"))
+    return c.create_experiment(name, artifact_location=ws.artifact_uri if local else None)
+
+
+def _registered(c, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(name)
+    except MlflowException:
+        return c.create_registered_model(name, description="Share: one shared LoRA subspace per layer, one version per landing.")
+
+
+def _clean(d: dict) -> dict:
+    """No credentials in params or tags, whatever a caller passes."""
+    return {k: v for k, v in d.items() if not any(s in k.lower() for s in SENSITIVE)}
+
+
+def model_version_of(c, model_name: str, version: str):
+    hits = c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'")
+    if not hits:
+        raise KeyError(f"version {version} is not registered under {model_name!r}")
+    return max(hits, key=lambda mv: int(mv.version))
+
+
+def _alias_version(c, model_name: str, alias: str) -> str | None:
+    """The Share version id an alias points at (None when unset)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = c.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    return mv.tags.get("share.version")
+
+
+def forgetting_gate(new: dict, champion: dict | None, tolerance: float) -> dict:
+    """Pass when no task scored by both drops more than `tolerance` (accuracy units)."""
+    if champion is None:
+        return {"passed": True, "drops": {}, "against": None}
+    drops = {
+        t: champion["scores"][t] - s
+        for t, s in new["scores"].items()
+        if s is not None and champion["scores"].get(t) is not None
+    }
+    worst = max(drops.values(), default=0.0)
+    return {"passed": worst <= tolerance, "drops": drops, "worst_drop": worst, "against": champion["version"]}
+
+
+def register_version(ws: Workspace, version: str, *, model_name: str, landing: dict, lineage: dict, tolerance: float = 0.01, tracking_uri: str | None = None) -> dict:
+    """Log the version's run, register it, set `candidate`, and `champion` if the gate passes."""
+    c = client(ws, tracking_uri)
+    vdir = ws.version_dir(version)
+    manifest = st.read_manifest(vdir)
+    record = json.loads((ws.root / "evaluations" / f"{version}.json").read_text())
+    params_file = ws.root / "params.yaml"
+    acct = accounting(st.load(vdir))
+    champ_id = _alias_version(c, model_name, CHAMPION)
+    champ = json.loads((ws.root / "evaluations" / f"{champ_id}.json").read_text()) if champ_id else None
+    gate = forgetting_gate(record, champ, tolerance)
+
+    exp_id = _experiment(c, ws, model_name, tracking_uri)
+    tags = _clean({
+        "share.version": version,
+        "share.parent": manifest["parent"] or "",
+        "share.task": ",".join(manifest["extra"].get("added", [])),
+        "share.kind": manifest["extra"].get("kind", ""),
+        "share.content_hash": manifest["content_hash"],
+        "landing.key": str(landing.get("key", landing.get("batch", ""))),
+        "landing.etag": str(landing.get("etag", "")),
+        "lineage.git_rev": lineage.get("git_rev", ""),
+        "lineage.dvc_stage": lineage.get("dvc_stage", ""),
+        "lineage.dvc_hashes": json.dumps(lineage.get("dvc_hashes", {}), sort_keys=True)[:4900],
+        "gate.passed": str(gate["passed"]).lower(),
+        "acc": "" if record["acc"] is None else f"{record['acc']:.6f}",
+        "bwt": f"{record['bwt']:.6f}",
+    })
+    for t in manifest["tasks"]:
+        if t["name"] in manifest["extra"].get("added", []) and t["info"].get("data_hash"):
+            tags[f"data_hash.{t['name']}"] = t["info"]["data_hash"]
+    run = c.create_run(exp_id, run_name=version, tags=tags)
+    rid = run.info.run_id
+    try:
+        policy = manifest["policy"]
+        params = {"version": version, "parent": manifest["parent"] or "none", "tasks": len(manifest["tasks"]), "phi": manifest["phi"], **{f"policy.{k}": v for k, v in policy.items()}, "base_model": manifest["base_model"]["id"]}
+        if params_file.is_file():
+            import yaml
+
+            for section, values in (yaml.safe_load(params_file.read_text()) or {}).items():
+                params.update({f"{section}.{k}": v for k, v in (values or {}).items()})
+        for k, v in _clean(params).items():
+            c.log_param(rid, k, "none" if v is None else str(v)[:500])
+        metrics = {"acc": record["acc"], "bwt": record["bwt"], **{f"score.{t}": s for t, s in record["scores"].items()}, **{f"majority.{t}": m for t, m in record["majority"].items()}}
+        metrics.update({k: acct[k] for k in ("basis_params", "coefficient_params", "head_params", "share_params", "lora_per_task_params", "share_bytes", "lora_per_task_bytes", "ratio_vs_lora")})
+        metrics.update({f"reconstruction_error.{t}": e for t, e in manifest["extra"].get("reconstruction_error", {}).items()})
+        ts = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
+        c.log_batch(rid, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None])
+        c.log_artifacts(rid, str(vdir), "subspace")
+        for f in (ws.root / "evaluations" / f"{version}.json", ws.root / "evaluations" / f"{version}.png"):
+            if f.is_file():
+                c.log_artifact(rid, str(f), "evaluation")
+        c.log_text(rid, json.dumps(gate, indent=2), "evaluation/gate.json")
+        c.set_terminated(rid, "FINISHED")
+    except BaseException:
+        c.set_terminated(rid, "FAILED")
+        raise
+    _registered(c, model_name)
+    mv = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/subspace", run_id=rid, tags=tags, description=_description(version, manifest, record, gate))
+    c.set_registered_model_alias(model_name, CANDIDATE, mv.version)
+    if gate["passed"]:
+        c.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    return {"model_version": str(mv.version), "run_id": rid, "promoted": gate["passed"], "gate": gate, "champion": version if gate["passed"] else champ_id}
+
+
+def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
+    added = ", ".join(manifest["extra"].get("added", [])) or "—"
+    scores = ", ".join(f"{t} {s:.3f}" for t, s in record["scores"].items() if s is not None)
+    verdict = "passed" if gate["passed"] else f"failed (worst drop {gate.get('worst_drop', 0):.3f} vs {gate['against']})"
+    acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
+    return (
+        f"Share subspace {version} (parent {manifest['parent'] or 'none'}): {manifest['extra'].get('kind', '')} {added}. "
+        f"{len(manifest['tasks'])} tasks; ACC {acc}, BWT {record['bwt']:+.3f}. Scores: {scores}. Forgetting gate {verdict}."
+    )
+
+
+def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", tracking_uri: str | None = None) -> dict:
+    """Point `champion` at `version`, make it the workspace HEAD, record the rollback as a run."""
+    c = client(ws, tracking_uri)
+    mv = model_version_of(c, model_name, version)  # raises before anything changes
+    if not (ws.version_dir(version) / "manifest.json").is_file():
+        raise FileNotFoundError(f"{ws.version_dir(version)} is missing; restore it before rolling back")
+    previous = _alias_version(c, model_name, CHAMPION)
+    exp_id = _experiment(c, ws, model_name, tracking_uri)
+    run = c.create_run(exp_id, run_name=f"rollback-to-{version}", tags={"share.event": "rollback", "share.version": version, "rollback.from": previous or "", "rollback.reason": reason[:4900]})
+    c.log_param(run.info.run_id, "to_version", version)
+    c.log_param(run.info.run_id, "from_version", previous or "none")
+    c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    c.set_model_version_tag(model_name, mv.version, "rollback.run_id", run.info.run_id)
+    ws.set_head(version)
+    return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": run.info.run_id}
+
+
+def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
+    """Every registered version, oldest first, with its aliases and summary tags."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        aliases = c.get_registered_model(model_name).aliases or {}
+    except MlflowException:
+        return []
+    by_mv: dict[str, list[str]] = {}
+    for alias, mv in aliases.items():
+        by_mv.setdefault(str(mv), []).append(alias)
+    rows = []
+    for mv in c.search_model_versions(f"name='{model_name}'"):
+        t = mv.tags
+        rows.append({
+            "version": t.get("share.version"), "model_version": str(mv.version), "aliases": sorted(by_mv.get(str(mv.version), [])),
+            "task": t.get("share.task"), "parent": t.get("share.parent"), "acc": t.get("acc") or None, "bwt": t.get("bwt") or None,
+            "gate": t.get("gate.passed"), "source": mv.source,
+        })
+    return sorted(rows, key=lambda r: int(r["model_version"]))
+
+
+def champion_version(model_name: str, tracking_uri: str) -> str | None:
+    from mlflow import MlflowClient
+
+    return _alias_version(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), model_name, CHAMPION)
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def versions(model_name: str = "share-subspace", workspace: Path = typer.Option(Path(".")), tracking_uri: str | None = None) -> None:
+    """Print the registered versions as JSON."""
+    ws = Workspace(workspace)
+    typer.echo(json.dumps(list_versions(model_name, tracking_uri or ws.tracking_uri), indent=2))
+
+
+if __name__ == "__main__":
+    app()

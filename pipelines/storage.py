@@ -1,0 +1,262 @@
+"""Step `storage`: where landings arrive (DESIGN §4), one interface over two backends.
+
+    <prefix>/incoming/datasets/<task>/train.jsonl, eval.jsonl, task.yaml
+    <prefix>/incoming/adapters/<task>/adapter_config.json, adapter_model.safetensors, task.yaml[, eval.jsonl]
+    <prefix>/status/<kind>s/<task>.json      what happened to the landing (processed / rejected + why)
+
+A landing is complete once its task.yaml exists (it is uploaded last). It is identified by
+the task.yaml key and an ETag that covers *every* object of the landing (a digest of each
+object's own ETag), so re-uploading train.jsonl and then task.yaml is a new landing even
+when task.yaml itself did not change. Backends: a local directory (the embedded default;
+`file:///path`) and S3 through boto3 (`s3://bucket/prefix?endpoint_url=http://127.0.0.1:9100`
+for MinIO/moto; credentials come from the usual AWS environment/profile, never the URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+import typer
+
+KINDS = {"datasets": "dataset", "adapters": "adapter"}
+SPEC = "task.yaml"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class StorageError(RuntimeError):
+    """A storage URL, key or object is unusable (not a rejection of a landing's content)."""
+
+
+@dataclass(frozen=True)
+class Landing:
+    """One complete landing: `key` of its task.yaml, `etag` over all its objects, and the
+    relative names of its objects (unsafe ones included, so validation can refuse them)."""
+
+    key: str
+    etag: str
+    kind: str  # dataset | adapter
+    task: str
+    files: tuple[str, ...] = field(default=())
+
+    @property
+    def prefix(self) -> str:
+        return self.key[: -len(SPEC)]
+
+
+def landing_etag(objects: dict[str, str]) -> str:
+    """Digest of {relative name: object ETag}: changes when any object of the landing does."""
+    h = hashlib.sha256()
+    for name in sorted(objects):
+        h.update(f"{name}\0{objects[name]}\0".encode())
+    return h.hexdigest()[:32]
+
+
+def group_landings(objects: dict[str, str], prefix: str) -> list[Landing]:
+    """Complete landings among `objects` ({key: etag}) under `prefix`, sorted by key."""
+    base = f"{prefix.strip('/')}/incoming/" if prefix.strip("/") else "incoming/"
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for key, etag in objects.items():
+        if not key.startswith(base):
+            continue
+        parts = key[len(base):].split("/", 2)
+        if len(parts) < 3 or parts[0] not in KINDS or not parts[1]:
+            continue
+        groups.setdefault((parts[0], parts[1]), {})[parts[2]] = etag
+    out = []
+    for (kind_dir, task), files in groups.items():
+        if SPEC in files:
+            out.append(Landing(key=f"{base}{kind_dir}/{task}/{SPEC}", etag=landing_etag(files), kind=KINDS[kind_dir], task=task, files=tuple(sorted(files))))
+    return sorted(out, key=lambda lnd: lnd.key)
+
+
+def _status_key(prefix: str, landing: Landing) -> str:
+    return "/".join(p for p in (prefix.strip("/"), "status", f"{landing.kind}s", f"{landing.task}.json") if p)
+
+
+class Storage:
+    """The interface every backend implements (keys are '/'-separated, relative to the root)."""
+
+    prefix = ""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def objects(self) -> dict[str, str]:
+        """{key: ETag} of every object under the prefix."""
+        raise NotImplementedError
+
+    def get(self, key: str, dest: Path) -> None:
+        raise NotImplementedError
+
+    def put(self, key: str, src: Path | bytes) -> None:
+        raise NotImplementedError
+
+    def read(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    # ---- shared behaviour ----------------------------------------------------------------
+    def list_landings(self) -> list[Landing]:
+        return group_landings(self.objects(), self.prefix)
+
+    def download(self, landing: Landing, dest: Path) -> Path:
+        """Copy the landing's objects into `dest`; names that are not plain file names
+        (nested paths, '..', hidden files) are never written — validation rejects them."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in landing.files:
+            if SAFE_NAME.match(name) and ".." not in name:
+                self.get(landing.prefix + name, dest / name)
+        return dest
+
+    def mark(self, landing: Landing, status: str, detail: dict) -> None:
+        """Record the outcome next to the incoming area (the landing itself is left as is)."""
+        body = {"key": landing.key, "etag": landing.etag, "status": status, **detail}
+        self.put(_status_key(self.prefix, landing), json.dumps(body, indent=2, sort_keys=True).encode())
+
+    def status_of(self, landing: Landing) -> dict | None:
+        raw = self.read(_status_key(self.prefix, landing))
+        return json.loads(raw) if raw else None
+
+    def upload_task(self, task_dir: Path, kind: str, task: str) -> str:
+        """Upload a task directory as a landing, task.yaml last; returns the task.yaml key."""
+        task_dir = Path(task_dir)
+        if kind not in KINDS.values():
+            raise StorageError(f"kind must be one of {sorted(KINDS.values())}, got {kind!r}")
+        if not SAFE_NAME.match(task):
+            raise StorageError(f"task name {task!r} is not a plain name ({SAFE_NAME.pattern})")
+        if not (task_dir / SPEC).is_file():
+            raise StorageError(f"{task_dir / SPEC}: missing; a landing needs a task.yaml")
+        base = "/".join(p for p in (self.prefix.strip("/"), "incoming", f"{kind}s", task) if p)
+        files = sorted((p for p in task_dir.iterdir() if p.is_file() and p.name != SPEC), key=lambda p: p.name)
+        for f in files + [task_dir / SPEC]:
+            self.put(f"{base}/{f.name}", f)
+        return f"{base}/{SPEC}"
+
+
+class LocalStorage(Storage):
+    """A directory as a bucket. ETag = MD5 of the content, as S3 gives for single-part uploads."""
+
+    def __init__(self, root: Path, prefix: str = "") -> None:
+        self.root, self.prefix = Path(root).resolve(), prefix.strip("/")
+
+    def describe(self) -> str:
+        return self.root.as_uri() + (f"/{self.prefix}" if self.prefix else "")
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if not p.is_relative_to(self.root) or ".." in key.split("/"):
+            raise StorageError(f"key {key!r} escapes the storage root {self.root}")
+        return p
+
+    def objects(self) -> dict[str, str]:
+        top = self.root / self.prefix if self.prefix else self.root
+        if not top.is_dir():
+            return {}
+        out = {}
+        for p in top.rglob("*"):
+            if p.is_file() and not p.name.startswith(".") and not p.is_symlink():
+                out[p.relative_to(self.root).as_posix()] = hashlib.md5(p.read_bytes()).hexdigest()
+        return out
+
+    def get(self, key: str, dest: Path) -> None:
+        shutil.copyfile(self._path(key), dest)
+
+    def put(self, key: str, src: Path | bytes) -> None:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.part")
+        if isinstance(src, bytes):
+            tmp.write_bytes(src)
+        else:
+            shutil.copyfile(src, tmp)
+        tmp.replace(p)  # readers (the watcher) never see half a file
+
+    def read(self, key: str) -> bytes | None:
+        p = self._path(key)
+        return p.read_bytes() if p.is_file() else None
+
+
+class S3Storage(Storage):
+    """A bucket (and prefix) on any S3: AWS, MinIO, moto (`endpoint_url`)."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None) -> None:
+        import boto3
+
+        self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+    def describe(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}"
+
+    def objects(self) -> dict[str, str]:
+        out = {}
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                out[obj["Key"]] = obj["ETag"].strip('"')
+        return out
+
+    def get(self, key: str, dest: Path) -> None:
+        self.client.download_file(self.bucket, key, str(dest))
+
+    def put(self, key: str, src: Path | bytes) -> None:
+        if isinstance(src, bytes):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=src)
+        else:
+            self.client.upload_file(str(src), self.bucket, key)
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+
+def open_storage(url: str) -> Storage:
+    """`file:///abs/path[/prefix]` or a plain path → LocalStorage; `s3://bucket/prefix[?endpoint_url=…&region=…]` → S3Storage."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = unquote(parsed.path if parsed.scheme else url)
+        if not path:
+            raise StorageError(f"storage URL {url!r} has no path")
+        return LocalStorage(Path(path))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"storage URL {url!r} has no bucket")
+        if parsed.username or parsed.password:
+            raise StorageError("credentials do not belong in a storage URL; use the AWS environment or profile")
+        q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        unknown = set(q) - {"endpoint_url", "region"}
+        if unknown:
+            raise StorageError(f"storage URL {url!r}: unknown options {sorted(unknown)} (known: endpoint_url, region)")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), q.get("endpoint_url"), q.get("region"))
+    raise StorageError(f"storage URL {url!r}: scheme must be file:// or s3://")
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command("list")
+def list_cmd(storage: str) -> None:
+    """Print the complete landings in STORAGE with their ETag and recorded status."""
+    s = open_storage(storage)
+    for lnd in s.list_landings():
+        status = (s.status_of(lnd) or {}).get("status", "pending")
+        typer.echo(f"{lnd.kind:8} {lnd.task:24} {lnd.etag[:12]} {status:10} {lnd.key}")
+
+
+@app.command()
+def upload(task_dir: Path, storage: str, kind: str = typer.Option("dataset", help="dataset | adapter")) -> None:
+    """Land TASK_DIR in STORAGE (task.yaml last)."""
+    typer.echo(open_storage(storage).upload_task(task_dir, kind, task_dir.name))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,149 @@
+"""Step `validate`: check a downloaded landing completely before anything changes.
+
+Everything from a bucket is untrusted. A landing is refused, with one reason naming the file
+and what was expected, when: its object names are not plain file names or not the files its
+kind allows (pickles included), task.yaml is malformed or names another task, the task
+already exists in the chain, the data rows are malformed or too few, or an adapter is
+unreadable, non-finite, or made for another base model, other target modules, other heads,
+other layer shapes or another label count. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS
+from share_core.model import same_base_model
+from share_core.peft_io import AdapterError, read_adapter
+from share_core.taskdata import CLASSIFICATION, EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
+
+from .storage import SAFE_NAME
+
+ALLOWED = {
+    "dataset": ({SPEC_FILE, "train.jsonl", EVAL_FILE}, {"README.md"}),
+    "adapter": ({SPEC_FILE, "adapter_config.json", "adapter_model.safetensors"}, {EVAL_FILE, "README.md"}),
+}
+MAX_FILE_BYTES = 200 * 1024 * 1024
+MIN_TRAIN_ROWS = 8
+
+
+class LandingRejected(ValueError):
+    """The landing is refused; `reason` says why, naming the file or field."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_names(names: list[str], kind: str) -> None:
+    """Plain file names only, exactly the files this kind of landing may carry."""
+    if kind not in ALLOWED:
+        raise LandingRejected(f"unknown landing kind {kind!r}; expected one of {sorted(ALLOWED)}")
+    for name in names:
+        if not SAFE_NAME.match(name) or ".." in name:
+            raise LandingRejected(f"object name {name!r} is not a plain file name (no '/', '..', or leading dot)")
+        if name.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
+            raise LandingRejected(f"{name}: pickle-based weights are refused (unsafe to load); upload adapter_model.safetensors")
+    required, optional = ALLOWED[kind]
+    missing = sorted(required - set(names))
+    if missing:
+        raise LandingRejected(f"{kind} landing is missing {missing} (a {kind} needs {sorted(required)})")
+    extra = sorted(set(names) - required - optional)
+    if extra:
+        raise LandingRejected(f"unexpected file(s) {extra} in a {kind} landing (allowed: {sorted(required | optional)})")
+
+
+def _check_sizes(local: Path, names: list[str]) -> None:
+    for name in names:
+        size = (local / name).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise LandingRejected(f"{name}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit")
+        if size == 0:
+            raise LandingRejected(f"{name}: empty file")
+
+
+def _check_spec(local: Path, task: str, manifest: dict | None) -> TaskSpec:
+    spec = read_task_spec(local / SPEC_FILE)
+    if spec.name != task:
+        raise LandingRejected(f"{SPEC_FILE}: name {spec.name!r} differs from the landing's directory {task!r}")
+    if spec.type != CLASSIFICATION:
+        raise LandingRejected(f"{SPEC_FILE}: type {spec.type!r} is not served by this pipeline's base model (expected {CLASSIFICATION!r})")
+    if manifest and spec.name in [t["name"] for t in manifest["tasks"]]:
+        raise LandingRejected(f"task {spec.name!r} already exists in the current version; land it under a new name")
+    return spec
+
+
+def _check_dataset(local: Path) -> None:
+    data = load_task(local)
+    if len(data.train) < MIN_TRAIN_ROWS:
+        raise LandingRejected(f"train.jsonl: {len(data.train)} rows; at least {MIN_TRAIN_ROWS} are needed")
+    seen = {row[data.spec.label_field] for row in data.train}
+    if len(seen) < 2:
+        raise LandingRejected(f"train.jsonl: only label(s) {sorted(seen)} occur; a classifier needs at least two")
+
+
+def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base_model_id: str) -> None:
+    adapter = read_adapter(local, name=spec.name)
+    targets = manifest["target_modules"] if manifest else CLASSIFIER_TARGETS
+    heads = manifest["head_modules"] if manifest else CLASSIFIER_HEADS
+    base = manifest["base_model"]["id"] if manifest else base_model_id
+    if adapter.base_model_name and not same_base_model(adapter.base_model_name, base):
+        raise LandingRejected(f"adapter_config.json: base model {adapter.base_model_name!r}, the chain is built on {base!r}")
+    if sorted(adapter.target_modules) != sorted(targets):
+        raise LandingRejected(f"adapter_config.json: target_modules {sorted(adapter.target_modules)}, the chain adapts {sorted(targets)}")
+    if sorted(adapter.modules_to_save) != sorted(heads):
+        raise LandingRejected(f"adapter_config.json: modules_to_save {sorted(adapter.modules_to_save)}, the chain expects task heads {sorted(heads)}")
+    if manifest:
+        layers = manifest["layers"]
+        if set(adapter.factors) != set(layers):
+            raise LandingRejected(f"adapter_model.safetensors: adapts layers differing from the chain's in {sorted(set(adapter.factors) ^ set(layers))}")
+        for name, (b, a) in adapter.factors.items():
+            want = (layers[name]["n"], layers[name]["d"])
+            if (b.shape[0], a.shape[1]) != want:
+                raise LandingRejected(f"adapter_model.safetensors: layer {name} is {b.shape[0]}×{a.shape[1]}, the base layer is {want[0]}×{want[1]}")
+    outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
+    if len(spec.labels) not in outs:
+        raise LandingRejected(f"adapter_model.safetensors: no head layer has {len(spec.labels)} outputs for labels {list(spec.labels)} (found {sorted(outs)})")
+    if (local / EVAL_FILE).is_file():
+        read_examples(local / EVAL_FILE, spec)
+
+
+def validate_landing(local: Path, kind: str, task: str, manifest: dict | None, base_model_id: str, names: list[str] | None = None) -> TaskSpec:
+    """Check a landing downloaded to `local` against the current version's `manifest` (None:
+    the chain is empty). `names`: the landing's object names as listed in storage (default:
+    the files in `local`). Returns its TaskSpec; raises LandingRejected."""
+    local = Path(local)
+    names = sorted(names if names is not None else (p.name for p in local.iterdir()))
+    check_names(names, kind)
+    try:
+        _check_sizes(local, names)
+        spec = _check_spec(local, task, manifest)
+        if kind == "dataset":
+            _check_dataset(local)
+        else:
+            _check_adapter(local, spec, manifest, base_model_id)
+    except (TaskFormatError, AdapterError) as e:
+        raise LandingRejected(str(e).replace(str(local) + "/", "")) from None
+    return spec
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(landing: Path, kind: str = typer.Option(..., help="dataset | adapter"), base_model_id: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2"), version: Path | None = typer.Option(None, help="current version dir")) -> None:
+    """Validate a landing directory; exit 1 with the reason when it is refused."""
+    from share_core.state import read_manifest
+
+    try:
+        spec = validate_landing(landing, kind, landing.name, read_manifest(version) if version else None, base_model_id)
+    except LandingRejected as e:
+        typer.echo(f"rejected: {e.reason}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ok: {kind} {spec.name} ({len(spec.labels)} labels)")
+
+
+if __name__ == "__main__":
+    app()
