@@ -247,9 +247,9 @@ def stack_up(data_dir: Path = DATA_DIR) -> None:
 
     stack.up(stack.StackConfig(data_dir=data_dir))
     stack_status(data_dir)
+    console.print("# moto accepts any credentials: the AWS values below are its dummies, never real ones")
     for k, v in stack.env(stack.StackConfig(data_dir=data_dir)).items():
-        if "SECRET" not in k and "KEY" not in k:
-            console.print(f"export {k}={v}")
+        console.print(f"export {k}={v}")
 
 
 @stack_app.command("down")

@@ -175,7 +175,7 @@ def _continual_update(key, storage_url, workspace, model_name, tolerance, tracki
     seen = ws.ledger().get(key)
     if seen and seen["etag"] == landing.etag:
         log.info("landing %s (etag %s) already %s: nothing to do", key, landing.etag[:8], seen["status"])
-        return {"status": "duplicate", **seen}
+        return {"status": "duplicate", "version": seen.get("version"), "previous": seen}
     with tempfile.TemporaryDirectory() as tmp:
         local = download(storage_url, landing, tmp)
         reason = validate(workspace, landing, local)

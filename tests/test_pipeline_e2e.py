@@ -1,0 +1,202 @@
+"""The whole chain against real components: landings in S3 (a moto server on 127.0.0.1), the
+Prefect flows on Prefect's test harness, MLflow on a sqlite store, DVC in a temporary git repo
+with the moto bucket as its remote. Two datasets and one adapter make three versions; the same
+landing again is a no-op; bad landings are rejected and touch nothing; a rollback restores a
+version byte for byte, re-evaluates to its recorded metrics, and the next landing builds on it."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from pipelines import lineage, register
+from pipelines.storage import open_storage
+from pipelines.workspace import Workspace
+from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.peft_io import write_adapter
+from share_core.taskdata import load_task
+from share_core.tasks import generate_tasks
+from share_core.train import TrainConfig, train_lora
+
+MODEL = "share-e2e"
+BASE_ID = "tiny-minilm"
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets=CLASSIFIER_TARGETS) -> Path:
+    """A LoRA trained elsewhere (plain PEFT on the same base), landed with task.yaml + eval.jsonl."""
+    task = load_task(task_dir)
+    model, tok = load_classifier(str(model_dir))
+    adapter = train_lora(model, tok, task, TrainConfig(steps=15, lr=1e-2, progress=False), list(targets), CLASSIFIER_HEADS, BASE_ID)
+    out = write_adapter(tmp / "adapters" / f"{task.spec.name}-{'-'.join(targets)}", adapter)
+    for f in ("eval.jsonl", "task.yaml"):
+        shutil.copy(task_dir / f, out / f)
+    return out
+
+
+@pytest.fixture
+def chain(tmp_path, moto_s3, prefect_harness, tiny_model_dir):
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket="share-e2e")
+    ws = Workspace(tmp_path / "ws")
+    lineage.init_workspace(ws.root, remote="s3://share-e2e/dvcstore", endpoint_url=moto_s3)
+    params = yaml.safe_load((ws.root / "params.yaml").read_text())
+    params["base"] = {"model_id": BASE_ID, "model_path": str(tiny_model_dir)}
+    params["train"].update(steps=25, lr=0.01, batch_size=16)
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    url = f"s3://share-e2e/landings?endpoint_url={moto_s3}"
+    tasks = generate_tasks(tmp_path / "tasks", names=["sentiment", "topic", "tense", "number"], n_train=64, n_eval=32)
+    return {"ws": ws, "url": url, "storage": open_storage(url), "tasks": dict(zip(["sentiment", "topic", "tense", "number"], tasks)), "tmp": tmp_path, "s3": s3, "model_dir": tiny_model_dir}
+
+
+def land_and_update(chain, task_dir: Path, kind: str = "dataset", tolerance: float = 1.0, name: str | None = None) -> dict:
+    from flows.continual import continual_update
+
+    key = chain["storage"].upload_task(task_dir, kind, name or task_dir.name)
+    out = continual_update(key=key, storage_url=chain["url"], workspace=str(chain["ws"].root), model_name=MODEL, tolerance=tolerance)
+    return {**out, "key": key}
+
+
+def snapshot(chain) -> dict:
+    ws = chain["ws"]
+    return {
+        "versions": ws.version_ids(), "head": ws.head(), "dvc.yaml": (ws.root / "dvc.yaml").read_text(),
+        "landings": sorted(p.name for p in ws.landings.iterdir()) if ws.landings.exists() else [],
+        "registered": [v["model_version"] for v in register.list_versions(MODEL, ws.tracking_uri)],
+        "git": lineage._git(ws.root, "rev-parse", "HEAD"),
+    }
+
+
+def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
+    ws, t = chain["ws"], chain["tasks"]
+
+    # two datasets, then an adapter trained elsewhere whose absorb fails an impossible gate
+    first = land_and_update(chain, t["sentiment"])
+    second = land_and_update(chain, t["topic"])
+    adapter = adapter_landing(chain["tmp"], t["tense"], chain["model_dir"])
+    third = land_and_update(chain, adapter, kind="adapter", tolerance=-1.0, name="tense")
+    assert [o["version"] for o in (first, second, third)] == ["v0001", "v0002", "v0003"]
+    assert (first["promoted"], second["promoted"], third["promoted"]) == (True, True, False)
+    for version, tasks in (("v0001", ["sentiment"]), ("v0002", ["sentiment", "topic"]), ("v0003", ["sentiment", "topic", "tense"])):
+        rec = json.loads((ws.root / "evaluations" / f"{version}.json").read_text())
+        assert rec["tasks"] == tasks and all(0.0 <= rec["scores"][x] <= 1.0 for x in tasks)  # every past task scored
+        assert (ws.root / "evaluations" / f"{version}.png").stat().st_size > 1000
+    rec3 = json.loads((ws.root / "evaluations" / "v0003.json").read_text())
+    assert [len(r) for r in rec3["matrix"]["rows"]] == [1, 2, 3]
+
+    # registry: three model versions; candidate = newest; champion stayed behind the gate
+    versions = register.list_versions(MODEL, ws.tracking_uri)
+    assert [v["version"] for v in versions] == ["v0001", "v0002", "v0003"]
+    aliases = {v["version"]: v["aliases"] for v in versions}
+    assert aliases == {"v0001": [], "v0002": ["champion"], "v0003": ["candidate"]}
+    assert [v["parent"] for v in versions] == ["", "v0001", "v0002"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ws.tracking_uri)
+    mv3 = register.model_version_of(client, MODEL, "v0003")
+    assert mv3.tags["landing.key"].endswith("incoming/adapters/tense/task.yaml") and mv3.tags["lineage.git_rev"]
+    assert json.loads(mv3.tags["lineage.dvc_hashes"]).keys() >= {"versions/v0002", "versions/v0003"}
+    run = client.get_run(mv3.run_id)
+    assert run.data.metrics["score.sentiment"] == rec3["scores"]["sentiment"] and "acc" in run.data.metrics
+    assert not any("secret" in k.lower() or "testing" in str(v) for k, v in {**run.data.params, **run.data.tags}.items())
+
+    # DVC: the dag shows each version's landing and parent; the remote holds what was pushed
+    dag = lineage.dag(ws.root)
+    for node in ("v0001", "v0002", "v0003", "landings/sentiment-", "landings/tense-"):
+        assert node in dag
+    lock = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
+    deps = [d["path"] for d in lock["v0002"]["deps"]]
+    assert len(deps) == 2 and deps[0].startswith("landings/topic-") and deps[1] == "versions/v0001"
+    assert chain["s3"].list_objects_v2(Bucket="share-e2e", Prefix="dvcstore/")["KeyCount"] > 0
+
+    # the same landing again: a no-op
+    before = snapshot(chain)
+    from flows.continual import continual_update
+
+    again = continual_update(key=first["key"], storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)
+    assert again["status"] == "duplicate" and snapshot(chain) == before
+
+    # rollback to v0001: champion and HEAD move, the artifact is byte-identical, metrics re-verify
+    from flows.continual import rollback
+
+    rb = rollback(str(ws.root), "v0001", model_name=MODEL, reason="test")
+    assert (rb["champion"], rb["previous"], rb["verified"], ws.head()) == ("v0001", "v0002", True, "v0001")
+    mv1 = register.model_version_of(client, MODEL, "v0001")
+    assert "champion" in client.get_registered_model(MODEL).aliases and client.get_model_version_by_alias(MODEL, "champion").version == mv1.version
+    import mlflow.artifacts
+
+    restored = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv1.source, dst_path=str(chain["tmp"] / "restored"), tracking_uri=ws.tracking_uri))
+    assert tree_digest(restored) == tree_digest(ws.version_dir("v0001"))
+    assert client.get_run(rb["run_id"]).data.tags["share.event"] == "rollback"
+
+    # the next landing builds on the rolled-back version
+    fourth = land_and_update(chain, t["number"])
+    assert fourth["version"] == "v0004"
+    manifest = json.loads((ws.version_dir("v0004") / "manifest.json").read_text())
+    assert manifest["parent"] == "v0001" and [x["name"] for x in manifest["tasks"]] == ["sentiment", "number"]
+    assert "versions/v0001" in [d["path"] for d in yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]["v0004"]["deps"]]
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new))
+
+
+def test_bad_landings_are_rejected_and_touch_nothing(chain):
+    ws, t, storage = chain["ws"], chain["tasks"], chain["storage"]
+    assert land_and_update(chain, t["sentiment"])["version"] == "v0001"
+    tmp = chain["tmp"] / "bad"
+
+    def bad_copy(src: Path, name: str) -> Path:
+        d = tmp / name
+        shutil.copytree(src, d)
+        _edit(d / "task.yaml", f"name: {src.name}", f"name: {name}")
+        return d
+
+    cases = []
+    d = bad_copy(t["topic"], "badlabel")
+    _edit(d / "eval.jsonl", '"label": "food"', '"label": "cooking"')
+    cases.append(("dataset", d, "expected one of"))
+    d = bad_copy(t["topic"], "notrain")
+    (d / "train.jsonl").unlink()
+    cases.append(("dataset", d, "missing"))
+    d = bad_copy(t["topic"], "badyaml")
+    (d / "task.yaml").write_text("name: badyaml\ntype: [\n")
+    cases.append(("dataset", d, "invalid YAML"))
+    d = adapter_landing(chain["tmp"], t["tense"], chain["model_dir"], targets=("query", "key"))
+    cases.append(("adapter", d, "target_modules"))
+    d = adapter_landing(chain["tmp"], t["number"], chain["model_dir"])
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+    cases.append(("adapter", d, "pickle"))
+    d = bad_copy(t["sentiment"], "dupe")
+    _edit(d / "task.yaml", "name: dupe", "name: sentiment")
+    (d / "train.jsonl").write_text("".join((d / "train.jsonl").read_text().splitlines(keepends=True)[1:]))
+    cases.append(("dataset-as-sentiment", d, "already exists"))
+
+    before = snapshot(chain)
+    for kind, d, match in cases:
+        name = "sentiment" if kind == "dataset-as-sentiment" else d.name
+        if kind == "dataset-as-sentiment":  # an overwrite of a processed landing is a new landing, checked again
+            kind = "dataset"
+        out = land_and_update(chain, d, kind=kind, name=name)
+        assert out["status"] == "rejected" and match in out["reason"], (d.name, out)
+        lnd = next(x for x in storage.list_landings() if x.task == name)
+        assert storage.status_of(lnd)["status"] == "rejected" and match in storage.status_of(lnd)["reason"]
+        assert ws.ledger()[lnd.key]["status"] == "rejected"
+    # nested keys never reach the disk and are refused
+    prefix = "landings/incoming/datasets/nested"
+    chain["s3"].put_object(Bucket="share-e2e", Key=f"{prefix}/sub/evil.jsonl", Body=b"{}")
+    for f in ("train.jsonl", "eval.jsonl"):
+        chain["s3"].upload_file(str(t["topic"] / f), "share-e2e", f"{prefix}/{f}")
+    chain["s3"].put_object(Bucket="share-e2e", Key=f"{prefix}/task.yaml", Body=(t["topic"] / "task.yaml").read_text().replace("name: topic", "name: nested").encode())
+    from flows.continual import continual_update
+
+    out = continual_update(key=f"{prefix}/task.yaml", storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)
+    assert out["status"] == "rejected" and "not a plain file name" in out["reason"]
+    assert snapshot(chain) == before  # no version, no registry entry, no lineage, nothing ingested

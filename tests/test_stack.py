@@ -1,0 +1,172 @@
+"""The local stack (infra.stack) against real servers: moto S3, MLflow, Prefect on free loopback
+ports in a temporary data dir (~40 s on 2 busy cores; Linux: reads /proc), and the production
+templates (compose file, work-pool job templates) checked without docker or a cluster."""
+
+import ipaddress
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from infra import stack
+
+FAKE_REAL_KEY = "AKIAREALKEYMUSTNOTLEAK"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of a process group (a service's server, workers and helpers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _addr(hexaddr: str) -> ipaddress._BaseAddress:
+    raw = bytes.fromhex(hexaddr)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints 32-bit words little-endian
+    ip = ipaddress.ip_address(raw)
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def listening(pids: list[int]) -> list[tuple[ipaddress._BaseAddress, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by these processes."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+                host, port = f[1].split(":")
+                out.append((_addr(host), int(port, 16)))
+    return out
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # pretend the user has real AWS credentials: they must reach neither the servers nor env()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_REAL_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "real-secret-must-not-leak")
+    s3, mlflow_port, prefect = free_ports(3)
+    c = stack.StackConfig(data_dir=tmp_path / "stack", s3_port=s3, mlflow_port=mlflow_port, prefect_port=prefect, bucket="share-test", timeout=75)
+    try:
+        yield c
+    finally:
+        stack.down(c)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc to check listening sockets")
+def test_stack_up_status_artifacts_down(cfg):
+    t0 = time.monotonic()
+    stack.up(cfg)
+    st = stack.status(cfg)
+    assert set(st) == {"s3", "mlflow", "prefect"}
+    for name, s in st.items():
+        assert s["running"] and s["healthy"], (name, s)
+        assert s["url"].startswith("http://127.0.0.1:")
+    ports = {"s3": cfg.s3_port, "mlflow": cfg.mlflow_port, "prefect": cfg.prefect_port}
+
+    # every listening socket of every process of each service is on loopback, and its port is there
+    pids = {name: group_pids(s["pid"]) for name, s in st.items()}
+    for name, group in pids.items():
+        socks = listening(group)
+        assert (ipaddress.ip_address("127.0.0.1"), ports[name]) in socks, (name, socks)
+        assert all(addr.is_loopback for addr, _ in socks), (name, socks)
+        for pid in group:  # the servers got moto's dummy credentials, not the user's
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert FAKE_REAL_KEY.encode() not in environ
+
+    # idempotent: a second `up` leaves the healthy services alone
+    stack.up(cfg)
+    assert {n: s["pid"] for n, s in stack.status(cfg).items()} == {n: s["pid"] for n, s in st.items()}
+
+    # env(): loopback endpoints and moto's dummy credentials only
+    e = stack.env(cfg)
+    assert e["MLFLOW_TRACKING_URI"] == st["mlflow"]["url"]
+    assert e["PREFECT_API_URL"] == st["prefect"]["url"] + "/api"
+    assert e["AWS_ENDPOINT_URL"] == e["MLFLOW_S3_ENDPOINT_URL"] == st["s3"]["url"]
+    assert e["AWS_ACCESS_KEY_ID"] == stack.DUMMY_AWS["AWS_ACCESS_KEY_ID"] != FAKE_REAL_KEY
+    assert e["AWS_SECRET_ACCESS_KEY"] == stack.DUMMY_AWS["AWS_SECRET_ACCESS_KEY"]
+    assert all("127.0.0.1" in v for k, v in e.items() if k.endswith(("_URL", "_URI")))
+
+    # MLflow: an experiment and an artifact, which the server stores in the moto bucket
+    import boto3
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=e["MLFLOW_TRACKING_URI"])
+    exp = client.create_experiment("stack-test")
+    run = client.create_run(exp)
+    client.log_text(run.info.run_id, "hello stack", "notes/hello.txt")
+    client.set_terminated(run.info.run_id)
+    s3 = boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], region_name=e["AWS_DEFAULT_REGION"], aws_access_key_id=e["AWS_ACCESS_KEY_ID"], aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlartifacts/").get("Contents", [])]
+    key = next(k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt"))
+    assert s3.get_object(Bucket=cfg.bucket, Key=key)["Body"].read() == b"hello stack"
+
+    # down: every process gone, pid files removed, ports free again
+    stack.down(cfg)
+    assert all(not group_pids(s["pid"]) for s in st.values())
+    assert not list(cfg.data_dir.glob("*.pid"))
+    assert not any(s["running"] or s["healthy"] for s in stack.status(cfg).values())
+    for port in ports.values():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, LISTEN is not
+            sock.bind(("127.0.0.1", port))
+    assert time.monotonic() - t0 < 90
+
+
+def test_production_templates_parse():
+    """The compose file and the work-pool templates stay valid (no docker or cluster needed):
+    every published port on loopback, every template placeholder declared as a variable, and the
+    GPU template renders one nvidia.com/gpu in requests and limits."""
+    import json
+
+    import yaml
+    from prefect.utilities.templating import apply_values, find_placeholders
+
+    infra = Path(stack.__file__).parent
+    compose = yaml.safe_load((infra / "docker-compose.yml").read_text())
+    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker"} <= set(compose["services"])
+    for name, svc in compose["services"].items():
+        assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), name
+    assert ".env" in (infra / ".gitignore").read_text().split()
+    for f in ("kubernetes-gpu.json", "docker.json"):
+        t = json.loads((infra / "work-pools" / f).read_text())
+        assert set(t) == {"job_configuration", "variables"}
+        props = t["variables"]["properties"]
+        assert {p.name for p in find_placeholders(t["job_configuration"])} <= set(props), f
+        assert props["image"]["default"]
+    k8s = json.loads((infra / "work-pools" / "kubernetes-gpu.json").read_text())
+    defaults = {k: v["default"] for k, v in k8s["variables"]["properties"].items() if "default" in v}
+    pod = apply_values(k8s["job_configuration"], {**defaults, "image": "share:test"})["job_manifest"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
+    assert pod["containers"][0]["image"] == "share:test"
+    assert pod["nodeSelector"] and pod["tolerations"]
