@@ -34,6 +34,7 @@ def _prepare(workspace: Path) -> Path:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace / 'mlflow.db'}"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints one line per landing itself
     return workspace
 
 

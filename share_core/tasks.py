@@ -3,9 +3,10 @@ data for tests, the demo and the benchmarks), written in the storage format of D
 
 Each task draws sentences from templates over a shared vocabulary, so tasks overlap in words
 but differ in what decides the label (sentiment, topic, sentence type, tense, grammatical
-number, intent, urgency). Hard cases keep them from being trivial: negation flips sentiment,
-questions lose their question mark, tense adverbs are dropped, and a few percent of the
-training labels are noisy. Same (name, seed) → byte-identical files on every machine.
+number, intent, urgency). Hard cases keep them from being trivial: negation flips sentiment and
+"A but B" takes B's verdict, a side remark from another topic precedes the main clause,
+questions lose their question mark while reported questions are statements, tense adverbs are
+dropped, and a few percent of the training labels are noisy. Same (name, seed) → byte-identical files on every machine.
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ def _sentiment(rng: random.Random) -> Example:
     things = ["the movie", "the dinner", "the concert", "this phone", "the hotel", "the book", "the service", "the game", "the trip", "the new album"]
     good = ["wonderful", "excellent", "delightful", "fantastic", "great", "lovely", "superb", "enjoyable"]
     bad = ["terrible", "awful", "boring", "disappointing", "horrible", "dreadful", "poor", "annoying"]
+
+    def clause(positive: bool) -> str:
+        negate = rng.random() < 0.3  # "not great" is negative: the adjective alone does not decide
+        word = _pick(rng, good if positive != negate else bad)
+        return f"{_pick(rng, things)} {'was not' if negate else _pick(rng, ['was', 'was really', 'felt', 'seemed'])} {word}"
+
     label = rng.choice(["positive", "negative"])
-    negate = rng.random() < 0.25  # "not great" is negative: the word alone does not decide
-    word = _pick(rng, good if (label == "positive") != negate else bad)
-    verb = "was not" if negate else _pick(rng, ["was", "was really", "felt", "seemed"])
+    if rng.random() < 0.3:  # contrast: the clause after "but" carries the verdict
+        return f"{clause(label == 'negative')} but {clause(label == 'positive')}", label
     tail = _pick(rng, ["", " " + _pick(rng, FILLER), ", said " + _pick(rng, PEOPLE)])
-    return f"{_pick(rng, things)} {verb} {word}{tail}", label
+    return f"{clause(label == 'positive')}{tail}", label
 
 
 TOPICS = {
@@ -51,6 +57,9 @@ TOPICS = {
 def _topic(rng: random.Random) -> Example:
     label = rng.choice(sorted(TOPICS))
     lead = _pick(rng, ["", "reports say ", "according to " + _pick(rng, PEOPLE) + ", ", "yesterday "])
+    if rng.random() < 0.3:  # a side remark from another topic; the main clause decides
+        other = rng.choice([t for t in sorted(TOPICS) if t != label])
+        lead = f"even though {_pick(rng, TOPICS[other])}, "
     return f"{lead}{_pick(rng, TOPICS[label])} {_pick(rng, FILLER)}", label
 
 
@@ -60,7 +69,10 @@ def _question(rng: random.Random) -> Example:
     if rng.random() < 0.5:
         aux = _pick(rng, ["did", "will", "can", "should", "does", "why did", "when will", "where can"])
         text = f"{aux} {person} {act} {place}"
-        return (text + "?" if rng.random() < 0.5 else text), "question"  # half lose their "?"
+        return (text + "?" if rng.random() < 0.3 else text), "question"  # most lose their "?"
+    if rng.random() < 0.4:  # reported questions are statements
+        verb = _pick(rng, ["asked why", "wondered when", "knows where", "asked if"])
+        return f"{_pick(rng, PEOPLE)} {verb} {person} {_pick(rng, ['did', 'would', 'could'])} {act} {place}", "statement"
     aux = _pick(rng, ["did", "will", "can", "should", "often"])
     return f"{person} {aux} {act} {place}", "statement"
 

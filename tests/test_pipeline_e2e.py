@@ -162,28 +162,25 @@ def test_bad_landings_are_rejected_and_touch_nothing(chain):
     cases = []
     d = bad_copy(t["topic"], "badlabel")
     _edit(d / "eval.jsonl", '"label": "food"', '"label": "cooking"')
-    cases.append(("dataset", d, "expected one of"))
+    cases.append(("dataset", d, "badlabel", "expected one of"))
     d = bad_copy(t["topic"], "notrain")
     (d / "train.jsonl").unlink()
-    cases.append(("dataset", d, "missing"))
+    cases.append(("dataset", d, "notrain", "missing"))
     d = bad_copy(t["topic"], "badyaml")
     (d / "task.yaml").write_text("name: badyaml\ntype: [\n")
-    cases.append(("dataset", d, "invalid YAML"))
+    cases.append(("dataset", d, "badyaml", "invalid YAML"))
     d = adapter_landing(chain["tmp"], t["tense"], chain["model_dir"], targets=("query", "key"))
-    cases.append(("adapter", d, "target_modules"))
+    cases.append(("adapter", d, "tense", "target_modules"))
     d = adapter_landing(chain["tmp"], t["number"], chain["model_dir"])
     (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
-    cases.append(("adapter", d, "pickle"))
+    cases.append(("adapter", d, "number", "pickle"))
     d = bad_copy(t["sentiment"], "dupe")
     _edit(d / "task.yaml", "name: dupe", "name: sentiment")
     (d / "train.jsonl").write_text("".join((d / "train.jsonl").read_text().splitlines(keepends=True)[1:]))
-    cases.append(("dataset-as-sentiment", d, "already exists"))
+    cases.append(("dataset", d, "sentiment", "already exists"))  # an overwrite of a processed landing is new, and checked again
 
     before = snapshot(chain)
-    for kind, d, match in cases:
-        name = "sentiment" if kind == "dataset-as-sentiment" else d.name
-        if kind == "dataset-as-sentiment":  # an overwrite of a processed landing is a new landing, checked again
-            kind = "dataset"
+    for kind, d, name, match in cases:
         out = land_and_update(chain, d, kind=kind, name=name)
         assert out["status"] == "rejected" and match in out["reason"], (d.name, out)
         lnd = next(x for x in storage.list_landings() if x.task == name)
