@@ -1,0 +1,96 @@
+"""The production path on real servers, all on 127.0.0.1 and stopped by the test: the local
+stack (moto S3, `mlflow server`, `prefect server start`) and `share serve` (the deployments +
+the storage watcher) as its own process. A task landed with `share land` becomes a watcher
+event, the event's trigger creates a `continual-update` run of the served deployment, and the
+registered version, its aliases and tags are visible through MLflow's and Prefect's REST APIs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from infra import stack
+from pipelines import lineage
+from share_core.tasks import generate_tasks
+
+from .conftest import free_port
+
+MODEL = "share-served"
+
+
+def rest(url: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_for(what: str, fn, timeout: float, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            out = fn()
+        except Exception:
+            out = None
+        if out:
+            return out
+        if proc.poll() is not None:
+            raise AssertionError(f"`share serve` exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text()[-3000:]}")
+
+
+def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_model_dir):
+    cfg = stack.StackConfig(data_dir=tmp_path / "stack", s3_port=free_port(), mlflow_port=free_port(), prefect_port=free_port(), timeout=120)
+    env = {**os.environ, **stack.env(cfg), "PREFECT_HOME": str(tmp_path / "prefect-client"), "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    ws = tmp_path / "ws"
+    lineage.init_workspace(ws)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["base"] = {"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}
+    params["train"].update(steps=10)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    storage = stack.env(cfg)["SHARE_STORAGE"]
+    share = [str(Path(sys.executable).parent / "share")]
+    log = tmp_path / "serve.log"
+    stack.up(cfg)
+    serve = None
+    try:
+        with open(log, "w") as out:
+            serve = subprocess.Popen(share + ["serve", "--storage", storage, "-w", str(ws), "--model-name", MODEL, "--tracking-uri", cfg.url(cfg.mlflow_port), "--poll-seconds", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        api = cfg.url(cfg.prefect_port) + "/api"
+        wait_for("the continual-update deployment", lambda: rest(f"{api}/deployments/name/continual-update/continual-update"), 90, serve, log)
+        task_dir = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=32, n_eval=16)[0]
+        subprocess.run(share + ["land", str(task_dir), "--storage", storage], env=env, check=True, capture_output=True, timeout=60)
+
+        # the event created a run of the served deployment, which completed
+        dep = rest(f"{api}/deployments/name/continual-update/continual-update")
+        runs = wait_for("a completed continual-update run", lambda: [r for r in rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}}) if r["state_type"] == "COMPLETED"], 180, serve, log)
+        assert runs[0]["parameters"]["key"] == "tasks/incoming/datasets/sentiment/task.yaml"
+        events = rest(f"{api}/events/filter", {"filter": {"event": {"name": ["share.task.landed"]}}})
+        assert [e["payload"]["task"] for e in events["events"]] == ["sentiment"]
+
+        # MLflow's REST API shows the registered version, its aliases and lineage tags
+        mlflow = cfg.url(cfg.mlflow_port) + "/api/2.0/mlflow"
+        model = rest(f"{mlflow}/registered-models/get?name={MODEL}")["registered_model"]
+        assert sorted(a["alias"] for a in model["aliases"]) == ["candidate", "champion"]
+        mvs = rest(f"{mlflow}/model-versions/search?filter=name%3D%27{MODEL}%27")["model_versions"]
+        tags = {t["key"]: t["value"] for t in mvs[0]["tags"]}
+        assert len(mvs) == 1 and tags["share.version"] == "v0001" and tags["share.task"] == "sentiment" and tags["lineage.git_rev"]
+        assert mvs[0]["source"].startswith("mlflow-artifacts:") or "s3://" in mvs[0]["source"]
+        s3 = __import__("boto3").client("s3", endpoint_url=cfg.url(cfg.s3_port))
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlartifacts/").get("Contents", [])]
+        assert any(k.endswith("subspace/manifest.json") for k in keys)  # the version itself is in the bucket
+    finally:
+        if serve is not None and serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGINT)
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait(10)
+        stack.down(cfg)
