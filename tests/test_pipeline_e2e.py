@@ -197,3 +197,20 @@ def test_bad_landings_are_rejected_and_touch_nothing(chain):
     out = continual_update(key=f"{prefix}/task.yaml", storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)
     assert out["status"] == "rejected" and "not a plain file name" in out["reason"]
     assert snapshot(chain) == before  # no version, no registry entry, no lineage, nothing ingested
+
+
+def test_batch_absorb_folds_every_pending_adapter_into_one_version(chain):
+    from flows.continual import batch_absorb
+
+    ws, t, storage = chain["ws"], chain["tasks"], chain["storage"]
+    assert land_and_update(chain, t["sentiment"])["version"] == "v0001"
+    for name in ("tense", "number"):
+        storage.upload_task(adapter_landing(chain["tmp"], t[name], chain["model_dir"]), "adapter", name)
+    out = batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
+    assert out["version"] == "v0002" and len(out["absorbed"]) == 2 and out["rejected"] == {}
+    manifest = json.loads((ws.version_dir("v0002") / "manifest.json").read_text())
+    assert [x["name"] for x in manifest["tasks"]] == ["sentiment", "number", "tense"] and manifest["parent"] == "v0001"  # pending landings in key order
+    rec = json.loads((ws.root / "evaluations" / "v0002.json").read_text())
+    assert set(rec["scores"]) == {"sentiment", "tense", "number"}  # adapters brought eval.jsonl: scored too
+    assert all(storage.status_of(x)["status"] == "processed" for x in storage.list_landings() if x.kind == "adapter")
+    assert batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)["status"] == "nothing-to-absorb"
