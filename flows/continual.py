@@ -161,17 +161,20 @@ def _build_and_publish(workspace: str, names: list[str], kind: str, provenance: 
 
 @flow(name="continual-update", log_prints=True)
 def continual_update(key: str, storage_url: str, workspace: str, etag: str | None = None, model_name: str = "share-subspace", tolerance: float = 0.01, tracking_uri: str | None = None, train_deployment: str | None = None) -> dict:
-    """Process one landing, idempotently on (key, ETag)."""
+    """Process one landing, idempotently on (key, ETag). `etag` is the one the event saw; the
+    landing's current content is what gets processed (an overwrite has its own event)."""
     with Workspace(workspace).lock():
-        return _continual_update(key, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment)
+        return _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment)
 
 
-def _continual_update(key, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment) -> dict:
+def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment) -> dict:
     log = get_run_logger()
     ws = Workspace(workspace)
     landing = find_landing(storage_url, key)
     if landing is None:
         raise ValueError(f"no complete landing with task.yaml key {key!r} in {open_storage(storage_url).describe()}")
+    if etag and etag != landing.etag:
+        log.info("landing %s changed since its event (etag %s → %s): processing the current one", key, etag[:8], landing.etag[:8])
     seen = ws.ledger().get(key)
     if seen and seen["etag"] == landing.etag:
         log.info("landing %s (etag %s) already %s: nothing to do", key, landing.etag[:8], seen["status"])
