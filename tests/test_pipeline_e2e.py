@@ -44,16 +44,17 @@ def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets=CLASSIFI
 @pytest.fixture
 def chain(tmp_path, moto_s3, prefect_harness, tiny_model_dir):
     s3 = boto3.client("s3", endpoint_url=moto_s3)
-    s3.create_bucket(Bucket="share-e2e")
+    bucket = "e2e-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]  # moto lives for the session: one bucket per test
+    s3.create_bucket(Bucket=bucket)
     ws = Workspace(tmp_path / "ws")
-    lineage.init_workspace(ws.root, remote="s3://share-e2e/dvcstore", endpoint_url=moto_s3)
+    lineage.init_workspace(ws.root, remote=f"s3://{bucket}/dvcstore", endpoint_url=moto_s3)
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     params["base"] = {"model_id": BASE_ID, "model_path": str(tiny_model_dir)}
     params["train"].update(steps=25, lr=0.01, batch_size=16)
     (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
-    url = f"s3://share-e2e/landings?endpoint_url={moto_s3}"
+    url = f"s3://{bucket}/landings?endpoint_url={moto_s3}"
     tasks = generate_tasks(tmp_path / "tasks", names=["sentiment", "topic", "tense", "number"], n_train=64, n_eval=32)
-    return {"ws": ws, "url": url, "storage": open_storage(url), "tasks": dict(zip(["sentiment", "topic", "tense", "number"], tasks)), "tmp": tmp_path, "s3": s3, "model_dir": tiny_model_dir}
+    return {"ws": ws, "url": url, "storage": open_storage(url), "tasks": dict(zip(["sentiment", "topic", "tense", "number"], tasks)), "tmp": tmp_path, "s3": s3, "bucket": bucket, "model_dir": tiny_model_dir}
 
 
 def land_and_update(chain, task_dir: Path, kind: str = "dataset", tolerance: float = 1.0, name: str | None = None) -> dict:
@@ -114,7 +115,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     lock = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
     deps = [d["path"] for d in lock["v0002"]["deps"]]
     assert len(deps) == 2 and deps[0].startswith("landings/topic-") and deps[1] == "versions/v0001"
-    assert chain["s3"].list_objects_v2(Bucket="share-e2e", Prefix="dvcstore/")["KeyCount"] > 0
+    assert chain["s3"].list_objects_v2(Bucket=chain["bucket"], Prefix="dvcstore/")["KeyCount"] > 0
 
     # the same landing again: a no-op
     before = snapshot(chain)
@@ -188,10 +189,10 @@ def test_bad_landings_are_rejected_and_touch_nothing(chain):
         assert ws.ledger()[lnd.key]["status"] == "rejected"
     # nested keys never reach the disk and are refused
     prefix = "landings/incoming/datasets/nested"
-    chain["s3"].put_object(Bucket="share-e2e", Key=f"{prefix}/sub/evil.jsonl", Body=b"{}")
+    chain["s3"].put_object(Bucket=chain["bucket"], Key=f"{prefix}/sub/evil.jsonl", Body=b"{}")
     for f in ("train.jsonl", "eval.jsonl"):
-        chain["s3"].upload_file(str(t["topic"] / f), "share-e2e", f"{prefix}/{f}")
-    chain["s3"].put_object(Bucket="share-e2e", Key=f"{prefix}/task.yaml", Body=(t["topic"] / "task.yaml").read_text().replace("name: topic", "name: nested").encode())
+        chain["s3"].upload_file(str(t["topic"] / f), chain["bucket"], f"{prefix}/{f}")
+    chain["s3"].put_object(Bucket=chain["bucket"], Key=f"{prefix}/task.yaml", Body=(t["topic"] / "task.yaml").read_text().replace("name: topic", "name: nested").encode())
     from flows.continual import continual_update
 
     out = continual_update(key=f"{prefix}/task.yaml", storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)
