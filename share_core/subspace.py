@@ -71,24 +71,35 @@ def _energy_k(s: torch.Tensor, rank: int, energy: float) -> int:
     return int((cum / cum[-1] < energy - 1e-12).sum()) + 1
 
 
-def _task_errors(cb: list[torch.Tensor], ca: list[torch.Tensor], kb: int, ka: int) -> list[float]:
-    """Relative ΔW error per task when truncating full-singular-basis coordinates to (kb, ka).
-
-    Exact: with orthonormal bases, ‖β M αᵀ‖_F = ‖M‖_F, so everything stays k×k-sized.
-    """
-    out = []
-    for b, a in zip(cb, ca):
-        full = b @ a.T
-        kept = torch.zeros_like(full)
-        kept[:kb, :ka] = full[:kb, :ka]
-        out.append(relative_error(full, kept))
+def _padded(coords: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Per-task blocks of `coords` (q×Σp, task j's p_j columns in order) as T×q×P, zero-padded
+    to P = max p_j. Zero columns add nothing to a task's ΔW, so padding changes no norm."""
+    q, width = coords.shape[0], max(widths)
+    if all(w == width for w in widths):  # the usual case: one rank for every task, no copy
+        return coords.reshape(q, len(widths), width).transpose(0, 1)
+    out = coords.new_zeros(len(widths), q, width)
+    for j, block in enumerate(torch.split(coords, widths, dim=1)):
+        out[j, :, : block.shape[1]] = block
     return out
 
 
-def choose_k(
-    s_b: torch.Tensor, s_a: torch.Tensor, cb: list[torch.Tensor], ca: list[torch.Tensor], policy: KPolicy, eps: float
-) -> tuple[int, int]:
-    """(k_B, k_A) per `policy` from both sides' singular values and full coordinates."""
+def _task_errors(cb: torch.Tensor, ca: torch.Tensor, kb: int, ka: int) -> list[float]:
+    """Relative ΔW error per task when truncating coordinates in the full singular bases
+    (cb: T×q_B×P, ca: T×q_A×P) to the first (kb, ka) rows.
+
+    Exact and all k×k-sized: with orthonormal bases ‖β M αᵀ‖_F = ‖M‖_F, and truncation keeps
+    the block M[:kb, :ka] of M = C_B C_Aᵀ, so the error is the norm of the entries outside it
+    (summed directly: ‖M‖² − ‖kept‖² would cancel to ~1e-8 where the error is 0).
+    """
+    full = torch.bmm(cb, ca.transpose(1, 2))  # T×q_B×q_A
+    total = full.pow(2).sum((1, 2)).sqrt()
+    dropped = (full[:, kb:, :].pow(2).sum((1, 2)) + full[:, :kb, ka:].pow(2).sum((1, 2))).sqrt()
+    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(full.dtype).tiny), dropped).tolist()
+
+
+def choose_k(s_b: torch.Tensor, s_a: torch.Tensor, cb: torch.Tensor, ca: torch.Tensor, policy: KPolicy, eps: float) -> tuple[int, int]:
+    """(k_B, k_A) per `policy` from both sides' singular values and full coordinates
+    (cb: T×q_B×P, ca: T×q_A×P, as in `_task_errors`)."""
     rank_b, rank_a = numerical_rank(s_b, eps), numerical_rank(s_a, eps)
     if rank_b == 0 or rank_a == 0:
         raise ValueError("the stacked factors are all zero: there is no subspace to keep")
@@ -117,34 +128,49 @@ def span_basis(*blocks: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def left_svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values of c (q×m), without the right ones.
+
+    The coordinate stacks are wide (m = Σp grows with the tasks, q stays ~k): with Cᵀ = QR,
+    C = RᵀQᵀ has the singular values and left vectors of the q×q matrix Rᵀ, so one QR of the
+    tall Cᵀ plus a q×q SVD replaces a wide SVD that would also build the m×q right vectors.
+    """
+    if c.shape[1] > c.shape[0]:
+        r = torch.linalg.qr(c.T, mode="r")[1]
+        u, s, _ = torch.linalg.svd(r.T)
+        return u, s
+    u, s, _ = torch.linalg.svd(c, full_matrices=False)
+    return u, s
+
+
 def fold(
     q_b: torch.Tensor,
-    coords_b: list[torch.Tensor],
+    coords_b: torch.Tensor,
     q_a: torch.Tensor,
-    coords_a: list[torch.Tensor],
+    coords_a: torch.Tensor,
+    widths: list[int],
     policy: KPolicy,
     dtype: torch.dtype = torch.float32,
 ) -> Fold:
     """Best bases for factors given as coordinates in orthonormal q_b (n×q) and q_a (d×q').
 
-    coords_*: per task C_j (q×p_j), with factor F_j = q C_j. The SVD of the small coordinate
-    stack, rotated by q, is the thin SVD of the full n×Σp stack (same singular values, same
-    vectors up to sign), at cost O(n q² + q² Σp): nothing n×n or n×Σp is ever formed.
-    Computed in float64; returned in `dtype`.
+    coords_*: every task's coordinates side by side, q×Σp (task j: the next widths[j] columns),
+    so factor F_j = q C_j. The SVD of this small stack, rotated by q, is the thin SVD of the full
+    n×Σp stack (same singular values, same vectors up to sign), at cost O(n q² + q² Σp): nothing
+    n×n or n×Σp is ever formed, and no step loops over tasks in Python. Computed in float64;
+    returned in `dtype`.
     """
-    q_b, q_a = q_b.double(), q_a.double()
-    coords_b = [c.double() for c in coords_b]
-    coords_a = [c.double() for c in coords_a]
-    u_b, s_b, _ = torch.linalg.svd(torch.cat(coords_b, dim=1), full_matrices=False)
-    u_a, s_a, _ = torch.linalg.svd(torch.cat(coords_a, dim=1), full_matrices=False)
-    cb = [u_b.T @ c for c in coords_b]
-    ca = [u_a.T @ c for c in coords_a]
+    q_b, q_a, coords_b, coords_a = q_b.double(), q_a.double(), coords_b.double(), coords_a.double()
+    u_b, s_b = left_svd(coords_b)
+    u_a, s_a = left_svd(coords_a)
+    rot_b, rot_a = u_b.T @ coords_b, u_a.T @ coords_a  # every task's coordinates in the singular bases
+    cb, ca = _padded(rot_b, widths), _padded(rot_a, widths)
     kb, ka = choose_k(s_b, s_a, cb, ca, policy, torch.finfo(dtype).eps)
     return Fold(
         basis_b=(q_b @ u_b[:, :kb]).to(dtype),
         basis_a=(q_a @ u_a[:, :ka]).to(dtype),
-        coefs_b=[c[:kb].to(dtype) for c in cb],
-        coefs_a=[c[:ka].to(dtype) for c in ca],
+        coefs_b=list(torch.split(rot_b[:kb].to(dtype), widths, dim=1)),
+        coefs_a=list(torch.split(rot_a[:ka].to(dtype), widths, dim=1)),
         singular_b=s_b.to(dtype),
         singular_a=s_a.to(dtype),
         errors=_task_errors(cb, ca, kb, ka),
@@ -154,9 +180,20 @@ def fold(
 def build(factors_b: list[torch.Tensor], factors_a: list[torch.Tensor], policy: KPolicy) -> Fold:
     """Initial subspace from tasks' LoRA factors: B_j (n×r_j) and A_jᵀ (d×r_j)."""
     dtype = factors_b[0].dtype
-    q_b = span_basis(*[f.double() for f in factors_b])
-    q_a = span_basis(*[f.double() for f in factors_a])
-    return fold(q_b, [q_b.T @ f.double() for f in factors_b], q_a, [q_a.T @ f.double() for f in factors_a], policy, dtype)
+    stack_b, stack_a = torch.cat(factors_b, 1).double(), torch.cat(factors_a, 1).double()
+    q_b, q_a = span_basis(stack_b), span_basis(stack_a)
+    return fold(q_b, q_b.T @ stack_b, q_a, q_a.T @ stack_a, [f.shape[1] for f in factors_b], policy, dtype)
+
+
+def _coordinates(q: torch.Tensor, basis: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
+    """Every task's factor in q's coordinates (q: m×q orthonormal), side by side: q×Σp.
+    Old tasks' factors are basis·E (basis: m×k, E: k×p); new ones are given (m×p)."""
+    parts = []
+    if old:
+        parts.append((q.T @ basis.double()) @ torch.cat(old, 1).double())
+    if new:
+        parts.append(q.T @ torch.cat(new, 1).double())
+    return torch.cat(parts, 1)
 
 
 def merge(
@@ -181,10 +218,9 @@ def merge(
     """
     q_b = span_basis(basis_b.double(), new_dirs_b.double())
     q_a = span_basis(basis_a.double(), new_dirs_a.double())
-    qb_beta, qa_alpha = q_b.T @ basis_b.double(), q_a.T @ basis_a.double()
-    coords_b = [qb_beta @ e.double() for e in old_b] + [q_b.T @ f.double() for f in new_b]
-    coords_a = [qa_alpha @ e.double() for e in old_a] + [q_a.T @ f.double() for f in new_a]
-    return fold(q_b, coords_b, q_a, coords_a, policy, basis_b.dtype)
+    coords_b, coords_a = _coordinates(q_b, basis_b, old_b, new_b), _coordinates(q_a, basis_a, old_a, new_a)
+    widths = [e.shape[1] for e in old_b] + [f.shape[1] for f in new_b]
+    return fold(q_b, coords_b, q_a, coords_a, widths, policy, basis_b.dtype)
 
 
 def delta_weight(
