@@ -7,6 +7,7 @@ or causal LM (next-token loss; metric: next-token accuracy).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,9 @@ def train_lora(model: nn.Module, tokenizer, task: TaskData, cfg: TrainConfig, ta
         set_classifier_labels(model, head_modules, len(task.spec.labels), cfg.seed)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=target_modules, modules_to_save=head_modules or None, lora_dropout=0.0, base_model_name_or_path=base_model_id)
     torch.manual_seed(cfg.seed)
-    peft_model = get_peft_model(model, lcfg)
+    with warnings.catch_warnings():  # PEFT swaps in the local path for the id; the id is restored below
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*renamed")
+        peft_model = get_peft_model(model, lcfg)
     try:
         fit(peft_model, [p for p in peft_model.parameters() if p.requires_grad], tokenizer, task, cfg, f"LoRA {task.spec.name}")
         adapter = adapter_from_peft_model(peft_model, task.spec.name)
