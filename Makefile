@@ -11,6 +11,8 @@ export TRANSFORMERS_OFFLINE=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export DVC_NO_ANALYTICS=1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+# idle OpenMP threads sleep instead of spinning: on shared cores spinning made training ~5× slower
+export OMP_WAIT_POLICY=PASSIVE
 # pip on these machines warns about every missing local mirror folder; keep the log readable
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 

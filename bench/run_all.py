@@ -36,13 +36,13 @@ def run(name: str, flags: list[str], out: Path) -> dict:
     return {"name": name, "rc": rc, "wall_s": wall, "targets": data.get("targets", [])}
 
 
-def readme(runs: list[dict], out: Path, command: str, total: float, env: dict) -> str:
+def readme(runs: list[dict], out: Path, command: str, env: dict) -> str:
     """env: the environment when the run started (its commit is the code measured)."""
     moved = environment()["git_commit"]
     glance = md_table(["benchmark", "target", "verdict", "measured"],
                       [[r["name"], t["name"], "MET" if t["met"] else "**NOT MET**", t["detail"]] for r in runs for t in r["targets"]]
                       + [[r["name"], "runs to completion", "**FAILED**", f"exit code {r['rc']}"] for r in runs if r["rc"] != 0])
-    walls = md_table(["benchmark", "wall time (s)", "exit code"], [[r["name"], f"{r['wall_s']:.0f}", r["rc"]] for r in runs] + [["total", f"{total:.0f}", ""]])
+    walls = md_table(["benchmark", "wall time (s)", "exit code"], [[r["name"], f"{r['wall_s']:.0f}", r["rc"]] for r in runs] + [["total (sum)", f"{sum(r['wall_s'] for r in runs):.0f}", ""]])
     parts = ["# Benchmark results", "",
              f"Produced by `{command}` on {env_line(env)}.", "",
              *([f"**The checkout moved to commit {moved} during the run**: each section names the commit it measured.", ""] if moved != env["git_commit"] else []),
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     t0, env = time.perf_counter(), environment()
     runs = [run(name, flags, out) if name in (args.only or BENCHMARKS) else gathered(name, out) for name in BENCHMARKS]
     command = " ".join(["python -m bench.run_all", *(argv if argv is not None else sys.argv[1:])])
-    (out / "README.md").write_text(readme(runs, out, command, time.perf_counter() - t0, env))
+    (out / "README.md").write_text(readme(runs, out, command, env))
     print(f"wrote {out / 'README.md'} ({time.perf_counter() - t0:.0f} s)")
     return max((r["rc"] for r in runs), default=0)
 

@@ -69,7 +69,10 @@ def fit(model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
     losses = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not cfg.progress, transient=True) as bar:
+    # dropout draws from the global RNG: seed it for this fit only, so the same landing trains
+    # the same way in a long-lived worker whatever ran before, and callers' RNG is untouched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not cfg.progress, transient=True) as bar:
+        torch.manual_seed(cfg.seed)
         job = bar.add_task(desc, total=cfg.steps, loss=float("nan"))
         for _ in range(cfg.steps):
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g).to(device)
