@@ -65,8 +65,13 @@ def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | No
         if endpoint_url:
             _dvc_cli(root, "remote", "modify", "storage", "endpointurl", endpoint_url)
     _git(root, "add", "-A", ".gitignore", ".dvc", "params.yaml", "dvc.yaml")
-    if _git(root, "status", "--porcelain"):
-        _git(root, "commit", "-q", "-m", "share workspace: params, dvc.yaml, remote")
+    _commit_staged(root, "share workspace: params, dvc.yaml, remote")
+
+
+def _commit_staged(root: Path, message: str) -> None:
+    """Commit what is staged, if anything (other untracked files in the workspace stay out)."""
+    if _git(root, "diff", "--cached", "--name-only"):
+        _git(root, "commit", "-q", "-m", message)
 
 
 def _dvc_cli(root: Path, *args: str) -> str:
@@ -110,8 +115,7 @@ def record_version(root: Path, version: str, message: str) -> dict:
     the git revision and the stage's dvc.lock entry (dep and out hashes)."""
     root = Path(root).resolve()
     _git(root, "add", "-A", "dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", "landings", "versions/.gitignore")
-    if _git(root, "status", "--porcelain", "--", "dvc.yaml", "dvc.lock", "landings", "versions"):
-        _git(root, "commit", "-q", "-m", message)
+    _commit_staged(root, message)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][version]
     hashes = {e["path"]: e.get("md5", "") for e in lock.get("deps", []) + lock.get("outs", [])}
     return {"git_rev": _git(root, "rev-parse", "HEAD"), "dvc_stage": version, "dvc_hashes": hashes}

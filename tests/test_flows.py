@@ -62,3 +62,13 @@ def test_deployments_trigger_schedule_and_serialise_updates(tmp_path):
     assert update.concurrency_limit == 1 and deps["batch-absorb"].concurrency_limit == 1
     assert deps["batch-absorb"].schedules[0].schedule.cron == "*/30 * * * *"
     assert deps["reevaluate-champion"].schedules[0].schedule.cron == "30 3 * * *"
+
+
+def test_workspace_init_is_idempotent_and_commits_only_its_own_files(tmp_path):
+    from pipelines import lineage
+
+    lineage.init_workspace(tmp_path / "ws")
+    (tmp_path / "ws" / "notes.txt").write_text("a user's file")  # untracked, not ignored
+    lineage.init_workspace(tmp_path / "ws")  # `share serve` on an existing workspace
+    assert len(lineage._git(tmp_path / "ws", "log", "--oneline").splitlines()) == 1
+    assert "notes.txt" not in lineage._git(tmp_path / "ws", "ls-files")
