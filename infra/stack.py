@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-HOST = "127.0.0.1"  # never 0.0.0.0: the stack has no authentication
+HOST = "127.0.0.1"  # loopback only: the stack has no authentication
 # moto accepts any credentials; these dummies keep real ones from ever reaching it.
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
