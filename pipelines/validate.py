@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS
-from share_core.model import same_base_model
+from share_core.model import check_adapter_fits
 from share_core.peft_io import AdapterError, read_adapter
 from share_core.taskdata import CLASSIFICATION, EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
 
@@ -86,23 +86,11 @@ def _check_dataset(local: Path) -> None:
 
 def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base_model_id: str) -> None:
     adapter = read_adapter(local, name=spec.name)
-    targets = manifest["target_modules"] if manifest else CLASSIFIER_TARGETS
-    heads = manifest["head_modules"] if manifest else CLASSIFIER_HEADS
-    base = manifest["base_model"]["id"] if manifest else base_model_id
-    if adapter.base_model_name and not same_base_model(adapter.base_model_name, base):
-        raise LandingRejected(f"adapter_config.json: base model {adapter.base_model_name!r}, the chain is built on {base!r}")
-    if sorted(adapter.target_modules) != sorted(targets):
-        raise LandingRejected(f"adapter_config.json: target_modules {sorted(adapter.target_modules)}, the chain adapts {sorted(targets)}")
-    if sorted(adapter.modules_to_save) != sorted(heads):
-        raise LandingRejected(f"adapter_config.json: modules_to_save {sorted(adapter.modules_to_save)}, the chain expects task heads {sorted(heads)}")
     if manifest:
-        layers = manifest["layers"]
-        if set(adapter.factors) != set(layers):
-            raise LandingRejected(f"adapter_model.safetensors: adapts layers differing from the chain's in {sorted(set(adapter.factors) ^ set(layers))}")
-        for name, (b, a) in adapter.factors.items():
-            want = (layers[name]["n"], layers[name]["d"])
-            if (b.shape[0], a.shape[1]) != want:
-                raise LandingRejected(f"adapter_model.safetensors: layer {name} is {b.shape[0]}×{a.shape[1]}, the base layer is {want[0]}×{want[1]}")
+        shapes = {name: (t["n"], t["d"]) for name, t in manifest["layers"].items()}
+        check_adapter_fits(adapter, manifest["base_model"]["id"], manifest["target_modules"], manifest["head_modules"], shapes, exact_layers=True)
+    else:  # the first version: the layers' shapes are checked when the subspace is built
+        check_adapter_fits(adapter, base_model_id, CLASSIFIER_TARGETS, CLASSIFIER_HEADS)
     outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
     if len(spec.labels) not in outs:
         raise LandingRejected(f"adapter_model.safetensors: no head layer has {len(spec.labels)} outputs for labels {list(spec.labels)} (found {sorted(outs)})")

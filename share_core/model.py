@@ -115,7 +115,7 @@ class ShareModel(nn.Module):
             raise AdapterError(f"duplicate adapter names {names}")
         for a in adapters:
             check_task_name(a.name)
-            _check_fits(model, a, targets, heads, base_model_id)
+            check_adapter_fits(a, base_model_id, targets, heads, layer_shapes(model, a.factors))
         layers = sorted(first.factors)
         bases, per_task, worst = {}, [dict() for _ in adapters], {a.name: 0.0 for a in adapters}
         for layer in layers:
@@ -321,7 +321,7 @@ class ShareModel(nn.Module):
             raise AdapterError(f"adapter names {sorted(clash) or names} already exist or repeat")
         for a in adapters:
             check_task_name(a.name)
-            _check_fits(self.model, a, self.state.target_modules, self.state.head_modules, self.state.base_model_id, set(self.state.bases))
+            check_adapter_fits(a, self.state.base_model_id, self.state.target_modules, self.state.head_modules, layer_shapes(self.model, self.state.bases), exact_layers=True)
         infos = infos or [{} for _ in adapters]
         factors = {
             ln: (
@@ -346,8 +346,11 @@ class ShareModel(nn.Module):
         self.activate(None)
 
 
-def _check_fits(model: nn.Module, a: LoraAdapter, targets: list[str], heads: list[str], base_model_id: str, layers: set[str] | None = None) -> None:
-    """An adapter must be for this base model, these target modules and heads, these shapes."""
+def check_adapter_fits(a: LoraAdapter, base_model_id: str, targets: list[str], heads: list[str], shapes: dict[str, tuple[int, int]] | None = None, exact_layers: bool = False) -> None:
+    """An adapter must be for this base model, these target modules and heads, and the layer
+    shapes (n, d) in `shapes` (None: not known yet); with `exact_layers` it must adapt exactly
+    those layers. Used
+    against a live model and, by the landing validator, against a version's manifest."""
     src = f"adapter {a.name!r}"
     if a.base_model_name and base_model_id and not same_base_model(a.base_model_name, base_model_id):
         raise AdapterError(f"{src} was trained on base model {a.base_model_name!r}, not {base_model_id!r}")
@@ -355,17 +358,29 @@ def _check_fits(model: nn.Module, a: LoraAdapter, targets: list[str], heads: lis
         raise AdapterError(f"{src} targets {sorted(a.target_modules)}, the subspace targets {sorted(targets)}")
     if sorted(a.modules_to_save) != sorted(heads):
         raise AdapterError(f"{src} saves heads {sorted(a.modules_to_save)}, the subspace expects {sorted(heads)}")
-    if layers is not None and set(a.factors) != layers:
-        raise AdapterError(f"{src} adapts layers {sorted(set(a.factors) ^ layers)} differently from the subspace")
+    if shapes is None:
+        return
+    if exact_layers and set(a.factors) != set(shapes):
+        raise AdapterError(f"{src} adapts layers {sorted(set(a.factors) ^ set(shapes))} differently from the subspace")
     for layer, (b, A) in a.factors.items():
+        if layer not in shapes:
+            raise AdapterError(f"{src}: layer {layer!r} does not exist in the base model")
+        n, d = shapes[layer]
+        if b.shape[0] != n or A.shape[1] != d:
+            raise AdapterError(f"{src}: layer {layer}: factors imply {b.shape[0]}×{A.shape[1]}, the base layer is {n}×{d}")
+
+
+def layer_shapes(model: nn.Module, layers) -> dict[str, tuple[int, int]]:
+    """(n, d) of each named layer that exists in `model` (wrapped or not)."""
+    out = {}
+    for layer in layers:
         try:
             module = model.get_submodule(layer)
         except AttributeError:
-            raise AdapterError(f"{src}: layer {layer!r} does not exist in the base model") from None
-        base = module.base if isinstance(module, ShareLinear) else module
-        d, n = in_out_features(base)
-        if b.shape[0] != n or A.shape[1] != d:
-            raise AdapterError(f"{src}: layer {layer}: factors imply {b.shape[0]}×{A.shape[1]}, the base layer is {n}×{d}")
+            continue
+        d, n = in_out_features(module.base if isinstance(module, ShareLinear) else module)
+        out[layer] = (n, d)
+    return out
 
 
 def same_base_model(a: str, b: str) -> bool:

@@ -171,7 +171,7 @@ def test_bad_landings_are_rejected_and_touch_nothing(chain):
     (d / "task.yaml").write_text("name: badyaml\ntype: [\n")
     cases.append(("dataset", d, "badyaml", "invalid YAML"))
     d = adapter_landing(chain["tmp"], t["tense"], chain["model_dir"], targets=("query", "key"))
-    cases.append(("adapter", d, "tense", "target_modules"))
+    cases.append(("adapter", d, "tense", "targets"))
     d = adapter_landing(chain["tmp"], t["number"], chain["model_dir"])
     (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
     cases.append(("adapter", d, "number", "pickle"))

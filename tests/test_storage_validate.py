@@ -143,7 +143,7 @@ def _nan(d):
 
 BAD_ADAPTERS = {
     "pickle weights": (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"), {}, "pickle"),
-    "other target modules": (None, {"targets": ("query", "key")}, "target_modules"),
+    "other target modules": (None, {"targets": ("query", "key")}, "targets"),
     "other base model": (None, {"base_name": "bert-large"}, "base model"),
     "other layer shapes": (None, {"hidden_size": 48}, "base layer is 32×32"),
     "non-finite weights": (_nan, {}, "NaN/Inf"),
