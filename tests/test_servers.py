@@ -81,7 +81,7 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
         mvs = rest(f"{mlflow}/model-versions/search?filter=name%3D%27{MODEL}%27")["model_versions"]
         tags = {t["key"]: t["value"] for t in mvs[0]["tags"]}
         assert len(mvs) == 1 and tags["share.version"] == "v0001" and tags["share.task"] == "sentiment" and tags["lineage.git_rev"]
-        assert mvs[0]["source"].startswith("mlflow-artifacts:") or "s3://" in mvs[0]["source"]
+        assert mvs[0]["source"].startswith("mlflow-artifacts:/") and mvs[0]["source"].endswith("/artifacts/subspace")  # the run's copy of the version
         s3 = __import__("boto3").client("s3", endpoint_url=cfg.url(cfg.s3_port))
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlartifacts/").get("Contents", [])]
         assert any(k.endswith("subspace/manifest.json") for k in keys)  # the version itself is in the bucket
