@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from . import subspace
 from .layer import ShareLinear, in_out_features
 from .peft_io import AdapterError, LoraAdapter, write_adapter
-from .state import SubspaceState, TaskRecord, check_task_name
+from .state import Delta, SubspaceState, TaskRecord, check_task_name
 
 
 def pick_device() -> torch.device:
@@ -294,6 +294,7 @@ class ShareModel(nn.Module):
         if pend["finetune"]:
             coefs = {ln: (l.slot["coef_b"].detach().cpu().clone(), l.slot["coef_a"].detach().cpu().clone()) for ln, l in self.layers.items()}
             new_state = copy.copy(self.state)
+            new_state.delta, new_state.content_hash = None, None  # a finetuned task is rewritten: the next save is a snapshot
             new_state.tasks = [
                 TaskRecord(t.name, t.rank, t.scale, coefs, heads, {**t.info, "finetuned": True}) if t.name == name else t
                 for t in self.state.tasks
@@ -392,7 +393,7 @@ def same_base_model(a: str, b: str) -> bool:
 def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict, policy: subspace.KPolicy) -> tuple[SubspaceState, dict[str, float]]:
     """A new SubspaceState with `records` merged in. factors[layer] = (new B̂ list or tensor,
     new Â list or tensor, new directions B side n×c, A side d×c)."""
-    new_bases, new_coefs, worst = {}, [dict() for _ in state.tasks + records], {}
+    new_bases, new_coefs, worst, frames = {}, [dict() for _ in state.tasks + records], {}, {}
     for ln, (b, a) in state.bases.items():
         fb, fa, db, da = factors[ln]
         fb = fb if isinstance(fb, list) else [fb]
@@ -400,6 +401,7 @@ def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict
         old = [t.coefs[ln] for t in state.tasks]
         f = subspace.merge(b, a, [e[0] for e in old], [e[1] for e in old], db, da, fb, fa, policy)
         new_bases[ln] = (f.basis_b, f.basis_a)
+        frames[ln] = (f.frame_b, f.frame_a)
         for j, (eb, ea) in enumerate(zip(f.coefs_b, f.coefs_a)):
             new_coefs[j][ln] = (eb, ea)
         for t, err in zip(state.tasks + records, f.errors):
@@ -410,4 +412,6 @@ def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict
     ]
     new_state = copy.copy(state)
     new_state.bases, new_state.tasks, new_state.policy = new_bases, tasks, policy
+    new_state.delta = Delta(frames=frames, base_hash=state.content_hash, n_old=len(state.tasks))
+    new_state.content_hash = None  # not saved yet
     return new_state, worst

@@ -1,11 +1,22 @@
 """SubspaceState: everything a version holds, and its atomic, validated save/load.
 
-A version directory (DESIGN §5):
-    manifest.json                 base model id+hash, target/head modules, k/p/φ per layer,
-                                  ordered tasks, parent, sha256 of every file, content hash
-    basis.safetensors             "<layer>.beta" (n×k_B), "<layer>.alpha" (d×k_A)
-    tasks/<name>.safetensors      "coef_b.<layer>" (k_B×p), "coef_a.<layer>" (k_A×p), "head.<key>"
-The content hash covers the manifest and, through the file hashes, every tensor byte.
+A version directory (DESIGN §5, §8: "a version stores what it changed"):
+    manifest.json        base model id+hash, target/head modules, k/p/φ per layer, ordered tasks,
+                         parent, how the state is stored, sha256 of every file, content hash
+    basis.safetensors    "<layer>.beta" (n×k_B), "<layer>.alpha" (d×k_A); in a delta also the
+                         frames "<layer>.frame_b" (k_B×k_B_parent), "<layer>.frame_a" (float64)
+    tasks.safetensors    the tasks this version stores: "<task>/coef_b.<layer>" (k_B×p),
+                         "<task>/coef_a.<layer>" (k_A×p), "<task>/head.<key>"
+A *snapshot* stores every task. A *delta* stores only the tasks it added plus the frames: a
+merge moves every old task by the same per-module change of coordinates (E' = frame·E), so the
+old tasks' coefficients are the frames applied to the parent's (`subspace.apply_frame`, float64,
+deterministic). Loading a delta loads its parent (a sibling directory) first; after
+`compact_every` deltas in a row the next version is a snapshot, so a load reads a bounded chain.
+What a landing writes is O(layers·k² + new tasks), not O(all tasks).
+
+`state_sha256` (in the manifest) is the digest of the materialised state — every basis,
+coefficient and head tensor — checked on every load: a restored version is bit-exact or refused.
+The content hash covers the manifest and, through the file hashes, every stored byte.
 """
 
 from __future__ import annotations
@@ -23,9 +34,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .subspace import KPolicy
+from .subspace import KPolicy, apply_frame
 
-FORMAT = "share-subspace/1"
+FORMAT = "share-subspace/2"
+COMPACT_EVERY = 32  # deltas in a row before the next version is a snapshot
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -46,6 +58,17 @@ class TaskRecord:
 
 
 @dataclass
+class Delta:
+    """How a merged state derives from the version it was merged from: its first `n_old` tasks'
+    coefficients are `frames[layer]` (k_B'×k_B, k_A'×k_A; float64) applied to that version's,
+    whose content hash is `base_hash` (None: an unsaved state, so no delta can be written)."""
+
+    frames: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    base_hash: str | None
+    n_old: int
+
+
+@dataclass
 class SubspaceState:
     base_model_id: str
     base_model_hash: str
@@ -57,6 +80,8 @@ class SubspaceState:
     phi: int = 2
     parent: str | None = None
     extra: dict = field(default_factory=dict)  # metrics summary, code version, ...
+    delta: Delta | None = None  # set by a merge: lets `save` write only what changed
+    content_hash: str | None = None  # of the version this state was loaded from / saved as
 
     def task(self, name: str) -> TaskRecord:
         for t in self.tasks:
@@ -92,7 +117,31 @@ def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _manifest(state: SubspaceState, files: dict[str, str]) -> dict:
+def _stacked(coefs: list[torch.Tensor]) -> torch.Tensor:
+    """Tasks' coefficients of one layer and side side by side (k×Σp); k×0 when there are none."""
+    return torch.cat(coefs, 1) if coefs else torch.zeros(0, 0)
+
+
+def state_sha256(state: SubspaceState) -> str:
+    """Digest of the materialised state: bases, every task's coefficients, scale and head, in
+    order. Two states with the same digest serve every task identically (bit for bit)."""
+    h = hashlib.sha256()
+    h.update(_canonical({"tasks": [[t.name, t.rank, t.scale, sorted(t.heads)] for t in state.tasks], "layers": sorted(state.bases)}))
+    for layer in sorted(state.bases):
+        b, a = state.bases[layer]
+        cb = _stacked([t.coefs[layer][0] for t in state.tasks])
+        ca = _stacked([t.coefs[layer][1] for t in state.tasks])
+        for x in (b, a, cb, ca):
+            h.update(str(tuple(x.shape)).encode())
+            h.update(x.detach().cpu().float().contiguous().numpy().tobytes())
+    for t in state.tasks:
+        for key in sorted(t.heads):
+            h.update(key.encode())
+            h.update(t.heads[key].detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _manifest(state: SubspaceState, files: dict[str, str], storage: dict) -> dict:
     return {
         "format": FORMAT,
         "base_model": {"id": state.base_model_id, "hash": state.base_model_hash},
@@ -107,6 +156,8 @@ def _manifest(state: SubspaceState, files: dict[str, str]) -> dict:
         ],
         "parent": state.parent,
         "extra": state.extra,
+        "storage": storage,
+        "state_sha256": state_sha256(state),
         "files": files,
     }
 
@@ -134,8 +185,10 @@ def validate(state: SubspaceState) -> None:
                     f"task {t.name}, layer {layer}: coefficients {tuple(eb.shape)}/{tuple(ea.shape)}, "
                     f"expected {(b.shape[1], t.rank)}/{(a.shape[1], t.rank)}"
                 )
-            if not (torch.isfinite(eb).all() and torch.isfinite(ea).all()):
-                raise VersionError(f"task {t.name}, layer {layer}: non-finite coefficients")
+        for side in (0, 1):  # one check per layer and side, not per task
+            if state.tasks and not torch.isfinite(_stacked([t.coefs[layer][side] for t in state.tasks])).all():
+                bad = next(t.name for t in state.tasks if not torch.isfinite(t.coefs[layer][side]).all())
+                raise VersionError(f"task {bad}, layer {layer}: non-finite coefficients")
     for t in state.tasks:
         extra_layers = set(t.coefs) - set(state.bases)
         if extra_layers:
@@ -145,40 +198,67 @@ def validate(state: SubspaceState) -> None:
                 raise VersionError(f"task {t.name}: head tensor {key} is not finite")
 
 
-def save(state: SubspaceState, path: str | os.PathLike) -> str:
+def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
+    """Snapshot or delta: a delta needs the merge's frames, computed against the parent version
+    that sits beside `path` with exactly the content hash the frames were computed from."""
+    snapshot = {"kind": "snapshot", "chain": [], "stored_tasks": state.task_names}
+    d = state.delta
+    if d is None or state.parent is None or d.base_hash is None:
+        return snapshot
+    parent = path.parent / state.parent
+    try:
+        pm = read_manifest(parent)
+    except VersionError:
+        return snapshot
+    chain = pm["storage"]["chain"] + [state.parent]
+    same_tasks = [t["name"] for t in pm["tasks"]] == state.task_names[: d.n_old]
+    if pm["content_hash"] != d.base_hash or not same_tasks or len(chain) > compact_every or set(d.frames) != set(state.bases):
+        return snapshot
+    return {"kind": "delta", "chain": chain, "parent_content_hash": d.base_hash, "stored_tasks": state.task_names[d.n_old:]}
+
+
+def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COMPACT_EVERY) -> str:
     """Write a version directory atomically (temp dir + rename); return its content hash.
 
-    Refuses to overwrite: versions are immutable.
+    A merged state whose parent version sits beside `path` is written as a delta (frames + the
+    new tasks) unless `compact_every` deltas precede it. Refuses to overwrite: versions are
+    immutable.
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"version directory {path} already exists; versions are immutable")
     validate(state)
+    plan = _storage_plan(state, path, compact_every)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        (tmp / "tasks").mkdir()
         basis = {}
         for layer, (b, a) in state.bases.items():
             basis[f"{layer}.beta"] = b.detach().cpu().contiguous()
             basis[f"{layer}.alpha"] = a.detach().cpu().contiguous()
+            if plan["kind"] == "delta":
+                fb, fa = state.delta.frames[layer]
+                basis[f"{layer}.frame_b"] = fb.detach().cpu().double().contiguous()
+                basis[f"{layer}.frame_a"] = fa.detach().cpu().double().contiguous()
         save_file(basis, tmp / "basis.safetensors")
-        for t in state.tasks:
-            tensors = {}
+        tensors = {}
+        for name in plan["stored_tasks"]:
+            t = state.task(name)
             for layer, (eb, ea) in t.coefs.items():
-                tensors[f"coef_b.{layer}"] = eb.detach().cpu().contiguous()
-                tensors[f"coef_a.{layer}"] = ea.detach().cpu().contiguous()
+                tensors[f"{name}/coef_b.{layer}"] = eb.detach().cpu().contiguous()
+                tensors[f"{name}/coef_a.{layer}"] = ea.detach().cpu().contiguous()
             for key, h in t.heads.items():
-                tensors[f"head.{key}"] = h.detach().cpu().contiguous()
-            save_file(tensors, tmp / "tasks" / f"{t.name}.safetensors")
-        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*.safetensors"))}
-        manifest = _manifest(state, files)
+                tensors[f"{name}/head.{key}"] = h.detach().cpu().contiguous()
+        save_file(tensors, tmp / "tasks.safetensors")
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        manifest = _manifest(state, files, plan)
         manifest["content_hash"] = hashlib.sha256(_canonical(manifest)).hexdigest()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    state.content_hash = manifest["content_hash"]
     return manifest["content_hash"]
 
 
@@ -208,10 +288,29 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise VersionError(f"{path}: unreadable safetensors ({e})") from None
 
 
-def load(path: str | os.PathLike) -> SubspaceState:
-    """Read and fully validate a version directory. Raises VersionError naming what is wrong."""
-    path = Path(path)
+def _get(tensors: dict, key: str, where: str) -> torch.Tensor:
+    try:
+        return tensors[key]
+    except KeyError:
+        raise VersionError(f"{where}: missing {key}") from None
+
+
+@dataclass
+class _Stacked:
+    """A version's coefficients as loaded: per layer both sides side by side (k×Σp, tasks in
+    manifest order), per task its heads. Chains are applied in this form: one matmul per layer
+    and side per version, whatever the number of tasks."""
+
+    manifest: dict
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    coefs: dict[str, list[torch.Tensor]]  # layer -> [C_B k_B×Σp, C_A k_A×Σp]
+    heads: dict[str, dict[str, torch.Tensor]]
+
+
+def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
     m = read_manifest(path)
+    if depth > 4 * COMPACT_EVERY:
+        raise VersionError(f"{path}: delta chain longer than {4 * COMPACT_EVERY} versions")
     for rel, digest in m["files"].items():
         f = path / rel
         if not f.is_file():
@@ -219,38 +318,79 @@ def load(path: str | os.PathLike) -> SubspaceState:
         if _sha256(f) != digest:
             raise VersionError(f"{f}: sha256 does not match the manifest (modified or corrupt)")
     basis = _load_tensors(path / "basis.safetensors")
-    bases = {}
-    for layer in m["layers"]:
-        try:
-            bases[layer] = (basis[f"{layer}.beta"], basis[f"{layer}.alpha"])
-        except KeyError as e:
-            raise VersionError(f"basis.safetensors: missing {e.args[0]}") from None
-    tasks = []
-    for entry in m["tasks"]:
-        check_task_name(entry["name"])
-        tensors = _load_tensors(path / "tasks" / f"{entry['name']}.safetensors")
-        coefs = {}
+    stored = _load_tensors(path / "tasks.safetensors")
+    storage = m["storage"]
+    bases = {layer: (_get(basis, f"{layer}.beta", "basis.safetensors"), _get(basis, f"{layer}.alpha", "basis.safetensors")) for layer in m["layers"]}
+    names = [t["name"] for t in m["tasks"]]
+    new = storage["stored_tasks"]
+    if storage["kind"] == "delta":
+        if not m["parent"]:
+            raise VersionError(f"{path}: a delta version without a parent")
+        parent = _load_stacked(path.parent / m["parent"], depth + 1)
+        if parent.manifest["content_hash"] != storage["parent_content_hash"]:
+            raise VersionError(f"{path}: parent {m['parent']} is not the version this delta was built on")
+        old = [t["name"] for t in parent.manifest["tasks"]]
+        if names != old + new:
+            raise VersionError(f"{path}: tasks {names} are not the parent's {old} followed by the stored {new}")
+        coefs = {
+            layer: [apply_frame(_get(basis, f"{layer}.frame_{s}", "basis.safetensors"), parent.coefs[layer][i]) for i, s in enumerate("ba")]
+            for layer in m["layers"]
+        }
+        heads = parent.heads
+    else:
+        if new != names:
+            raise VersionError(f"{path}: a snapshot must store every task")
+        coefs = {layer: [torch.zeros(bases[layer][0].shape[1], 0), torch.zeros(bases[layer][1].shape[1], 0)] for layer in m["layers"]}
+        heads = {}
+    for name in new:
+        check_task_name(name)
+        where = f"tasks.safetensors ({name})"
         for layer in m["layers"]:
-            try:
-                coefs[layer] = (tensors[f"coef_b.{layer}"], tensors[f"coef_a.{layer}"])
-            except KeyError as e:
-                raise VersionError(f"tasks/{entry['name']}.safetensors: missing {e.args[0]}") from None
-        heads = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        tasks.append(TaskRecord(entry["name"], entry["rank"], entry["scale"], coefs, heads, entry["info"]))
+            for i, s in enumerate("ba"):
+                coefs[layer][i] = torch.cat([coefs[layer][i], _get(stored, f"{name}/coef_{s}.{layer}", where)], 1)
+        prefix = f"{name}/head."
+        heads[name] = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+    return _Stacked(m, bases, coefs, heads)
+
+
+def load(path: str | os.PathLike) -> SubspaceState:
+    """Read, materialise and fully validate a version (and the chain it is stored against).
+    Raises VersionError naming what is wrong; the result's `state_sha256` equals the manifest's."""
+    path = Path(path)
+    s = _load_stacked(path)
+    m = s.manifest
+    widths = [t["rank"] for t in m["tasks"]]
+    split = {}
+    for layer, (cb, ca) in s.coefs.items():
+        if cb.shape[1] != sum(widths) or ca.shape[1] != sum(widths):
+            raise VersionError(f"{path}: layer {layer}: coefficients of {cb.shape[1]} columns, the tasks' ranks add to {sum(widths)}")
+        split[layer] = (torch.split(cb, widths, 1), torch.split(ca, widths, 1))
+    tasks = [
+        TaskRecord(e["name"], e["rank"], e["scale"], {layer: (split[layer][0][j], split[layer][1][j]) for layer in m["layers"]}, s.heads[e["name"]], e["info"])
+        for j, e in enumerate(m["tasks"])
+    ]
     pol = m["policy"]
     state = SubspaceState(
         base_model_id=m["base_model"]["id"],
         base_model_hash=m["base_model"]["hash"],
         target_modules=m["target_modules"],
         head_modules=m["head_modules"],
-        bases=bases,
+        bases=s.bases,
         tasks=tasks,
         policy=KPolicy(pol["k_max"], pol["energy"], pol["error_budget"]),
         phi=m["phi"],
         parent=m["parent"],
         extra=m["extra"],
+        content_hash=m["content_hash"],
     )
     validate(state)
     if state.layer_table() != m["layers"]:
         raise VersionError(f"{path}: tensor shapes do not match the manifest's layer table")
+    if state_sha256(state) != m["state_sha256"]:
+        raise VersionError(f"{path}: the materialised state does not match the state it was saved as (state_sha256)")
     return state
+
+
+def chain(path: str | os.PathLike) -> list[str]:
+    """The versions a version's load reads besides itself (its snapshot first)."""
+    return list(read_manifest(path)["storage"]["chain"])

@@ -53,6 +53,10 @@ class Fold:
     singular_b: torch.Tensor
     singular_a: torch.Tensor
     errors: list[float]  # per task: relative ΔW error of the fold against its input
+    rotation_b: torch.Tensor | None = None  # q_B×k_B (float64): kept left singular vectors of the coordinates
+    rotation_a: torch.Tensor | None = None  # q_A×k_A
+    frame_b: torch.Tensor | None = None  # k_B'×k_B (float64), set by `merge`: old E_B' = frame_b·E_B
+    frame_a: torch.Tensor | None = None  # k_A'×k_A
 
 
 def numerical_rank(s: torch.Tensor, eps: float) -> int:
@@ -174,6 +178,8 @@ def fold(
         singular_b=s_b.to(dtype),
         singular_a=s_a.to(dtype),
         errors=_task_errors(cb, ca, kb, ka),
+        rotation_b=u_b[:, :kb],
+        rotation_a=u_a[:, :ka],
     )
 
 
@@ -220,7 +226,31 @@ def merge(
     q_a = span_basis(basis_a.double(), new_dirs_a.double())
     coords_b, coords_a = _coordinates(q_b, basis_b, old_b, new_b), _coordinates(q_a, basis_a, old_a, new_a)
     widths = [e.shape[1] for e in old_b] + [f.shape[1] for f in new_b]
-    return fold(q_b, coords_b, q_a, coords_a, widths, policy, basis_b.dtype)
+    f = fold(q_b, coords_b, q_a, coords_a, widths, policy, basis_b.dtype)
+    f.frame_b = f.rotation_b.T @ (q_b.T @ basis_b.double())
+    f.frame_a = f.rotation_a.T @ (q_a.T @ basis_a.double())
+    if old_b:  # the stored form of the old coefficients is the frame applied to them (see apply_frame)
+        n_old = len(old_b)
+        f.coefs_b[:n_old] = apply_frame(f.frame_b, old_b, basis_b.dtype)
+        f.coefs_a[:n_old] = apply_frame(f.frame_a, old_a, basis_a.dtype)
+    return f
+
+
+def apply_frame(frame: torch.Tensor, coefs: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor] | torch.Tensor:
+    """Old tasks' coefficients after a merge: E' = frame · E (frame: k'×k float64; E: k×p each).
+
+    A merge moves every old task only by this per-module change of coordinates, so a version
+    stores the frame instead of rewriting every task. Given a list, it is applied to the tasks
+    side by side (one matmul, k×Σp) and split back; given the side-by-side matrix, it returns
+    one. Computed in float64, returned in `dtype`: the same inputs give the same bits, which is
+    what makes a version's state a deterministic function of its chain.
+    """
+    if isinstance(coefs, torch.Tensor):
+        return (frame @ coefs.double()).to(dtype)
+    if not coefs:
+        return []
+    out = (frame @ torch.cat(coefs, 1).double()).to(dtype)
+    return list(torch.split(out, [c.shape[1] for c in coefs], dim=1))
 
 
 def delta_weight(
