@@ -10,19 +10,19 @@ train_version      the training step alone: the "GPU job" deployment on a work p
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 
 from pipelines import evaluate as ev
 from pipelines import lineage, register
 from pipelines.storage import Landing, open_storage
-from pipelines.update import build_version, load_params
+from pipelines.update import EvalParams, build_version, load_params
 from pipelines.validate import LandingRejected, validate_landing
 from pipelines.workspace import Workspace
 from share_core import state as st
@@ -54,7 +54,7 @@ def validate(workspace: str, landing: Landing, local: str) -> str | None:
     head = ws.head()
     manifest = st.read_manifest(ws.version_dir(head)) if head else None
     try:
-        validate_landing(Path(local), landing.kind, landing.task, manifest, load_params(ws.root / "params.yaml").model_id, list(landing.files))
+        validate_landing(Path(local), landing.kind, landing.task, manifest, load_params(ws.params_path).model_id, list(landing.files))
     except LandingRejected as e:
         return e.reason
     return None
@@ -91,35 +91,66 @@ def train_version(workspace: str, landings: list[str], kind: str, version: str, 
     existing = _version_for(ws, provenance)
     if existing:
         return {"version": existing, "reused": True}
-    build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.root / "params.yaml"), provenance)
+    build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.params_path), provenance)
     return {"version": version, "reused": False}
 
 
 def _version_for(ws: Workspace, provenance: dict | None) -> str | None:
-    """A version already built from exactly this landing (a retried run resumes, never duplicates)."""
-    if not provenance:
+    """The newest version, when it was built from exactly this landing on the current HEAD and
+    not published yet (a retried run resumes, never duplicates). One manifest read, whatever
+    the history; a version built on a parent that is no longer HEAD is never reused."""
+    ids = ws.version_ids()
+    if not provenance or not ids or ids[-1] == ws.head():
         return None
-    for v in ws.version_ids():
-        if st.read_manifest(ws.version_dir(v))["extra"].get("provenance") == provenance:
-            return v
-    return None
+    m = st.read_manifest(ws.version_dir(ids[-1]))
+    return ids[-1] if m["extra"].get("provenance") == provenance and m["parent"] == ws.head() else None
 
 
 @task
-def score(workspace: str, version: str, task_name: str) -> dict:
-    return ev.score_task(Workspace(workspace), version, task_name)
+def score_shard(workspace: str, version: str, tasks: list[str]) -> list[dict]:
+    """One shard of tasks, scored where the task runs (in-process or a Dask worker) with one
+    load of the version per worker process."""
+    return ev.score_tasks(Workspace(workspace), version, tasks)
+
+
+@flow(name="score-shards")
+def score_shards(workspace: str, version: str, tasks: list[str], workers: int) -> list[dict]:
+    """Fan the tasks out in `workers` shards on this flow's task runner (Dask when sent there)."""
+    futures = [score_shard.submit(workspace, version, shard) for shard in ev.shards(tasks, workers)]
+    return [r for f in futures for r in f.result()]
+
+
+def dask_address(cfg: EvalParams) -> str | None:
+    """The Dask scheduler evaluation is sent to: $SHARE_DASK_ADDRESS, else params' evaluate.dask_address."""
+    return os.environ.get("SHARE_DASK_ADDRESS") or cfg.dask_address
+
+
+def score(workspace: str, version: str, tasks: list[str], cfg: EvalParams) -> list[dict]:
+    """Score `tasks` of `version`: on the Dask cluster when one is configured, else in this
+    process in one shard (one model in memory, however many tasks)."""
+    if not tasks:
+        return []
+    address = dask_address(cfg)
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return score_shards.with_options(task_runner=DaskTaskRunner(address=address))(workspace, version, tasks, cfg.workers)
+    return score_shard(workspace, version, tasks)
 
 
 @task
-def summarize(workspace: str, version: str, results: list[dict]) -> dict:
-    return ev.summarize(Workspace(workspace), version, results)
+def summarize(workspace: str, version: str, results: list[dict], certified: dict, mode: str) -> dict:
+    return ev.summarize(Workspace(workspace), version, results, certified, mode)
 
 
 def evaluate_all(workspace: str, version: str) -> dict:
-    """Score every task of the version in parallel (mapped), then summarize."""
-    tasks = [t["name"] for t in st.read_manifest(Workspace(workspace).version_dir(version))["tasks"]]
-    futures = score.map(unmapped(workspace), unmapped(version), tasks)
-    return summarize(workspace, version, [f.result() for f in futures])
+    """Re-score the tasks the version changed, certify the others (pipelines.evaluate.plan)."""
+    ws = Workspace(workspace)
+    cfg = load_params(ws.params_path).evaluate
+    p = ev.plan(ws, version, cfg)
+    record = summarize(workspace, version, score(workspace, version, p["score"], cfg), p["certified"], cfg.mode)
+    get_run_logger().info("%s: re-scored %d task(s), %d certified unchanged", version, len(record["rescored"]), len(record["certified"]))
+    return record
 
 
 @task(**TRANSIENT)
@@ -130,8 +161,8 @@ def record_and_register(workspace: str, version: str, model_name: str, landing: 
 
 
 @task(**TRANSIENT)
-def push_lineage(workspace: str) -> None:
-    lineage.push(Workspace(workspace).root)
+def push_lineage(workspace: str, targets: list[str]) -> None:
+    lineage.push(Workspace(workspace).root, targets)
 
 
 def _build_and_publish(workspace: str, names: list[str], kind: str, provenance: dict, model_name: str, tolerance: float, tracking_uri: str | None, train_deployment: str | None) -> dict:
@@ -147,15 +178,21 @@ def _build_and_publish(workspace: str, names: list[str], kind: str, provenance: 
         built = run.state.result()
     else:
         built = train_version(**params)
-    t_train = time.perf_counter()
+    marks = {"train": time.perf_counter()}
     version = built["version"]
     lineage.add_version_stage(ws.root, version, names, kind, parent)
+    marks["stage"] = time.perf_counter()
     scores = evaluate_all(workspace, version)
-    t_eval = time.perf_counter()
+    marks["evaluate"] = time.perf_counter()
     reg = record_and_register(workspace, version, model_name, {**provenance, "task": ",".join(names)}, tolerance, tracking_uri)
+    marks["register"] = time.perf_counter()
     ws.set_head(version)
-    push_lineage(workspace)
-    seconds = {"train": t_train - t0, "evaluate": t_eval - t_train, "total": time.perf_counter() - t0}
+    push_lineage(workspace, [version] + [f"landings/{n}" for n in names])
+    marks["push"] = time.perf_counter()
+    seconds, prev = {}, t0
+    for part, t in marks.items():
+        seconds[part], prev = t - prev, t
+    seconds["total"] = prev - t0
     return {"status": "processed", "version": version, "acc": scores["acc"], "bwt": scores["bwt"], "seconds": seconds, **reg}
 
 
@@ -224,14 +261,16 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
 
 @flow(name="evaluate-version", log_prints=True)
 def evaluate_version(workspace: str, version: str, tolerance: float = 1e-6) -> dict:
-    """Re-score `version` and compare with its recorded evaluation (drift means the stored
-    version, the data or the code changed)."""
+    """Re-score every task of `version` and compare with its record: drift means the stored
+    version, the data or the code changed; a certified task that moved means a wrong certificate."""
     ws = Workspace(workspace)
-    recorded = json.loads((ws.root / "evaluations" / f"{version}.json").read_text())
-    fresh = [score(workspace, version, t) for t in recorded["tasks"]]
-    diffs = {r["task"]: (r["score"] - recorded["scores"][r["task"]]) for r in fresh if r["score"] is not None}
-    worst = max((abs(d) for d in diffs.values()), default=0.0)
-    return {"version": version, "matches": worst <= tolerance, "worst_abs_diff": worst, "scores": {r["task"]: r["score"] for r in fresh}}
+    recorded = ev.read_record(ws, version)
+    if recorded is None:
+        raise FileNotFoundError(f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})")
+    result = ev.compare(recorded, score(workspace, version, recorded["tasks"], load_params(ws.params_path).evaluate), tolerance)
+    if result["certificates_wrong"]:
+        get_run_logger().warning("%s: tasks certified unchanged now score differently: %s", version, result["certificates_wrong"])
+    return result
 
 
 @flow(name="rollback", log_prints=True)

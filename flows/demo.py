@@ -68,6 +68,7 @@ def _bad_landing(tmp: Path, good: Path) -> Path:
 
 def run_demo(workspace: Path, tasks: int, steps: int, seed: int, console: Console) -> dict:
     root = _prepare(workspace)
+    from pipelines import evaluate as ev
     from pipelines import lineage, register
     from pipelines.storage import LocalStorage
     from pipelines.workspace import Workspace
@@ -113,8 +114,8 @@ def run_demo(workspace: Path, tasks: int, steps: int, seed: int, console: Consol
         process("adapter", _adapter_landing(tmp, dirs[tasks], steps, seed))
         process("dataset", dirs[0])  # the same landing again: a no-op (its key/ETag is in the ledger)
 
-    last = json.loads((root / "evaluations" / f"{ws.head()}.json").read_text())
-    console.print(_matrix(last))
+    last = ev.read_record(ws, ws.head())
+    console.print(_matrix(ev.accuracy_matrix(ws, ws.head()), last))
     versions = register.list_versions("share-subspace", tracking_uri=ws.tracking_uri)
     champion = next((v["version"] for v in versions if "champion" in v["aliases"]), None)
     console.print(f"champion: [bold]{champion}[/]   candidate: [bold]{versions[-1]['version']}[/]   versions registered: {len(versions)}")
@@ -129,8 +130,8 @@ def run_demo(workspace: Path, tasks: int, steps: int, seed: int, console: Consol
     return {"results": results, "matrix": last, "timings": timings, "rollback": rb}
 
 
-def _matrix(record: dict) -> Table:
-    tasks, rows, versions = record["matrix"]["tasks"], record["matrix"]["rows"], record["matrix"]["versions"]
+def _matrix(matrix: dict, record: dict) -> Table:
+    tasks, rows, versions = matrix["tasks"], matrix["rows"], matrix["versions"]
     table = Table(title="Accuracy matrix R[version][task] (strict: no replay)")
     table.add_column("after")
     for t in tasks:

@@ -1,130 +1,281 @@
-"""Step `evaluate`: score a version on every task it holds (forgetting), build its row of the
-accuracy matrix from the parent chain, and draw the forgetting heatmap.
+"""Step `evaluate`: score a version on its tasks (forgetting), write its row of the accuracy
+matrix, and draw its picture.
 
-`score_task` scores one task (the unit the orchestrator maps in parallel); `summarize` writes
-<workspace>/evaluations/<version>.json and .png. Eval data comes from the ingested landings:
-an adapter that landed without eval.jsonl has no score (null), and is shown as such.
+Cost follows the work, not the history (DESIGN §8):
+- `plan` decides which tasks must be re-scored. A merge moves an old task's ΔW only by what it
+  truncated, which it measures exactly (the manifest's per-task relative ΔW error, worst layer),
+  plus float32 rounding of the stored coefficients (≤ `FLOAT32_ROUNDING` relative per merge).
+  Their sum since the task was last scored bounds how far its ΔW moved (triangle inequality). A
+  task is *certified unchanged* — it keeps its recorded score — when that bound is at most
+  `certify_tolerance` (1e-5) and its smallest top-1 logit margin when it was scored is at least
+  `margin_floor` (1e-3): a 1e-5 relative change of a low-rank update shifts logits by orders of
+  magnitude less than that margin, so no prediction can flip. Its head is never rewritten by a
+  merge. Everything else (new tasks, tasks a merge truncated, mode `full`) is re-scored. The
+  scheduled full re-evaluation (`compare`) audits every certificate.
+- `score_tasks` loads the base model and the version once (cached per process) and scores the
+  tasks' eval rows in mixed-task batches (one forward serves rows of different tasks), each
+  task's eval data read once. The orchestrator shards the tasks over its workers.
+- `summarize` writes evaluations/<version>.json with O(T) content: this version's scores,
+  each task's first score (the matrix diagonal) and certificates; the matrix is assembled from
+  the per-version rows along the chain only when asked (`accuracy_matrix`). The picture is
+  O(T) to draw: a heatmap of the recent versions × recent tasks, and every task's change
+  since it was learned.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 import typer  # noqa: E402
 
 from share_core import state as st  # noqa: E402
 from share_core.continual import load_classifier  # noqa: E402
 from share_core.model import ShareModel  # noqa: E402
 from share_core.taskdata import EVAL_FILE, SPEC_FILE, TaskData, read_examples, read_task_spec  # noqa: E402
-from share_core.train import evaluate  # noqa: E402
 
-from .update import load_params  # noqa: E402
+from .update import EvalParams, load_params  # noqa: E402
 from .workspace import Workspace, write_atomic  # noqa: E402
 
+FLOAT32_ROUNDING = 1.2e-7  # relative change of a ΔW from storing its coefficients in float32 once
+RECENT = 20  # versions × tasks drawn as the heatmap
 
-def eval_data(ws: Workspace, version: str, task: str) -> TaskData | None:
-    """The task's eval rows from its ingested landing (None when it brought none)."""
-    entry = next(t for t in st.read_manifest(ws.version_dir(version))["tasks"] if t["name"] == task)
-    landing = ws.landings / entry["info"].get("landing", task)
+
+# ---- which tasks need scoring ------------------------------------------------------------------
+def read_record(ws: Workspace, version: str | None) -> dict | None:
+    path = ws.evaluation_path(version) if version else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> dict:
+    """{"score": tasks to re-score, "certified": {task: carried entry}} for `version`."""
+    manifest = st.read_manifest(ws.version_dir(version))
+    tasks = [t["name"] for t in manifest["tasks"]]
+    parent = read_record(ws, manifest["parent"])
+    if full or cfg.mode == "full" or parent is None:
+        return {"score": tasks, "certified": {}}
+    added = set(manifest["extra"].get("added", []))
+    errors = manifest["extra"].get("reconstruction_error", {})
+    score, certified = [], {}
+    for t in tasks:
+        prev = parent["results"].get(t)
+        if t in added or prev is None or t not in errors:
+            score.append(t)
+            continue
+        drift = prev["drift"] + errors[t] + FLOAT32_ROUNDING
+        margin = prev.get("margin")
+        if prev["score"] is None or (drift <= cfg.certify_tolerance and margin is not None and margin >= cfg.margin_floor):
+            certified[t] = {**prev, "drift": drift, "certified": True}
+        else:
+            score.append(t)
+    return {"score": score, "certified": certified}
+
+
+def shards(tasks: list[str], n: int) -> list[list[str]]:
+    """`tasks` in at most n contiguous shards of near-equal size."""
+    n = max(1, min(n, len(tasks)))
+    size = math.ceil(len(tasks) / n) if tasks else 0
+    return [tasks[i:i + size] for i in range(0, len(tasks), size)] if tasks else []
+
+
+# ---- scoring: load once, mixed-task batches -----------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _loaded(root: str, version: str, content_hash: str):
+    """(ShareModel, tokenizer, params) of one version, loaded once per process (a worker keeps
+    the last version it scored; content_hash makes a rebuilt version a new key)."""
+    ws = Workspace(Path(root))
+    params = load_params(ws.params_path)
+    model, tok = load_classifier(params.model_path, params.train.seed)
+    share = ShareModel(model, st.load(ws.version_dir(version))).eval()
+    return share, tok, params
+
+
+def eval_data(ws: Workspace, entry: dict) -> TaskData | None:
+    """A task's eval rows from its ingested landing (None when it brought none)."""
+    landing = ws.landings / entry["info"].get("landing", entry["name"])
     if not (landing / EVAL_FILE).is_file():
         return None
     spec = read_task_spec(landing / SPEC_FILE)
     return TaskData(spec=spec, train=[], eval=read_examples(landing / EVAL_FILE, spec), root=landing)
 
 
-def score_task(ws: Workspace, version: str, task: str) -> dict:
-    """{"task", "score", "majority"} of one task on one version (score None: no eval data)."""
-    data = eval_data(ws, version, task)
-    if data is None:
-        return {"task": task, "score": None, "majority": None}
-    params = load_params(ws.root / "params.yaml")
-    model, tok = load_classifier(params.model_path, params.train.seed)
-    share = ShareModel(model, st.load(ws.version_dir(version)))
-    share.activate(task)
-    return {"task": task, "score": evaluate(share, tok, data, params.train.max_length), "majority": data.majority_accuracy()}
+@torch.no_grad()
+def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
+    """[{"task", "score", "majority", "margin"}] for `tasks` of `version` (score None: no eval
+    data). margin: the smallest gap between the top two logits over the task's rows."""
+    manifest = st.read_manifest(ws.version_dir(version))
+    share, tok, params = _loaded(str(ws.root), version, manifest["content_hash"])
+    entries = {t["name"]: t for t in manifest["tasks"]}
+    rows, out = [], {}
+    for t in tasks:
+        data = eval_data(ws, entries[t])
+        if data is None or not data.eval:
+            out[t] = {"task": t, "score": None, "majority": None, "margin": None}
+            continue
+        out[t] = {"task": t, "majority": data.majority_accuracy(), "correct": 0, "total": 0, "margin": math.inf}
+        labels = data.label_ids(data.eval) if data.spec.is_classification else [None] * len(data.eval)
+        rows += [(t, r[data.spec.text_field], y, data.spec.is_classification) for r, y in zip(data.eval, labels)]
+    device = next(share.model.parameters()).device
+    bs = params.evaluate.batch_size
+    for start in range(0, len(rows), bs):
+        batch = rows[start:start + bs]
+        enc = tok([r[1] for r in batch], padding=True, truncation=True, max_length=params.train.max_length, return_tensors="pt").to(device)
+        logits = share.forward_mixed([r[0] for r in batch], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        for i, (t, _, y, classification) in enumerate(batch):
+            acc = out[t]
+            if classification:
+                top2 = logits[i].float().topk(min(2, logits[i].shape[-1])).values
+                acc["correct"] += int(int(logits[i].argmax()) == y)
+                acc["total"] += 1
+                if top2.numel() == 2:
+                    acc["margin"] = min(acc["margin"], float(top2[0] - top2[1]))
+            else:  # causal LM: next-token accuracy over the row's real tokens
+                mask = enc["attention_mask"][i, 1:].bool()
+                pred, gold = logits[i][:-1].argmax(-1), enc["input_ids"][i, 1:]
+                acc["correct"] += int(((pred == gold) & mask).sum())
+                acc["total"] += int(mask.sum())
+    results = []
+    for t in tasks:
+        r = out[t]
+        if "correct" in r:
+            r = {"task": t, "score": r["correct"] / max(r["total"], 1), "majority": r["majority"], "margin": None if r["margin"] == math.inf else r["margin"]}
+        results.append(r)
+    return results
 
 
-def _mean(xs: list) -> float | None:
+# ---- the version's record --------------------------------------------------------------------
+def _mean(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(ws: Workspace, version: str, results: list[dict]) -> dict:
-    """The version's evaluation record: its scores, ACC, BWT and the matrix along its chain."""
+def summarize(ws: Workspace, version: str, scored: list[dict], certified: dict[str, dict] | None = None, mode: str = "changed-only") -> dict:
+    """Write the version's evaluation record (O(T)) and picture; return the record."""
     manifest = st.read_manifest(ws.version_dir(version))
     tasks = [t["name"] for t in manifest["tasks"]]
-    by_task = {r["task"]: r for r in results}
-    missing = set(tasks) - set(by_task)
+    results = {r["task"]: {"score": r["score"], "majority": r["majority"], "margin": r.get("margin"), "drift": 0.0, "certified": False, "scored_in": version} for r in scored}
+    results.update(certified or {})
+    missing = set(tasks) - set(results)
     if missing:
         raise ValueError(f"{version}: no evaluation result for tasks {sorted(missing)}")
-    parent = manifest["parent"]
-    prev = json.loads((ws.root / "evaluations" / f"{parent}.json").read_text()) if parent else None
-    rows = (prev["matrix"]["rows"] if prev else []) + [[by_task[t]["score"] for t in tasks]]
-    # BWT: each past task's score now minus right after it was learned (its diagonal entry)
-    first_seen = {}
-    for i, row in enumerate(rows):
-        for j, t in enumerate(tasks[: len(row)]):
-            first_seen.setdefault(t, row[j])
+    parent = read_record(ws, manifest["parent"])
+    first = dict(parent["first_scores"]) if parent else {}
+    for t in tasks:
+        first.setdefault(t, results[t]["score"])
     added = manifest["extra"].get("added", [])
-    drops = [by_task[t]["score"] - first_seen[t] for t in tasks if t not in added and by_task[t]["score"] is not None and first_seen[t] is not None]
+    drops = [results[t]["score"] - first[t] for t in tasks if t not in added and results[t]["score"] is not None and first.get(t) is not None]
     record = {
         "version": version,
-        "parent": parent,
+        "parent": manifest["parent"],
         "task": ",".join(added),
         "tasks": tasks,
-        "scores": {t: by_task[t]["score"] for t in tasks},
-        "majority": {t: by_task[t]["majority"] for t in tasks},
-        "matrix": {"tasks": tasks, "rows": rows, "versions": (prev["matrix"]["versions"] if prev else []) + [version]},
-        "acc": _mean([by_task[t]["score"] for t in tasks]),
+        "mode": mode,
+        "results": {t: results[t] for t in tasks},
+        "scores": {t: results[t]["score"] for t in tasks},
+        "majority": {t: results[t]["majority"] for t in tasks},
+        "first_scores": {t: first[t] for t in tasks},
+        "rescored": sorted(r["task"] for r in scored),
+        "certified": sorted(certified or {}),
+        "acc": _mean(results[t]["score"] for t in tasks),
         "bwt": sum(drops) / len(drops) if drops else 0.0,
     }
-    out = ws.root / "evaluations"
-    out.mkdir(exist_ok=True)
-    heatmap(record, out / f"{version}.png")
-    write_atomic(out / f"{version}.json", json.dumps(record, indent=2))
+    ws.evaluations.mkdir(exist_ok=True)
+    picture(ws, record, ws.evaluations / f"{version}.png")
+    write_atomic(ws.evaluation_path(version), json.dumps(record, indent=1))
     return record
 
 
-def heatmap(record: dict, path: Path) -> None:
-    """R[i][j] as a heatmap: rows = versions along the chain, columns = tasks, blank = not yet."""
-    tasks, rows, versions = record["matrix"]["tasks"], record["matrix"]["rows"], record["matrix"]["versions"]
-    grid = [[(r[j] if j < len(r) and r[j] is not None else float("nan")) for j in range(len(tasks))] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.5 * len(rows)))
-    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis")
-    for i, r in enumerate(grid):
-        for j, v in enumerate(r):
+def evaluate_version(ws: Workspace, version: str, full: bool = False) -> dict:
+    """Score what `plan` says (in this process, one load) and summarize."""
+    cfg = load_params(ws.params_path).evaluate
+    p = plan(ws, version, cfg, full)
+    return summarize(ws, version, score_tasks(ws, version, p["score"]), p["certified"], "full" if full or cfg.mode == "full" else cfg.mode)
+
+
+def compare(recorded: dict, fresh: list[dict], tolerance: float = 1e-6) -> dict:
+    """Audit a record against a full re-scoring: every task whose score moved, and which of
+    those were certified unchanged (a certificate that was wrong)."""
+    diffs = {}
+    for r in fresh:
+        old = recorded["scores"].get(r["task"])
+        if r["score"] is not None and old is not None and abs(r["score"] - old) > tolerance:
+            diffs[r["task"]] = {"recorded": old, "now": r["score"], "certified": r["task"] in recorded.get("certified", [])}
+    worst = max((abs(d["now"] - d["recorded"]) for d in diffs.values()), default=0.0)
+    return {
+        "version": recorded["version"], "matches": not diffs, "worst_abs_diff": worst, "disagreements": diffs,
+        "certificates_checked": len(recorded.get("certified", [])),
+        "certificates_wrong": sorted(t for t, d in diffs.items() if d["certified"]),
+        "scores": {r["task"]: r["score"] for r in fresh},
+    }
+
+
+def accuracy_matrix(ws: Workspace, version: str, last: int | None = None, tasks: list[str] | None = None) -> dict:
+    """R[i][j] along the chain ending at `version` (its last `last` versions; columns `tasks`,
+    default every task of `version`), assembled from the per-version records:
+    {"versions", "tasks", "rows"} (None: not learned yet / no data)."""
+    records, v = [], version
+    while v and (last is None or len(records) < last):
+        rec = read_record(ws, v)
+        if rec is None:
+            break
+        records.append(rec)
+        v = rec["parent"]
+    records.reverse()
+    tasks = tasks if tasks is not None else (records[-1]["tasks"] if records else [])
+    rows = [[rec["scores"].get(t) for t in tasks] for rec in records]
+    return {"versions": [r["version"] for r in records], "tasks": tasks, "rows": rows}
+
+
+def picture(ws: Workspace, record: dict, path: Path) -> None:
+    """Left: R[i][j] for the last RECENT versions × the last RECENT tasks (values written in
+    the cells). Right: every task's score now minus when it was learned (one point per task)."""
+    tasks = record["tasks"][-RECENT:]
+    m = accuracy_matrix(ws, record["parent"], RECENT - 1, tasks) if record["parent"] else {"versions": [], "rows": []}
+    versions = m["versions"] + [record["version"]]
+    grid = [[float("nan") if s is None else s for s in row] for row in m["rows"] + [[record["scores"][t] for t in tasks]]]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
             if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), versions)
-    ax.set_xlabel("evaluated on task")
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=7)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(versions)), versions, fontsize=7)
+    ax.set_xlabel(f"evaluated on task (last {len(tasks)} of {len(record['tasks'])})")
     ax.set_ylabel("after version")
-    ax.set_title(f"{record['version']}: ACC {record['acc']:.3f}  BWT {record['bwt']:+.3f}" if record["acc"] is not None else record["version"])
     fig.colorbar(im, ax=ax, fraction=0.046)
+    drops = [(i, record["scores"][t] - record["first_scores"][t]) for i, t in enumerate(record["tasks"]) if record["scores"][t] is not None and record["first_scores"].get(t) is not None]
+    certified = set(record["certified"])
+    for flag, color, label in ((False, "tab:blue", "re-scored"), (True, "tab:gray", "certified unchanged")):
+        pts = [(i, d) for i, d in drops if (record["tasks"][i] in certified) == flag]
+        if pts:
+            ax2.scatter([p[0] for p in pts], [100 * p[1] for p in pts], s=8, color=color, label=label)
+    ax2.axhline(0.0, color="black", lw=0.8)
+    ax2.set_xlabel("task (in the order learned)")
+    ax2.set_ylabel("score now − when learned (points)")
+    ax2.legend(loc="lower left", fontsize=8)
+    acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
+    fig.suptitle(f"{record['version']}: {len(record['tasks'])} tasks, ACC {acc}, BWT {record['bwt']:+.3f}; re-scored {len(record['rescored'])}, certified {len(record['certified'])}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def evaluate_version(ws: Workspace, version: str) -> dict:
-    """Score every task of `version` (sequentially) and summarize."""
-    manifest = st.read_manifest(ws.version_dir(version))
-    return summarize(ws, version, [score_task(ws, version, t["name"]) for t in manifest["tasks"]])
 
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
-def main(version: str, workspace: Path = typer.Option(Path("."))) -> None:
-    """Evaluate VERSION on all its tasks; write evaluations/VERSION.json and .png."""
-    rec = evaluate_version(Workspace(workspace), version)
-    typer.echo(json.dumps({k: rec[k] for k in ("version", "acc", "bwt", "scores")}, indent=2))
+def main(version: str, workspace: Path = typer.Option(Path(".")), full: bool = typer.Option(False, help="re-score every task (no certificates)")) -> None:
+    """Evaluate VERSION; write evaluations/VERSION.json and .png."""
+    rec = evaluate_version(Workspace(workspace), version, full)
+    typer.echo(json.dumps({k: rec[k] for k in ("version", "acc", "bwt", "scores", "rescored", "certified")}, indent=2))
 
 
 if __name__ == "__main__":

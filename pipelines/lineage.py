@@ -26,7 +26,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from .update import DEFAULT_PARAMS
+from .update import BUILD_SECTIONS, DEFAULT_PARAMS
 from .workspace import write_atomic
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -53,6 +53,8 @@ def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | No
     if not (root / ".dvc").exists():
         _dvc_cli(root, "init", "-q")
         _dvc_cli(root, "config", "core.analytics", "false")
+        # the workspace file and DVC's cache copy are one inode: versions are written once, never edited
+        _dvc_cli(root, "config", "cache.type", "reflink,hardlink,copy")
     if not (root / "params.yaml").exists():
         write_atomic(root / "params.yaml", yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False))
     if not (root / "dvc.yaml").exists():
@@ -96,7 +98,7 @@ def stage(version: str, landings: list[str], kind: str, parent: str | None) -> d
     cmd += [f"--landing landings/{n}" for n in landings]
     cmd += [f"--kind {kind} --out versions/{version}"] + ([f"--parent versions/{parent}"] if parent else [])
     deps = [f"landings/{n}" for n in landings] + ([f"versions/{parent}"] if parent else [])
-    return {"cmd": " ".join(cmd), "deps": deps, "params": sorted(DEFAULT_PARAMS), "outs": [f"versions/{version}"]}
+    return {"cmd": " ".join(cmd), "deps": deps, "params": sorted(BUILD_SECTIONS), "outs": [f"versions/{version}"]}
 
 
 def add_version_stage(root: Path, version: str, landings: list[str], kind: str, parent: str | None) -> None:
@@ -126,22 +128,31 @@ def has_remote(root: Path) -> bool:
     return cfg.is_file() and "remote" in cfg.read_text()
 
 
-def push(root: Path) -> None:
-    """Upload landings and versions to the DVC remote (no-op without one)."""
+def push(root: Path, targets: list[str] | None = None) -> None:
+    """Upload `targets` (stage names, landings/<name> paths; default: everything) to the DVC
+    remote (no-op without one). A landing pushes only what it added, whatever the history."""
     root = Path(root).resolve()
     if has_remote(root):
-        _dvc_cli(root, "push", "-q")
+        _dvc_cli(root, "push", "-q", *[f"{t}.dvc" if t.startswith("landings/") else t for t in targets or []])
+
+
+def _pull_missing(root: Path, versions: list[str]) -> None:
+    missing = [v for v in versions if not (root / "versions" / v / "manifest.json").is_file()]
+    if missing and not has_remote(root):
+        raise FileNotFoundError(f"versions/{missing[0]} is missing and the workspace has no DVC remote to pull it from")
+    if missing:
+        _dvc_cli(root, "pull", "-q", *missing)
 
 
 def checkout_version(root: Path, version: str) -> Path:
     """Make sure versions/<version> is present in the workspace (pulled from the remote if it
     was removed); it becomes the base of the next update."""
+    from share_core.state import chain
+
     root = Path(root).resolve()
     path = root / "versions" / version
-    if not (path / "manifest.json").is_file():
-        if not has_remote(root):
-            raise FileNotFoundError(f"{path} is missing and the workspace has no DVC remote to pull it from")
-        _dvc_cli(root, "pull", "-q", version)
+    _pull_missing(root, [version])
+    _pull_missing(root, chain(path))  # a delta is loaded against the versions it is stored on
     return path
 
 

@@ -2,8 +2,9 @@
 
 Per version: one run in the experiment named like the registered model, with params (the
 knobs that built it), metrics (ACC, BWT, every task's score and majority baseline, storage
-against one LoRA per task, reconstruction errors), artifacts (the version directory under
-`subspace/`, its manifest, the evaluation record and the forgetting heatmap) and one model
+against one LoRA per task, reconstruction errors), artifacts (the version's manifest and
+`dvc.json` — where DVC keeps its tensors, which are stored once, not again in MLflow — under
+`subspace/`, the evaluation record and its picture) and one model
 version whose tags carry the lineage (parent, landing key/ETag, data hashes, git revision and
 DVC hashes). Aliases: `candidate` = newest; `champion` moves only when the forgetting gate
 passes — no task the champion serves scores more than `tolerance` lower in the new version.
@@ -25,6 +26,7 @@ from share_core.metrics import accounting
 from .workspace import Workspace
 
 CANDIDATE, CHAMPION = "candidate", "champion"
+METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 SENSITIVE = ("secret", "password", "token", "access_key", "credential")
 
 
@@ -92,11 +94,11 @@ def register_version(ws: Workspace, version: str, *, model_name: str, landing: d
     c = client(ws, tracking_uri)
     vdir = ws.version_dir(version)
     manifest = st.read_manifest(vdir)
-    record = json.loads((ws.root / "evaluations" / f"{version}.json").read_text())
-    params_file = ws.root / "params.yaml"
+    record = json.loads(ws.evaluation_path(version).read_text())
+    params_file = ws.params_path
     acct = accounting(st.load(vdir))
     champ_id = _alias_version(c, model_name, CHAMPION)
-    champ = json.loads((ws.root / "evaluations" / f"{champ_id}.json").read_text()) if champ_id else None
+    champ = json.loads(ws.evaluation_path(champ_id).read_text()) if champ_id else None
     gate = forgetting_gate(record, champ, tolerance)
 
     exp_id = _experiment(c, ws, model_name, tracking_uri)
@@ -111,6 +113,9 @@ def register_version(ws: Workspace, version: str, *, model_name: str, landing: d
         "lineage.git_rev": lineage.get("git_rev", ""),
         "lineage.dvc_stage": lineage.get("dvc_stage", ""),
         "lineage.dvc_hashes": json.dumps(lineage.get("dvc_hashes", {}), sort_keys=True)[:4900],
+        "share.state_sha256": manifest["state_sha256"],
+        "evaluation.certified": str(len(record.get("certified", []))),
+        "evaluation.rescored": str(len(record.get("rescored", record["tasks"]))),
         "gate.passed": str(gate["passed"]).lower(),
         "acc": "" if record["acc"] is None else f"{record['acc']:.6f}",
         "bwt": f"{record['bwt']:.6f}",
@@ -130,15 +135,22 @@ def register_version(ws: Workspace, version: str, *, model_name: str, landing: d
                 params.update({f"{section}.{k}": v for k, v in (values or {}).items()})
         for k, v in _clean(params).items():
             c.log_param(rid, k, "none" if v is None else str(v)[:500])
-        metrics = {"acc": record["acc"], "bwt": record["bwt"], **{f"score.{t}": s for t, s in record["scores"].items()}, **{f"majority.{t}": m for t, m in record["majority"].items()}}
+        metrics = {"acc": record["acc"], "bwt": record["bwt"], "tasks_certified": len(record.get("certified", [])), "tasks_rescored": len(record.get("rescored", record["tasks"]))}
+        metrics.update({f"score.{t}": s for t, s in record["scores"].items()})
+        metrics.update({f"majority.{t}": m for t, m in record["majority"].items()})
         metrics.update({k: acct[k] for k in ("basis_params", "coefficient_params", "head_params", "share_params", "lora_per_task_params", "share_bytes", "lora_per_task_bytes", "ratio_vs_lora")})
         metrics.update({f"reconstruction_error.{t}": e for t, e in manifest["extra"].get("reconstruction_error", {}).items()})
         ts = int(time.time() * 1000)
         from mlflow.entities import Metric
 
-        c.log_batch(rid, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None])
-        c.log_artifacts(rid, str(vdir), "subspace")
-        for f in (ws.root / "evaluations" / f"{version}.json", ws.root / "evaluations" / f"{version}.png"):
+        batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), METRICS_PER_CALL):
+            c.log_batch(rid, metrics=batch[i:i + METRICS_PER_CALL])
+        # the tensors live once, in DVC (workspace cache + remote); the run holds the manifest
+        # and where to get them, not a third and fourth copy
+        c.log_artifact(rid, str(vdir / "manifest.json"), "subspace")
+        c.log_text(rid, json.dumps({"path": f"versions/{version}", "dvc_stage": lineage.get("dvc_stage", ""), "dvc_hashes": lineage.get("dvc_hashes", {}), "git_rev": lineage.get("git_rev", ""), "chain": manifest["storage"]["chain"], "state_sha256": manifest["state_sha256"]}, indent=2, sort_keys=True), "subspace/dvc.json")
+        for f in (ws.evaluation_path(version), ws.evaluations / f"{version}.png"):
             if f.is_file():
                 c.log_artifact(rid, str(f), "evaluation")
         c.log_text(rid, json.dumps(gate, indent=2), "evaluation/gate.json")

@@ -26,9 +26,32 @@ from share_core.train import TrainConfig
 
 DEFAULT_PARAMS = {
     "train": {"steps": 80, "batch_size": 16, "lr": 0.003, "max_length": 32, "rank": 8, "lora_alpha": 16, "seed": 0},
-    "subspace": {"k_max": 32, "energy": None, "error_budget": None, "phi": 2},
+    "subspace": {"k_max": 32, "energy": None, "error_budget": None, "phi": 2, "compact_every": st.COMPACT_EVERY},
     "base": {"model_id": MINILM_ID, "model_path": None},
+    "evaluate": {"mode": "changed-only", "certify_tolerance": 1e-5, "margin_floor": 1e-3, "batch_size": 64, "workers": 1, "dask_address": None},
 }
+BUILD_SECTIONS = ("train", "subspace", "base")  # what a version's bytes depend on (its DVC stage's params)
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """How versions are evaluated. mode: `changed-only` keeps a task's recorded score when its
+    ΔW provably did not move (certified, see pipelines.evaluate); `full` re-scores every task.
+    workers: shards scored in parallel; dask_address: a Dask scheduler to send them to
+    (None: in-process; $SHARE_DASK_ADDRESS overrides)."""
+
+    mode: str = "changed-only"
+    certify_tolerance: float = 1e-5
+    margin_floor: float = 1e-3
+    batch_size: int = 64
+    workers: int = 1
+    dask_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("changed-only", "full"):
+            raise ValueError(f"evaluate.mode must be 'changed-only' or 'full', got {self.mode!r}")
+        if self.workers < 1 or self.batch_size < 1:
+            raise ValueError("evaluate.workers and evaluate.batch_size must be ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,8 @@ class Params:
     phi: int
     model_id: str
     model_path: str | None
+    compact_every: int = st.COMPACT_EVERY
+    evaluate: EvalParams = EvalParams()
 
 
 def load_params(path: Path | None) -> Params:
@@ -57,6 +82,8 @@ def load_params(path: Path | None) -> Params:
         phi=sub["phi"],
         model_id=merged["base"]["model_id"],
         model_path=merged["base"]["model_path"],
+        compact_every=sub["compact_every"],
+        evaluate=EvalParams(**merged["evaluate"]),
     )
 
 
@@ -105,7 +132,7 @@ def build_version(landings: list[Path], kind: str, out: Path, parent: Path | Non
         "code_version": share_core.__version__,
         "provenance": provenance or {},
     }
-    st.save(share.state, out)
+    st.save(share.state, out, params.compact_every)
     return st.read_manifest(out)
 
 

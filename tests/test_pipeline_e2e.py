@@ -13,9 +13,10 @@ import boto3
 import pytest
 import yaml
 
-from pipelines import lineage, register
+from pipelines import evaluate, lineage, register
 from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
+from share_core import state as st
 from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
 from share_core.peft_io import write_adapter
 from share_core.taskdata import load_task
@@ -90,7 +91,8 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
         assert rec["tasks"] == tasks and all(0.0 <= rec["scores"][x] <= 1.0 for x in tasks)  # every past task scored
         assert (ws.root / "evaluations" / f"{version}.png").stat().st_size > 1000
     rec3 = json.loads((ws.root / "evaluations" / "v0003.json").read_text())
-    assert [len(r) for r in rec3["matrix"]["rows"]] == [1, 2, 3]
+    m = evaluate.accuracy_matrix(ws, "v0003")
+    assert m["versions"] == ["v0001", "v0002", "v0003"] and [sum(x is not None for x in r) for r in m["rows"]] == [1, 2, 3]
 
     # registry: three model versions; candidate = newest; champion stayed behind the gate
     versions = register.list_versions(MODEL, ws.tracking_uri)
@@ -134,7 +136,9 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     import mlflow.artifacts
 
     restored = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv1.source, dst_path=str(chain["tmp"] / "restored"), tracking_uri=ws.tracking_uri))
-    assert tree_digest(restored) == tree_digest(ws.version_dir("v0001"))
+    assert (restored / "manifest.json").read_bytes() == (ws.version_dir("v0001") / "manifest.json").read_bytes()
+    assert json.loads((restored / "dvc.json").read_text())["path"] == "versions/v0001"  # the tensors are DVC's, stored once
+    assert st.state_sha256(st.load(ws.version_dir("v0001"))) == mv1.tags["share.state_sha256"]
     assert client.get_run(rb["run_id"]).data.tags["share.event"] == "rollback"
 
     # the next landing builds on the rolled-back version
@@ -143,6 +147,17 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     manifest = json.loads((ws.version_dir("v0004") / "manifest.json").read_text())
     assert manifest["parent"] == "v0001" and [x["name"] for x in manifest["tasks"]] == ["sentiment", "number"]
     assert "versions/v0001" in [d["path"] for d in yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]["v0004"]["deps"]]
+
+    # v0002 is a delta on v0001: with both gone locally (workspace and DVC cache), restoring
+    # v0002 pulls its chain from the remote and the state is bit-exactly what was registered
+    assert st.read_manifest(ws.version_dir("v0002"))["storage"]["kind"] == "delta"
+    digests = {v: tree_digest(ws.version_dir(v)) for v in ("v0001", "v0002")}
+    for v in ("v0001", "v0002"):
+        shutil.rmtree(ws.version_dir(v))
+    shutil.rmtree(ws.root / ".dvc" / "cache")
+    lineage.checkout_version(ws.root, "v0002")
+    assert {v: tree_digest(ws.version_dir(v)) for v in ("v0001", "v0002")} == digests
+    assert st.state_sha256(st.load(ws.version_dir("v0002"))) == register.model_version_of(client, MODEL, "v0002").tags["share.state_sha256"]
 
 
 def _edit(path: Path, old: str, new: str) -> None:
