@@ -53,6 +53,19 @@ class Workspace:
         return self.root / "landings"
 
     @property
+    def params_path(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "evaluations"
+
+    def evaluation_path(self, version: str) -> Path:
+        """evaluations/<version>.json: the version's scores and certificates (pipelines.evaluate)."""
+        self.version_dir(version)  # validates the id
+        return self.evaluations / f"{version}.json"
+
+    @property
     def ledger_path(self) -> Path:
         return self.root / "ledger.json"
 
@@ -86,19 +99,6 @@ class Workspace:
     def set_head(self, version: str) -> None:
         if not (self.version_dir(version) / "manifest.json").is_file():
             raise ValueError(f"version {version} does not exist in {self.versions}")
-    @property
-    def params_path(self) -> Path:
-        return self.root / "params.yaml"
-
-    @property
-    def evaluations(self) -> Path:
-        return self.root / "evaluations"
-
-    def evaluation_path(self, version: str) -> Path:
-        """evaluations/<version>.json: the version's scores and certificates (pipelines.evaluate)."""
-        self.version_dir(version)  # validates the id
-        return self.evaluations / f"{version}.json"
-
         write_atomic(self.root / "HEAD", version + "\n")
 
     @contextlib.contextmanager
