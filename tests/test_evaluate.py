@@ -1,0 +1,100 @@
+"""Evaluation that follows the work: certified-unchanged tasks keep their scores, moved tasks
+are re-scored, a full re-scoring agrees with every certificate; the same scores on a real Dask
+LocalCluster as in-process; records and pictures O(T) per version."""
+
+import json
+
+import pytest
+import yaml
+
+from pipelines import evaluate as ev
+from pipelines.update import build_version, load_params
+from pipelines.workspace import Workspace
+from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.synthetic import shared_subspace_adapters, write_landing
+from share_core.tasks import generate_tasks
+
+BASE_ID = "tiny-minilm"
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_model_dir):
+    """A workspace on the tiny model and five synthetic adapter landings: t0..t3 share one
+    4-dim subspace per layer; `outsider` lives in another one."""
+    w = Workspace(tmp_path / "ws")
+    w.root.mkdir()
+    template = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=4, n_eval=24)[0]
+    model, _ = load_classifier(str(tiny_model_dir))
+    kw = dict(targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=BASE_ID, rank=2, dim=4)
+    for a in shared_subspace_adapters(model, ["t0", "t1", "t2", "t3"], 2, seed=1, **kw) + shared_subspace_adapters(model, ["outsider"], 2, seed=7, **kw):
+        write_landing(w.landings, a, template)
+    set_params(w, tiny_model_dir)
+    return w
+
+
+def set_params(w: Workspace, model_dir, k_max: int = 32, **evaluate) -> None:
+    params = {"base": {"model_id": BASE_ID, "model_path": str(model_dir)}, "subspace": {"k_max": k_max}, "evaluate": evaluate}
+    w.params_path.write_text(yaml.safe_dump(params))
+
+
+def build(w: Workspace, version: str, parent: str | None, names: list[str]) -> None:
+    build_version([w.landings / n for n in names], "adapter", w.version_dir(version), w.version_dir(parent) if parent else None, load_params(w.params_path))
+
+
+def test_unchanged_tasks_are_certified_and_a_full_rescoring_agrees(ws, tiny_model_dir):
+    build(ws, "v0001", None, ["t0", "t1"])
+    r1 = ev.evaluate_version(ws, "v0001")
+    assert r1["rescored"] == ["t0", "t1"] and r1["certified"] == []
+    build(ws, "v0002", "v0001", ["t2"])  # inside the shared subspace: the merge moves no old task
+    r2 = ev.evaluate_version(ws, "v0002")
+    assert r2["rescored"] == ["t2"] and r2["certified"] == ["t0", "t1"]
+    for t in ("t0", "t1"):
+        res = r2["results"][t]
+        assert res["certified"] and res["scored_in"] == "v0001" and 0 < res["drift"] <= 1e-5
+        assert res["score"] == r1["scores"][t]
+    # the audit: a full re-scoring of v0002 gives exactly the certified scores
+    audit = ev.compare(r2, ev.score_tasks(ws, "v0002", r2["tasks"]))
+    assert audit["matches"] and audit["certificates_checked"] == 2 and audit["certificates_wrong"] == []
+    # the record is O(T): this version's row and the diagonal, no matrix
+    assert "matrix" not in r2 and set(r2["first_scores"]) == {"t0", "t1", "t2"}
+    assert ev.accuracy_matrix(ws, "v0002")["rows"] == [[r1["scores"]["t0"], r1["scores"]["t1"], None], [r2["scores"][t] for t in ("t0", "t1", "t2")]]
+    assert ws.evaluations.joinpath("v0002.png").stat().st_size > 5000
+
+
+def test_moved_tasks_are_rescored(ws, tiny_model_dir):
+    set_params(ws, tiny_model_dir, k_max=4)
+    build(ws, "v0001", None, ["t0", "t1"])
+    ev.evaluate_version(ws, "v0001")
+    build(ws, "v0002", "v0001", ["outsider"])  # another subspace, k capped at 4: old tasks truncated
+    errors = json.loads((ws.version_dir("v0002") / "manifest.json").read_text())["extra"]["reconstruction_error"]
+    assert errors["t0"] > 1e-3 and errors["t1"] > 1e-3
+    r2 = ev.evaluate_version(ws, "v0002")
+    assert r2["rescored"] == ["outsider", "t0", "t1"] and r2["certified"] == []
+
+
+@pytest.mark.parametrize("evaluate", [{"mode": "full"}, {"margin_floor": 1e9}], ids=["mode-full", "margin-too-small"])
+def test_params_can_force_rescoring(ws, tiny_model_dir, evaluate):
+    build(ws, "v0001", None, ["t0", "t1"])
+    ev.evaluate_version(ws, "v0001")
+    build(ws, "v0002", "v0001", ["t2"])
+    set_params(ws, tiny_model_dir, **evaluate)
+    r2 = ev.evaluate_version(ws, "v0002")
+    assert r2["rescored"] == ["t0", "t1", "t2"] and r2["certified"] == []
+
+
+def test_dask_local_cluster_scores_like_in_process(ws, tiny_model_dir, prefect_harness):
+    from distributed import LocalCluster
+
+    from flows.continual import score
+
+    build(ws, "v0001", None, ["t0", "t1", "t2", "outsider"])
+    tasks = ["t0", "t1", "t2", "outsider"]
+    local = ev.score_tasks(ws, "v0001", tasks)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        set_params(ws, tiny_model_dir, workers=2, dask_address=cluster.scheduler_address)
+        cfg = load_params(ws.params_path).evaluate
+        remote = score(str(ws.root), "v0001", tasks, cfg)
+        with cluster.get_client() as client:
+            pids = set(client.run(lambda: __import__("os").getpid()).values())
+    assert remote == local
+    assert len(pids) == 2 and __import__("os").getpid() not in pids
