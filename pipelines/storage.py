@@ -2,14 +2,17 @@
 
     <prefix>/incoming/datasets/<task>/train.jsonl, eval.jsonl, task.yaml
     <prefix>/incoming/adapters/<task>/adapter_config.json, adapter_model.safetensors, task.yaml[, eval.jsonl]
-    <prefix>/status/<kind>s/<task>.json      what happened to the landing (processed / rejected + why)
+    <prefix>/status/<kind>s/<task>.json      what happened to the landing (processed / rejected + why):
+        the latest outcome at the top ({"key", "etag", "status", "version"|"reason", "at"}) and
+        "history", every outcome per ETag; a processed record is never replaced by a rejection
 
 A landing is complete once its task.yaml exists (it is uploaded last). It is identified by
 the task.yaml key and an ETag that covers *every* object of the landing (a digest of each
 object's own ETag), so re-uploading train.jsonl and then task.yaml is a new landing even
 when task.yaml itself did not change. Backends: a local directory (the embedded default;
 `file:///path`) and S3 through boto3 (`s3://bucket/prefix?endpoint_url=http://127.0.0.1:9100`
-for MinIO/moto; credentials come from the usual AWS environment/profile, never the URL).
+for MinIO/moto; credentials come from the usual AWS environment/profile, never the URL, and
+no message ever repeats a URL's user info or option values unredacted).
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 
 import typer
 
+from .workspace import bound_text
+
 KINDS = {"datasets": "dataset", "adapters": "adapter"}
+S3_OPTIONS = ("endpoint_url", "region")
+REDACTED = "***"
+OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")  # an option name shown in messages (anything else may be a secret)
+PROCESSED = "processed"
+MAX_STATUS_HISTORY = 50  # non-processed records kept per status file (processed ones are always kept)
 SPEC = "task.yaml"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -114,14 +125,48 @@ class Storage:
                 self.get(landing.prefix + name, dest / name)
         return dest
 
-    def mark(self, landing: Landing, status: str, detail: dict) -> None:
-        """Record the outcome next to the incoming area (the landing itself is left as is)."""
-        body = {"key": landing.key, "etag": landing.etag, "status": status, **detail}
+    def mark(self, landing: Landing, status: str, detail: dict) -> dict:
+        """Record the outcome next to the incoming area (the landing itself is left as is) and
+        return the landing's record as `status_of` gives it. The file keeps every outcome per
+        ETag in "history"; a rejection of an ETag that was processed is dropped (the processed
+        record stands), and marking the same outcome again moves it to the top without repeating it."""
+        history = self.status_history(landing)
+        if status != PROCESSED and any(r.get("etag") == landing.etag and r.get("status") == PROCESSED for r in history):
+            return self.status_of(landing)
+        record = {"key": landing.key, "etag": landing.etag, "status": status, **detail, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if "reason" in record:
+            record["reason"] = bound_text(record["reason"])
+
+        def same(r: dict) -> bool:
+            return all(r.get(f) == record.get(f) for f in ("key", "etag", "status", "version", "reason"))
+
+        history = [r for r in history if not same(r)] + [record]
+        others = [i for i, r in enumerate(history) if r.get("status") != PROCESSED]
+        drop = set(others[:-MAX_STATUS_HISTORY]) if len(others) > MAX_STATUS_HISTORY else set()
+        history = [r for i, r in enumerate(history) if i not in drop]
+        body = {**record, "history": history}
         self.put(_status_key(self.prefix, landing), json.dumps(body, indent=2, sort_keys=True).encode())
+        return self.status_of(landing)
+
+    def status_history(self, landing: Landing) -> list[dict]:
+        """Every recorded outcome of the landing's key (any ETag), oldest first; reads status
+        files written before the history existed as a one-record history."""
+        raw = self.read(_status_key(self.prefix, landing))
+        if not raw:
+            return []
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            return []
+        if isinstance(body.get("history"), list):
+            return [r for r in body["history"] if isinstance(r, dict)]
+        return [body] if "etag" in body else []
 
     def status_of(self, landing: Landing) -> dict | None:
-        raw = self.read(_status_key(self.prefix, landing))
-        return json.loads(raw) if raw else None
+        """The outcome recorded for this landing (its key and ETag): the processed record if
+        there is one, else the latest, else None (pending: an overwrite not processed yet)."""
+        hits = [r for r in self.status_history(landing) if r.get("etag") == landing.etag]
+        done = [r for r in hits if r.get("status") == PROCESSED]
+        return dict((done or hits)[-1]) if hits else None
 
     def upload_task(self, task_dir: Path, kind: str, task: str) -> str:
         """Upload a task directory as a landing, task.yaml last; returns the task.yaml key."""
@@ -192,7 +237,7 @@ class S3Storage(Storage):
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
 
     def describe(self) -> str:
-        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        where = f" at {redact_url(self.endpoint_url)}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.prefix}{where}"
 
     def objects(self) -> dict[str, str]:
@@ -219,25 +264,51 @@ class S3Storage(Storage):
             return None
 
 
+def redact_url(url: str) -> str:
+    """`url` fit for a message: user info and the values of unknown query options become ***
+    (known options keep their values, themselves redacted: an endpoint URL may carry user info)."""
+    try:
+        p = urlparse(str(url))
+        host = p.netloc.rpartition("@")[2]
+        netloc = f"{REDACTED}@{host}" if "@" in p.netloc else p.netloc
+        query = [(k if OPTION_NAME.match(k) else REDACTED, redact_url(v) if k in S3_OPTIONS else REDACTED) for k, v in parse_qsl(p.query, keep_blank_values=True)]
+        if p.query and not query:
+            query = [(REDACTED, "")]
+        return urlunparse((p.scheme, netloc, p.path, p.params, urlencode(query, safe="*:/@"), ""))
+    except ValueError:
+        return "<unparseable URL>"
+
+
 def open_storage(url: str) -> Storage:
-    """`file:///abs/path[/prefix]` or a plain path → LocalStorage; `s3://bucket/prefix[?endpoint_url=…&region=…]` → S3Storage."""
-    parsed = urlparse(url)
+    """`file:///abs/path[/prefix]` or a plain path → LocalStorage; `s3://bucket/prefix[?endpoint_url=…&region=…]` → S3Storage.
+    Errors name the URL only with its user info and option values redacted."""
+    shown = bound_text(repr(redact_url(url)), 300)
+    try:
+        parsed = urlparse(url)
+    except ValueError:
+        raise StorageError(f"storage URL {shown} is not a valid URL") from None
     if parsed.scheme in ("", "file"):
+        if parsed.scheme == "file" and (parsed.query or "@" in parsed.netloc):
+            raise StorageError(f"storage URL {shown}: a file:// URL takes no user info or options")
         path = unquote(parsed.path if parsed.scheme else url)
         if not path:
-            raise StorageError(f"storage URL {url!r} has no path")
+            raise StorageError(f"storage URL {shown} has no path")
         return LocalStorage(Path(path))
     if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise StorageError(f"storage URL {url!r} has no bucket")
-        if parsed.username or parsed.password:
+        if "@" in parsed.netloc:
             raise StorageError("credentials do not belong in a storage URL; use the AWS environment or profile")
-        q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(q) - {"endpoint_url", "region"}
+        if not parsed.netloc:
+            raise StorageError(f"storage URL {shown} has no bucket")
+        q = dict(parse_qsl(parsed.query, keep_blank_values=True))
+        unknown = set(q) - set(S3_OPTIONS)
         if unknown:
-            raise StorageError(f"storage URL {url!r}: unknown options {sorted(unknown)} (known: endpoint_url, region)")
-        return S3Storage(parsed.netloc, parsed.path.strip("/"), q.get("endpoint_url"), q.get("region"))
-    raise StorageError(f"storage URL {url!r}: scheme must be file:// or s3://")
+            names = sorted(k if OPTION_NAME.match(k) else REDACTED for k in unknown)
+            raise StorageError(f"storage URL {shown}: unknown options {names} (known: {', '.join(S3_OPTIONS)}); credentials come from the AWS environment or profile, never the URL")
+        endpoint = q.get("endpoint_url") or None
+        if endpoint and "@" in urlparse(endpoint).netloc:
+            raise StorageError("credentials do not belong in an endpoint URL; use the AWS environment or profile")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint, q.get("region") or None)
+    raise StorageError(f"storage URL {shown}: scheme must be file:// or s3://")
 
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -4,7 +4,9 @@
       landings/<task>/        ingested copies of landings (DVC-tracked inputs of a version)
       versions/vNNNN/         immutable subspace versions (share_core.state format)
       HEAD                    the version the next update builds on (moved by rollback)
-      ledger.json             processed landings {storage key: {"etag", "status", "version"|"reason"}}
+      ledger.json             every landing's outcomes, a history per (storage key, ETag):
+                              {"format": 2, "landings": {key: [{"etag", "status", "version"|"reason", "at"}, …]}}
+                              (the first format, {key: {"etag", "status", …}}, is still read)
       mlflow.db, mlartifacts/ the embedded MLflow store (sqlite + file artifacts)
       dvc.yaml, params.yaml   the chain's lineage (pipelines.lineage)
 Every writer replaces files atomically (write to a temp file, then os.replace).
@@ -18,10 +20,21 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 VERSION_ID = re.compile(r"^v\d{4,}$")
+LEDGER_FORMAT = 2
+PROCESSED = "processed"
+MAX_REASON = 500  # characters of a rejection reason kept in the ledger and the status file
+MAX_HISTORY = 50  # non-processed records kept per key (processed ones are always kept)
+
+
+def bound_text(text: str, limit: int = MAX_REASON) -> str:
+    """`text` cut to at most `limit` characters, ending with an ellipsis when it was cut."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -113,10 +126,57 @@ class Workspace:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def ledger(self) -> dict[str, dict]:
-        return json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
+    # ---- the ledger: what happened to each landing, a history per (key, ETag) ------------------
+    def ledger_history(self) -> dict[str, list[dict]]:
+        """{storage key: [records, oldest first]}; each record has "etag", "status" and
+        "version" (processed) or "reason" (rejected). Reads both ledger formats."""
+        if not self.ledger_path.is_file():
+            return {}
+        data = json.loads(self.ledger_path.read_text())
+        if isinstance(data, dict) and data.get("format") == LEDGER_FORMAT and isinstance(data.get("landings"), dict):
+            return {k: list(v) for k, v in data["landings"].items()}
+        return {k: [v] for k, v in data.items() if isinstance(v, dict)}  # format 1: {key: record}
 
-    def record_landing(self, key: str, entry: dict) -> None:
-        ledger = self.ledger()
-        ledger[key] = entry
-        write_atomic(self.ledger_path, json.dumps(ledger, indent=2, sort_keys=True))
+    def ledger(self) -> dict[str, dict]:
+        """{storage key: its latest record} (the view of the first ledger format)."""
+        return {k: dict(v[-1]) for k, v in self.ledger_history().items() if v}
+
+    def landing_history(self, key: str) -> list[dict]:
+        return self.ledger_history().get(key, [])
+
+    def processed_record(self, key: str, etag: str) -> dict | None:
+        """The record of the landing (key, etag) that built a version, or None."""
+        hits = [r for r in self.landing_history(key) if r.get("etag") == etag and r.get("status") == PROCESSED]
+        return dict(hits[-1]) if hits else None
+
+    def seen(self, key: str, etag: str) -> dict | None:
+        """What happened to the landing (key, etag): its processed record if one exists (a later
+        rejection never hides it), else its latest record, else None (never seen)."""
+        hits = [r for r in self.landing_history(key) if r.get("etag") == etag]
+        return self.processed_record(key, etag) or (dict(hits[-1]) if hits else None)
+
+    def record_landing(self, key: str, entry: dict) -> dict:
+        """Append the outcome `entry` ({"etag", "status", "version"|"reason"}) to the key's
+        history and return the landing's record as `seen` then gives it. A processed record is
+        never replaced: a rejection of a (key, ETag) that already built a version is dropped.
+        Recording the same outcome again moves it to the end instead of repeating it."""
+        if not isinstance(entry.get("etag"), str) or not isinstance(entry.get("status"), str):
+            raise ValueError(f"a ledger record needs 'etag' and 'status' strings, got {sorted(entry)}")
+        history = self.ledger_history()
+        records = history.get(key, [])
+        if entry["status"] != PROCESSED and any(r.get("etag") == entry["etag"] and r.get("status") == PROCESSED for r in records):
+            return self.processed_record(key, entry["etag"])
+        record = {**entry, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if "reason" in record:
+            record["reason"] = bound_text(record["reason"])
+
+        def same(r: dict) -> bool:
+            return all(r.get(f) == record.get(f) for f in ("etag", "status", "version", "reason"))
+
+        records = [r for r in records if not same(r)] + [record]
+        others = [i for i, r in enumerate(records) if r.get("status") != PROCESSED]
+        drop = set(others[:-MAX_HISTORY]) if len(others) > MAX_HISTORY else set()
+        history[key] = [r for i, r in enumerate(records) if i not in drop]
+        body = {"format": LEDGER_FORMAT, "landings": history}
+        write_atomic(self.ledger_path, json.dumps(body, indent=2, sort_keys=True))
+        return self.seen(key, entry["etag"])

@@ -49,7 +49,9 @@ def test_landings_complete_only_with_task_yaml_and_etag_covers_every_object(stor
     [again] = storage.list_landings()
     assert again.key == landing.key and again.etag != landing.etag
     storage.mark(again, "rejected", {"reason": "because"})
-    assert storage.status_of(again) == {"key": key, "etag": again.etag, "status": "rejected", "reason": "because"}
+    status = storage.status_of(again)
+    assert status.pop("at") and status == {"key": key, "etag": again.etag, "status": "rejected", "reason": "because"}
+    assert storage.status_of(landing) is None  # the status is per (key, ETag): the first content was never marked
     assert len(storage.list_landings()) == 1  # the status record is not a landing
 
 
