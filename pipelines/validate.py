@@ -5,7 +5,8 @@ and what was expected, when: its object names are not plain file names or not th
 kind allows (pickles included), task.yaml is malformed or names another task, the task
 already exists in the chain, the data rows are malformed or too few, or an adapter is
 unreadable, non-finite, or made for another base model, other target modules, other heads,
-other layer shapes or another label count. Nothing here writes anything.
+other layer shapes or another label count. Nothing here writes anything. Every reason is
+at most MAX_REASON characters and names files relative to the landing (never a host path).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from share_core.peft_io import AdapterError, read_adapter
 from share_core.taskdata import CLASSIFICATION, EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
 
 from .storage import SAFE_NAME
+from .workspace import MAX_REASON, bound_text
 
 ALLOWED = {
     "dataset": ({SPEC_FILE, "train.jsonl", EVAL_FILE}, {"README.md"}),
@@ -30,11 +32,22 @@ MIN_TRAIN_ROWS = 8
 
 
 class LandingRejected(ValueError):
-    """The landing is refused; `reason` says why, naming the file or field."""
+    """The landing is refused; `reason` says why, naming the file or field (at most
+    MAX_REASON characters)."""
 
     def __init__(self, reason: str) -> None:
+        reason = bound_text(reason, MAX_REASON)
         super().__init__(reason)
         self.reason = reason
+
+
+def landing_reason(message: str, local: Path) -> str:
+    """`message` with the landing's local directory removed (files named relative to the
+    landing; the directory itself as "<landing>") and bounded to MAX_REASON characters."""
+    text = str(message)[: 64 * MAX_REASON]  # bounded work whatever the message's size
+    for d in sorted({str(local), str(Path(local).resolve())}, key=len, reverse=True):
+        text = text.replace(d + "/", "").replace(d, "<landing>")
+    return bound_text(text, MAX_REASON)
 
 
 def check_names(names: list[str], kind: str) -> None:
@@ -113,7 +126,7 @@ def validate_landing(local: Path, kind: str, task: str, manifest: dict | None, b
         else:
             _check_adapter(local, spec, manifest, base_model_id)
     except (TaskFormatError, AdapterError) as e:
-        raise LandingRejected(str(e).replace(str(local) + "/", "")) from None
+        raise LandingRejected(landing_reason(str(e), local)) from None
     return spec
 
 

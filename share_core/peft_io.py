@@ -77,9 +77,11 @@ def _target_list(cfg: dict, source: str) -> list[str]:
     return sorted(t)
 
 
-def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: str) -> LoraAdapter:
-    """A LoraAdapter from PEFT's saved state-dict keys and config, with every check."""
-    r, alpha, scale = _config_scale(cfg, source)
+def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: str, config_source: str | None = None) -> LoraAdapter:
+    """A LoraAdapter from PEFT's saved state-dict keys and config, with every check. Errors
+    about the tensors name `source`, about the config `config_source` (default: `source`)."""
+    config_source = config_source or source
+    r, alpha, scale = _config_scale(cfg, config_source)
     heads_modules = sorted(cfg.get("modules_to_save") or [])
     a_side, b_side, heads = {}, {}, {}
     for key, t in sd.items():
@@ -107,35 +109,37 @@ def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: 
             raise AdapterError(f"{source}: layer {layer}: B {tuple(b.shape)} and A {tuple(a.shape)} do not have rank r={r}")
         factors[layer] = (b.float(), a.float())
     return LoraAdapter(
-        name=name, rank=r, lora_alpha=alpha, scale=scale, target_modules=_target_list(cfg, source),
+        name=name, rank=r, lora_alpha=alpha, scale=scale, target_modules=_target_list(cfg, config_source),
         factors=factors, heads={k: v.float() for k, v in heads.items()}, modules_to_save=heads_modules,
         base_model_name=cfg.get("base_model_name_or_path"),
     )
 
 
 def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
-    """Read a PEFT LoRA directory safely (safetensors only) and validate it completely."""
+    """Read a PEFT LoRA directory safely (safetensors only) and validate it completely.
+    Errors name the adapter's files by name (adapter_config.json, adapter_model.safetensors),
+    never by the directory they were read from (often a worker's temp dir)."""
     path = Path(path)
     name = name or path.name
     cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     pickles = [p for p in PICKLE_FILES if (path / p).exists()]
     if pickles and not w_path.exists():
-        raise AdapterError(f"{path / pickles[0]}: pickle weights are refused (unsafe to load); save the adapter as safetensors")
+        raise AdapterError(f"{pickles[0]}: pickle weights are refused (unsafe to load); save the adapter as safetensors")
     if not cfg_path.is_file():
-        raise AdapterError(f"{cfg_path}: missing")
+        raise AdapterError(f"{CONFIG_FILE}: missing")
     if not w_path.is_file():
-        raise AdapterError(f"{w_path}: missing")
+        raise AdapterError(f"{WEIGHTS_FILE}: missing")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{CONFIG_FILE}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
+        raise AdapterError(f"{CONFIG_FILE}: expected a JSON object")
     try:
         sd = load_file(w_path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{w_path}: corrupt or unreadable safetensors ({e})") from None
-    return parse_state_dict(sd, cfg, name, str(path))
+        raise AdapterError(f"{WEIGHTS_FILE}: corrupt or unreadable safetensors ({str(e).replace(str(path), '')[:200]})") from None
+    return parse_state_dict(sd, cfg, name, WEIGHTS_FILE, config_source=CONFIG_FILE)
 
 
 def adapter_from_peft_model(peft_model, name: str, adapter_name: str = "default") -> LoraAdapter:

@@ -3,14 +3,20 @@
 Shared by training, the pipeline's validator and the task generator, so that whatever one side
 writes the other accepts. Everything that arrives from a bucket is untrusted: every check raises
 `TaskFormatError` naming the file (and line) and what was expected, so a rejected landing can be
-reported as is.
+reported as is. Limits: task.yaml at most MAX_SPEC_BYTES and without YAML anchors/aliases (no
+alias expansion, so no alias bomb); each JSONL line at most MAX_LINE_BYTES (checked before it is
+parsed) and each text value at most MAX_TEXT_BYTES, both overridable per call or with the
+environment variables SHARE_MAX_LINE_BYTES / SHARE_MAX_TEXT_BYTES (set them alike for every
+process of a chain: validation and training must agree).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import reprlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +29,51 @@ CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
 METRICS = {CLASSIFICATION: ("accuracy",), CAUSAL_LM: ("accuracy", "perplexity")}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a handful of fields; anything bigger is not one
+MAX_TEXT_BYTES = 64 * 1024  # one example's text value (UTF-8 bytes)
+MAX_LINE_BYTES = 256 * 1024  # one JSONL line (one example with all its fields)
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict, _repr.maxlevel = 80, 80, 8, 8, 2
+_brief = _repr.repr  # values quoted in messages: short whatever their size
 
 
 class TaskFormatError(ValueError):
     """A task file is missing or malformed; the message names the file and the field."""
+
+
+def row_limits(max_text_bytes: int | None = None, max_line_bytes: int | None = None) -> tuple[int, int]:
+    """(text, line) byte limits: the arguments, else SHARE_MAX_TEXT_BYTES / SHARE_MAX_LINE_BYTES,
+    else the defaults. The line limit is never below the text limit."""
+
+    def pick(value: int | None, env: str, default: int) -> int:
+        if value is None:
+            raw = os.environ.get(env, "").strip()
+            try:
+                value = int(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{env}={raw[:40]!r} is not a whole number of bytes") from None
+        if value < 1:
+            raise ValueError(f"{env.lower()} must be positive, got {value}")
+        return value
+
+    text = pick(max_text_bytes, "SHARE_MAX_TEXT_BYTES", MAX_TEXT_BYTES)
+    return text, max(text, pick(max_line_bytes, "SHARE_MAX_LINE_BYTES", MAX_LINE_BYTES))
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses anchors and aliases before composing them: a task spec
+    needs none, and expanding aliases lets a few hundred bytes become gigabytes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed (line {mark.line + 1}, column {mark.column + 1})")
+        return super().compose_node(parent, index)
+
+
+def load_yaml_text(text: str):
+    """Parse untrusted YAML: safe types only, no anchors/aliases (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -59,14 +106,14 @@ class TaskSpec:
         """Validate a parsed ``task.yaml``; `source` names the file in every error."""
 
         def fail(field: str, expected: str, got) -> TaskFormatError:
-            return TaskFormatError(f"{source}: field '{field}' is {got!r}; expected {expected}")
+            return TaskFormatError(f"{source}: field '{field}' is {_brief(got)}; expected {expected}")
 
         if not isinstance(d, dict):
             raise TaskFormatError(f"{source}: expected a mapping of task fields, got {type(d).__name__}")
         known = ("name", "type", "labels", "text_field", "label_field", "metric")
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
-            raise TaskFormatError(f"{source}: unknown field(s) {unknown}; expected only {list(known)}")
+            raise TaskFormatError(f"{source}: unknown field(s) {_brief(unknown)}; expected only {list(known)}")
         for key in ("name", "type"):
             if key not in d:
                 raise TaskFormatError(f"{source}: missing required field '{key}'")
@@ -112,46 +159,70 @@ def read_task_spec(path: Path) -> TaskSpec:
     if len(raw) > MAX_SPEC_BYTES:
         raise TaskFormatError(f"{path}: larger than {MAX_SPEC_BYTES} bytes (size limit)")
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise TaskFormatError(f"{path}: invalid YAML: {e}") from e
+        data = load_yaml_text(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except yaml.YAMLError as e:
+        raise TaskFormatError(f"{path}: invalid YAML: {str(e)[:300]}") from None
+    except RecursionError:
+        raise TaskFormatError(f"{path}: invalid YAML: nested too deeply") from None
     return TaskSpec.from_yaml_dict(data, source=str(path))
 
 
-def _check_row(row, spec: TaskSpec, where: str) -> None:
-    """One example must carry what training reads: the text and (classification) a known label."""
+def _check_row(row, spec: TaskSpec, where: str, max_text_bytes: int | None = None) -> None:
+    """One example must carry what training reads: the text (at most `max_text_bytes` UTF-8
+    bytes) and (classification) a known label."""
     if not isinstance(row, dict):
         raise TaskFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     text = row.get(spec.text_field)
     if not isinstance(text, str) or not text.strip():
-        raise TaskFormatError(f"{where}: field '{spec.text_field}' is {text!r}; expected a non-empty string")
+        raise TaskFormatError(f"{where}: field '{spec.text_field}' is {_brief(text)}; expected a non-empty string")
+    limit = row_limits(max_text_bytes)[0]
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise TaskFormatError(f"{where}: field '{spec.text_field}' is {size} bytes; the limit is {limit} bytes per text value")
     if spec.is_classification:
         label = row.get(spec.label_field)
         if not isinstance(label, str) or label not in spec.labels:
             raise TaskFormatError(
-                f"{where}: field '{spec.label_field}' is {label!r}; expected one of {list(spec.labels)}"
+                f"{where}: field '{spec.label_field}' is {_brief(label)}; expected one of {_brief(list(spec.labels))}"
             )
 
 
-def read_examples(path: Path, spec: TaskSpec, max_rows: int = 1_000_000) -> list[dict]:
+def read_examples(path: Path, spec: TaskSpec, max_rows: int = 1_000_000, max_text_bytes: int | None = None, max_line_bytes: int | None = None) -> list[dict]:
+    """The examples of a JSONL file, every row checked. A line longer than the line limit is
+    refused after reading at most limit + 1 of its bytes (it is never parsed); errors name the
+    file and line ("train.jsonl:7: …")."""
     path = Path(path)
+    text_limit, line_limit = row_limits(max_text_bytes, max_line_bytes)
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as f:
+            lineno = 0
+            while True:
+                raw = f.readline(line_limit + 1)
+                if not raw:
+                    break
+                lineno += 1
                 where = f"{path}:{lineno}"
+                if len(raw) > line_limit and not (len(raw) == line_limit + 1 and raw.endswith(b"\n")):
+                    raise TaskFormatError(f"{where}: line is longer than {line_limit} bytes (the per-row limit; one example per line)")
+                if not raw.strip():
+                    continue
                 if len(rows) >= max_rows:
                     raise TaskFormatError(f"{where}: more than {max_rows} rows (size limit)")
                 try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TaskFormatError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+                try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise TaskFormatError(f"{where}: invalid JSON: {e.msg}") from e
-                _check_row(row, spec, where)
+                    raise TaskFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+                except RecursionError:
+                    raise TaskFormatError(f"{where}: invalid JSON: nested too deeply") from None
+                _check_row(row, spec, where, text_limit)
                 rows.append(row)
-    except UnicodeDecodeError as e:
-        raise TaskFormatError(f"{path}: not UTF-8 text: {e}") from e
     except OSError as e:
         raise TaskFormatError(f"{path}: cannot read: {e.strerror or e}") from e
     if not rows:
@@ -178,14 +249,15 @@ class TaskData:
         return max(counts.values()) / len(self.eval)
 
 
-def load_task(task_dir: Path) -> TaskData:
+def load_task(task_dir: Path, max_text_bytes: int | None = None, max_line_bytes: int | None = None) -> TaskData:
     task_dir = Path(task_dir)
     for name in TASK_FILES:
         if not (task_dir / name).is_file():
             raise TaskFormatError(f"{task_dir / name}: missing file (a task needs {list(TASK_FILES)})")
     spec = read_task_spec(task_dir / SPEC_FILE)
-    train = read_examples(task_dir / TRAIN_FILE, spec)
-    eval_rows = read_examples(task_dir / EVAL_FILE, spec)
+    limits = dict(max_text_bytes=max_text_bytes, max_line_bytes=max_line_bytes)
+    train = read_examples(task_dir / TRAIN_FILE, spec, **limits)
+    eval_rows = read_examples(task_dir / EVAL_FILE, spec, **limits)
     return TaskData(spec=spec, train=train, eval=eval_rows, root=task_dir)
 
 
