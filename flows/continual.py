@@ -68,19 +68,23 @@ def reject(ws: Workspace, storage_url: str, landing: Landing, reason: str) -> di
 
 
 @task
-def ingest(workspace: str, landing: Landing, local: str) -> str:
-    """Move the validated landing into the workspace (DVC-tracked); returns its dir name."""
+def ingest(workspace: str, landings: list[tuple[Landing, str]]) -> list[str]:
+    """Move validated landings (landing, local copy) into the workspace and DVC-track them in
+    one `dvc add`; returns their directory names."""
     ws = Workspace(workspace)
-    name = f"{landing.task}-{landing.etag[:8]}"
-    dest = ws.landings / name
-    if not dest.exists():
-        ws.landings.mkdir(parents=True, exist_ok=True)
-        tmp = ws.landings / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local, tmp)
-        tmp.rename(dest)
-    lineage.track_landing(ws.root, name)
-    return name
+    names = []
+    for landing, local in landings:
+        name = f"{landing.task}-{landing.etag[:8]}"
+        dest = ws.landings / name
+        if not dest.exists():
+            ws.landings.mkdir(parents=True, exist_ok=True)
+            tmp = ws.landings / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(local, tmp)
+            tmp.rename(dest)
+        names.append(name)
+    lineage.track_landings(ws.root, names)
+    return names
 
 
 @flow(name="train-version", log_prints=True)
@@ -221,7 +225,7 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
         reason = validate(workspace, landing, local)
         if reason:
             return reject(ws, storage_url, landing, reason)
-        name = ingest(workspace, landing, local)
+        [name] = ingest(workspace, [(landing, local)])
     provenance = {"key": key, "etag": landing.etag}
     out = _build_and_publish(workspace, [name], landing.kind, provenance, model_name, tolerance, tracking_uri, train_deployment)
     ws.record_landing(key, {"etag": landing.etag, "status": "processed", "version": out["version"]})
@@ -248,7 +252,9 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
             if reason:
                 rejected[lnd.key] = reject(ws, storage_url, lnd, reason)["reason"]
                 continue
-            accepted.append((lnd, ingest(workspace, lnd, local)))
+            accepted.append((lnd, local))
+        if accepted:
+            accepted = list(zip([lnd for lnd, _ in accepted], ingest(workspace, accepted)))
     if not accepted:
         return {"status": "nothing-to-absorb", "rejected": rejected}
     provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted)}

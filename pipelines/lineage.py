@@ -86,10 +86,10 @@ def _dvc_cli(root: Path, *args: str) -> str:
     return out.stdout
 
 
-def track_landing(root: Path, name: str) -> None:
-    """`dvc add landings/<name>`: the landing becomes a versioned, pushable input."""
-    root = Path(root).resolve()
-    _dvc_cli(root, "add", "-q", f"landings/{name}")
+def track_landings(root: Path, names: list[str]) -> None:
+    """`dvc add landings/<name>…` in one call: the landings become versioned, pushable inputs."""
+    if names:
+        _dvc_cli(Path(root).resolve(), "add", "-q", *[f"landings/{n}" for n in names])
 
 
 def stage(version: str, landings: list[str], kind: str, parent: str | None) -> dict:
