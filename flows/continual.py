@@ -32,7 +32,7 @@ TRANSIENT = dict(retries=2, retry_delay_seconds=2)
 
 @task(**TRANSIENT)
 def find_landing(storage_url: str, key: str) -> Landing | None:
-    return next((lnd for lnd in open_storage(storage_url).list_landings() if lnd.key == key), None)
+    return open_storage(storage_url).landing(key)
 
 
 @task(**TRANSIENT)

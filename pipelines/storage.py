@@ -17,6 +17,7 @@ no message ever repeats a URL's user info or option values unredacted).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -90,6 +91,19 @@ def _status_key(prefix: str, landing: Landing) -> str:
     return "/".join(p for p in (prefix.strip("/"), "status", f"{landing.kind}s", f"{landing.task}.json") if p)
 
 
+@functools.lru_cache(maxsize=65536)
+def _md5_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def _md5(p: Path) -> str:
+    """A local file's ETag (MD5), computed once per (path, size, mtime, inode): a watcher's
+    poll re-reads only what changed, not every landing in the bucket."""
+    st = p.stat()
+    return _md5_of(str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 class Storage:
     """The interface every backend implements (keys are '/'-separated, relative to the root)."""
 
@@ -98,8 +112,8 @@ class Storage:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def objects(self) -> dict[str, str]:
-        """{key: ETag} of every object under the prefix."""
+    def objects(self, under: str = "") -> dict[str, str]:
+        """{key: ETag} of every object under the prefix (and under `under` below it)."""
         raise NotImplementedError
 
     def get(self, key: str, dest: Path) -> None:
@@ -114,6 +128,15 @@ class Storage:
     # ---- shared behaviour ----------------------------------------------------------------
     def list_landings(self) -> list[Landing]:
         return group_landings(self.objects(), self.prefix)
+
+    def landing(self, key: str) -> Landing | None:
+        """The complete landing whose task.yaml is `key` (None: absent or incomplete). Lists
+        only that landing's objects, whatever else the bucket holds."""
+        base = f"{self.prefix.strip('/')}/" if self.prefix else ""
+        if not key.startswith(base) or not key.endswith(f"/{SPEC}"):
+            return None
+        under = key[len(base): -len(SPEC)]
+        return next((lnd for lnd in group_landings(self.objects(under), self.prefix) if lnd.key == key), None)
 
     def download(self, landing: Landing, dest: Path) -> Path:
         """Copy the landing's objects into `dest`; names that are not plain file names
@@ -199,14 +222,14 @@ class LocalStorage(Storage):
             raise StorageError(f"key {key!r} escapes the storage root {self.root}")
         return p
 
-    def objects(self) -> dict[str, str]:
-        top = self.root / self.prefix if self.prefix else self.root
+    def objects(self, under: str = "") -> dict[str, str]:
+        top = self._path("/".join(x.strip("/") for x in (self.prefix, under) if x.strip("/"))) if (self.prefix or under) else self.root
         if not top.is_dir():
             return {}
         out = {}
         for p in top.rglob("*"):
             if p.is_file() and not p.name.startswith(".") and not p.is_symlink():
-                out[p.relative_to(self.root).as_posix()] = hashlib.md5(p.read_bytes()).hexdigest()
+                out[p.relative_to(self.root).as_posix()] = _md5(p)
         return out
 
     def get(self, key: str, dest: Path) -> None:
@@ -240,9 +263,10 @@ class S3Storage(Storage):
         where = f" at {redact_url(self.endpoint_url)}" if self.endpoint_url else ""
         return f"s3://{self.bucket}/{self.prefix}{where}"
 
-    def objects(self) -> dict[str, str]:
+    def objects(self, under: str = "") -> dict[str, str]:
         out = {}
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+        prefix = "".join(f"{x.strip('/')}/" for x in (self.prefix, under) if x.strip("/"))
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         for page in pages:
             for obj in page.get("Contents", []):
                 out[obj["Key"]] = obj["ETag"].strip('"')

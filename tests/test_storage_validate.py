@@ -48,6 +48,8 @@ def test_landings_complete_only_with_task_yaml_and_etag_covers_every_object(stor
     storage.put(f"{prefix}incoming/datasets/{d.name}/train.jsonl", tmp_path / "train.jsonl")
     [again] = storage.list_landings()
     assert again.key == landing.key and again.etag != landing.etag
+    assert storage.landing(key) == again  # the one-landing lookup lists only that landing's objects
+    assert storage.landing(key.replace("sentiment", "nosuchtask")) is None and storage.landing(f"{prefix}incoming/datasets/x/train.jsonl") is None
     storage.mark(again, "rejected", {"reason": "because"})
     status = storage.status_of(again)
     assert status.pop("at") and status == {"key": key, "etag": again.etag, "status": "rejected", "reason": "because"}
