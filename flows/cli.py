@@ -126,13 +126,25 @@ def versions(workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking
 
 @app.command()
 def rollback(version: str, workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, reason: str = "", tracking_uri: str | None = None) -> None:
-    """Make VERSION the champion and the base of the next update; verify by re-evaluation."""
-    from pipelines.workspace import Workspace
-
-    from .continual import rollback as rollback_flow
+    """Make VERSION (v3, 3 or v0003) the champion and the base of the next update; verify by
+    re-evaluation. An unknown VERSION fails with the list of existing ones; the current
+    champion (when it is also HEAD) is a no-op."""
+    from pipelines import register
+    from pipelines.workspace import VersionIdError, Workspace
 
     ws = Workspace(workspace)
-    out = rollback_flow(str(ws.root), version, model_name=model_name, reason=reason, tracking_uri=_tracking(ws, tracking_uri))
+    uri = _tracking(ws, tracking_uri)
+    try:
+        version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=uri)
+    except VersionIdError as e:
+        Console(stderr=True).print(f"rollback: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if register.champion_version(model_name, uri) == version and ws.head() == version:
+        console.print(f"{version} is already the champion and HEAD: nothing to do")
+        return
+    from .continual import rollback as rollback_flow
+
+    out = rollback_flow(str(ws.root), version, model_name=model_name, reason=reason, tracking_uri=uri)
     console.print_json(json.dumps(out, default=str))
 
 

@@ -23,7 +23,7 @@ import typer
 from share_core import state as st
 from share_core.metrics import accounting
 
-from .workspace import Workspace
+from .workspace import Workspace, parse_version_id
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
@@ -177,22 +177,48 @@ def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
     )
 
 
+def registered_versions(c, model_name: str) -> list[str]:
+    """The Share version ids registered under `model_name` (sorted; [] when the model is new)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        hits = c.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return []
+    return sorted({v for mv in hits if (v := mv.tags.get("share.version"))}, key=lambda v: (len(v), v))
+
+
+def rollback_target(ws: Workspace, text: str, *, model_name: str, tracking_uri: str | None = None) -> str:
+    """The version id a user's rollback argument names ("v3", "3", "v0003" → "v0003"), checked
+    against the registered versions before anything changes; raises VersionIdError (one line
+    listing the existing versions) for "v0099", "latest", "../v0001" and the like."""
+    return parse_version_id(text, registered_versions(client(ws, tracking_uri), model_name))
+
+
 def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", tracking_uri: str | None = None) -> dict:
-    """Point `champion` at `version`, make it the workspace HEAD, record the rollback as a run."""
+    """Point `champion` at `version`, make it the workspace HEAD, record the rollback as a run.
+    `version` may be written v3 / 3 / v0003; an unknown one raises VersionIdError before
+    anything changes. When `version` is already the champion and the HEAD this is a no-op
+    (no run; "noop": True); when it is the champion but HEAD moved on (a candidate that failed
+    the gate), only HEAD moves back, recorded as a run."""
     c = client(ws, tracking_uri)
-    mv = model_version_of(c, model_name, version)  # raises before anything changes
+    version = parse_version_id(version, registered_versions(c, model_name))
+    mv = model_version_of(c, model_name, version)
     if not (ws.version_dir(version) / "manifest.json").is_file():
-        raise FileNotFoundError(f"{ws.version_dir(version)} is missing; restore it before rolling back")
+        raise FileNotFoundError(f"versions/{version} is missing from the workspace; restore it (dvc pull {version}) before rolling back")
     previous = _alias_version(c, model_name, CHAMPION)
+    if previous == version and ws.head() == version:
+        return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": None, "noop": True}
     exp_id = _experiment(c, ws, model_name, tracking_uri)
-    run = c.create_run(exp_id, run_name=f"rollback-to-{version}", tags={"share.event": "rollback", "share.version": version, "rollback.from": previous or "", "rollback.reason": reason[:4900]})
+    run = c.create_run(exp_id, run_name=f"rollback-to-{version}", tags={"share.event": "rollback", "share.version": version, "rollback.from": previous or "", "rollback.head_from": ws.head() or "", "rollback.reason": reason[:4900]})
     c.log_param(run.info.run_id, "to_version", version)
     c.log_param(run.info.run_id, "from_version", previous or "none")
     c.set_terminated(run.info.run_id, "FINISHED")
-    c.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    if previous != version:
+        c.set_registered_model_alias(model_name, CHAMPION, mv.version)
     c.set_model_version_tag(model_name, mv.version, "rollback.run_id", run.info.run_id)
     ws.set_head(version)
-    return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": run.info.run_id}
+    return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": run.info.run_id, "noop": False}
 
 
 def list_versions(model_name: str, tracking_uri: str) -> list[dict]:

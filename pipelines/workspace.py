@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 VERSION_ID = re.compile(r"^v\d{4,}$")
+VERSION_TEXT = re.compile(r"^[vV]?(\d{1,9})$")
 LEDGER_FORMAT = 2
 PROCESSED = "processed"
 MAX_REASON = 500  # characters of a rejection reason kept in the ledger and the status file
@@ -35,6 +36,26 @@ def bound_text(text: str, limit: int = MAX_REASON) -> str:
     """`text` cut to at most `limit` characters, ending with an ellipsis when it was cut."""
     text = str(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class VersionIdError(ValueError):
+    """A version id that is malformed or names no existing version; the message lists them."""
+
+
+def parse_version_id(text: str, existing: list[str] | None = None) -> str:
+    """Normalise a user's version id ("v3", "3", "v0003" → "v0003"); with `existing`, it must
+    be one of them. Anything else ("latest", "../v0001", "v0099" when absent) raises
+    VersionIdError with one line that lists the existing versions."""
+    known = sorted(set(existing or []), key=lambda v: (len(v), v))
+    shown = ", ".join(known) if len(known) <= 12 else ", ".join(known[:5] + ["…"] + known[-6:])
+    listing = f"existing versions: {shown}" if known else "no versions exist yet"
+    m = VERSION_TEXT.match(str(text).strip())
+    if not m:
+        raise VersionIdError(f"{bound_text(repr(text), 60)} is not a version id (use v3, 3 or v0003); {listing}")
+    version = f"v{int(m.group(1)):04d}"
+    if existing is not None and version not in known:
+        raise VersionIdError(f"version {version} does not exist; {listing}")
+    return version
 
 
 def write_atomic(path: Path, text: str) -> None:
