@@ -216,8 +216,8 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
         raise ValueError(f"no complete landing with task.yaml key {key!r} in {open_storage(storage_url).describe()}")
     if etag and etag != landing.etag:
         log.info("landing %s changed since its event (etag %s → %s): processing the current one", key, etag[:8], landing.etag[:8])
-    seen = ws.ledger().get(key)
-    if seen and seen["etag"] == landing.etag:
+    seen = ws.seen(key, landing.etag)  # a processed record wins over any later rejection of the same content
+    if seen:
         log.info("landing %s (etag %s) already %s: nothing to do", key, landing.etag[:8], seen["status"])
         return {"status": "duplicate", "version": seen.get("version"), "previous": seen}
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,8 +242,7 @@ def batch_absorb(storage_url: str, workspace: str, model_name: str = "share-subs
 
 def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -> dict:
     ws = Workspace(workspace)
-    ledger = ws.ledger()
-    pending = [lnd for lnd in open_storage(storage_url).list_landings() if lnd.kind == "adapter" and ledger.get(lnd.key, {}).get("etag") != lnd.etag]
+    pending = [lnd for lnd in open_storage(storage_url).list_landings() if lnd.kind == "adapter" and ws.seen(lnd.key, lnd.etag) is None]
     accepted, rejected = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for lnd in pending:
@@ -283,6 +282,7 @@ def evaluate_version(workspace: str, version: str, tolerance: float = 1e-6) -> d
 def rollback(workspace: str, version: str, model_name: str = "share-subspace", reason: str = "", tracking_uri: str | None = None) -> dict:
     """Champion and HEAD move to `version` (recorded in MLflow), then it is re-evaluated."""
     ws = Workspace(workspace)
+    version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=tracking_uri)
     with ws.lock():
         lineage.checkout_version(ws.root, version)
         moved = register.rollback(ws, version, model_name=model_name, reason=reason, tracking_uri=tracking_uri)
