@@ -394,12 +394,13 @@ def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict
     """A new SubspaceState with `records` merged in. factors[layer] = (new B̂ list or tensor,
     new Â list or tensor, new directions B side n×c, A side d×c)."""
     new_bases, new_coefs, worst, frames = {}, [dict() for _ in state.tasks + records], {}, {}
-    for ln, (b, a) in state.bases.items():
+    layers = list(state.bases)
+    items = []
+    for ln in layers:
         fb, fa, db, da = factors[ln]
-        fb = fb if isinstance(fb, list) else [fb]
-        fa = fa if isinstance(fa, list) else [fa]
-        old = [t.coefs[ln] for t in state.tasks]
-        f = subspace.merge(b, a, [e[0] for e in old], [e[1] for e in old], db, da, fb, fa, policy)
+        old_b, old_a = [t.coefs[ln][0] for t in state.tasks], [t.coefs[ln][1] for t in state.tasks]
+        items.append((*state.bases[ln], old_b, old_a, db, da, fb if isinstance(fb, list) else [fb], fa if isinstance(fa, list) else [fa]))
+    for ln, f in zip(layers, subspace.merge_layers(items, policy)):  # layers of equal shapes are merged as one batch
         new_bases[ln] = (f.basis_b, f.basis_a)
         frames[ln] = (f.frame_b, f.frame_a)
         for j, (eb, ea) in enumerate(zip(f.coefs_b, f.coefs_a)):

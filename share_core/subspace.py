@@ -5,16 +5,24 @@ m = d for the A side, p = the task's rank). The shared *basis* U ∈ R^{m×k} ha
 columns and each task stores *coefficients* E_j = Uᵀ F_j ∈ R^{k×p}, so F_j ≈ U E_j.
 
 One algorithm builds and updates the basis, whatever the caller (init from adapters, merge
-after training, absorbing many adapters): orthonormalise the columns that span everything
-(`span_basis`), express every factor in it as small coordinates, take the SVD of the small
-coordinate matrix and rotate (`rotate`). Nothing here is ever centred: for reconstruction an
-orthonormal basis of the uncentred stack is the Eckart–Young optimum, and centring would add a
-mean that every task's ΔW would have to carry.
+after training, absorbing many adapters): express every factor as coordinates C in an
+orthonormal basis that spans everything (a merge: QR of [basis, new directions]; a build: the
+stack itself, or its QR when it is taller than wide), take the SVD of C through its small q×q
+Gram C Cᵀ (one symmetric eigendecomposition, batched over layers of equal shapes), and rotate
+(`_fold`). A merge never multiplies out the old tasks' coordinates: their Gram is P(E Eᵀ)Pᵀ and
+they move by a k'×k frame (`frame_product`, the same product a stored version replays with
+`apply_frame`). Per-task ΔW errors come from p×p Grams (`task_errors`), never from anything
+q×q per task. Nothing here is ever centred: for reconstruction an orthonormal basis of the
+uncentred stack is the Eckart–Young optimum, and centring would add a mean that every task's
+ΔW would have to carry.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -48,9 +56,10 @@ class Fold:
 
     basis_b: torch.Tensor  # n×k_B
     basis_a: torch.Tensor  # d×k_A
-    coefs_b: list[torch.Tensor]  # k_B×p_j
-    coefs_a: list[torch.Tensor]  # k_A×p_j
-    singular_b: torch.Tensor
+    stacked_b: torch.Tensor  # k_B×Σp: every task's coefficients side by side (task j: widths[j] columns)
+    stacked_a: torch.Tensor  # k_A×Σp
+    widths: list[int]
+    singular_b: torch.Tensor  # leading singular values of the stack (all q of them, or the leading ℓ ≥ k_max a large build certified)
     singular_a: torch.Tensor
     errors: list[float]  # per task: relative ΔW error of the fold against its input
     rotation_b: torch.Tensor | None = None  # q_B×k_B (float64): kept left singular vectors of the coordinates
@@ -58,53 +67,132 @@ class Fold:
     frame_b: torch.Tensor | None = None  # k_B'×k_B (float64), set by `merge`: old E_B' = frame_b·E_B
     frame_a: torch.Tensor | None = None  # k_A'×k_A
 
+    @cached_property
+    def coefs_b(self) -> list[torch.Tensor]:
+        """Per task E_B (k_B×p_j): views into `stacked_b`, made when first asked for."""
+        return list(torch.split(self.stacked_b, self.widths, dim=1))
 
-def numerical_rank(s: torch.Tensor, eps: float) -> int:
-    """Rank from singular values s (descending) of data stored with machine epsilon `eps`.
+    @cached_property
+    def coefs_a(self) -> list[torch.Tensor]:
+        return list(torch.split(self.stacked_a, self.widths, dim=1))
+
+
+def _rank_tol(q: int, eps: float) -> float:
+    return max(q * eps * 10, 10 * math.sqrt(q * torch.finfo(torch.float64).eps))
+
+
+def numerical_rank(s: torch.Tensor, eps: float, q: int | None = None) -> int:
+    """Rank from the leading singular values s (descending) of q (default: all of them given)
+    of data stored with machine epsilon `eps`.
 
     Float32 factors carry ~1e-7 relative noise: directions below that level are not signal.
+    Singular values taken from a float64 Gram's eigenvalues (`_gram_eig`) are resolved only down
+    to ~√(q·ε₆₄)·s₁, so that is the floor (it binds for float64 factors only: float32 noise is
+    far above it).
     """
     if s.numel() == 0 or s[0] <= 0:
         return 0
-    tol = s[0] * s.numel() * eps * 10
-    return int((s > tol).sum())
+    return int((s > s[0] * _rank_tol(q or s.numel(), eps)).sum())
 
 
-def _energy_k(s: torch.Tensor, rank: int, energy: float) -> int:
+def _ranks(s: torch.Tensor, eps: float, q: int) -> list[int]:
+    """`numerical_rank` of every row of s (L×ℓ, the leading singular values of q), in one pass."""
+    return torch.where(s[:, :1] > 0, (s > s[:, :1] * _rank_tol(q, eps)).sum(-1, keepdim=True), 0)[:, 0].tolist()
+
+
+def _energy_k(s: torch.Tensor, rank: int, energy: float, total: float) -> int:
+    """Smallest k whose leading singular energy is ≥ `energy` of the stack's `total` ‖C‖²_F."""
     cum = s[:rank].pow(2).cumsum(0)
-    return int((cum / cum[-1] < energy - 1e-12).sum()) + 1
+    return min(int((cum / total < energy - 1e-12).sum()) + 1, rank)
 
 
-def _padded(coords: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """Per-task blocks of `coords` (q×Σp, task j's p_j columns in order) as T×q×P, zero-padded
-    to P = max p_j. Zero columns add nothing to a task's ΔW, so padding changes no norm."""
-    q, width = coords.shape[0], max(widths)
-    if all(w == width for w in widths):  # the usual case: one rank for every task, no copy
-        return coords.reshape(q, len(widths), width).transpose(0, 1)
-    out = coords.new_zeros(len(widths), q, width)
-    for j, block in enumerate(torch.split(coords, widths, dim=1)):
-        out[j, :, : block.shape[1]] = block
+def frame_product(frame: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """frame · E in float64 (frame: k'×k float64; stacked: k×Σp, tasks side by side).
+
+    The one product behind `apply_frame` and a merge's old-task coefficients, so that a merge
+    and a later load of its stored frame give the same bits.
+    """
+    return frame @ stacked.double()
+
+
+def _by_task(rows: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Per-task blocks of rows (…×r×Σp, task j's p_j columns in order) as …×T×r×P, zero-padded to
+    P = max p_j. Zero columns add nothing to a task's ΔW, so padding changes no norm."""
+    width = max(widths)
+    if all(w == width for w in widths):  # the usual case: one rank for every task, a view
+        return rows.unflatten(-1, (len(widths), width)).movedim(-2, -3)
+    out = rows.new_zeros(*rows.shape[:-2], len(widths), rows.shape[-2], width)
+    for j, block in enumerate(torch.split(rows, widths, dim=-1)):
+        out[..., j, :, : block.shape[-1]] = block
     return out
 
 
-def _task_errors(cb: torch.Tensor, ca: torch.Tensor, kb: int, ka: int) -> list[float]:
-    """Relative ΔW error per task when truncating coordinates in the full singular bases
-    (cb: T×q_B×P, ca: T×q_A×P) to the first (kb, ka) rows.
+def task_grams(*rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """Per-task Grams XⱼᵀXⱼ (T×P×P) of each of some row blocks X (r×Σp, every task's columns
+    side by side) of the tasks' coordinates, from one task-major copy of all the blocks (and one
+    batched matmul per block). Zero rows (r = 0) give exact zeros."""
+    width, cuts = max(widths), [0]
+    for x in rows:
+        cuts.append(cuts[-1] + x.shape[0])
+    if len(set(widths)) == 1:  # one rank for every task: tasks are P×Σr blocks of the transpose
+        x = torch.cat([x.mT for x in rows], -1).unflatten(0, (len(widths), width))
+    else:
+        x = _by_task(torch.cat(rows, 0), widths).mT
+    return [x[..., a:b] @ x[..., a:b].mT for a, b in zip(cuts, cuts[1:])]
 
-    Exact and all k×k-sized: with orthonormal bases ‖β M αᵀ‖_F = ‖M‖_F, and truncation keeps
-    the block M[:kb, :ka] of M = C_B C_Aᵀ, so the error is the norm of the entries outside it
-    (summed directly: ‖M‖² − ‖kept‖² would cancel to ~1e-8 where the error is 0).
+
+def _symmetric_gram(xt: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """XᵀX (m×m) of a tall xt (N×m) computing only the lower block triangle (blocks×blocks of
+    column blocks) and mirroring it: ~(b+1)/2b of the flops of a full product, exactly symmetric."""
+    m = xt.shape[1]
+    if m < 64 * blocks:
+        return xt.T @ xt
+    cuts = [m * i // blocks for i in range(blocks + 1)]
+    g = xt.new_empty(m, m)
+    for a, b in zip(cuts, cuts[1:]):
+        rows = xt[:, a:b].T @ xt[:, :b]
+        g[a:b, :b] = rows
+        g[:a, a:b] = rows[:, :a].T
+    return g
+
+
+def _task_major_grams(xt: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Per-task Grams (T×P×P) of rows X given as Xᵀ (Σp×r, task-major): no copy when every task
+    has the same rank."""
+    if len(set(widths)) == 1:
+        x = xt.unflatten(0, (len(widths), widths[0]))
+        return x @ x.mT
+    return task_grams(xt.T, widths=widths)[0]
+
+
+def task_errors(gk_b: torch.Tensor, gd_b: torch.Tensor, gk_a: torch.Tensor, gd_a: torch.Tensor) -> torch.Tensor:
+    """Relative ΔW error per task (…×T) of truncating every task's coordinates C_B (q_B×p),
+    C_A (q_A×p) in the singular bases to their first (k_B, k_A) rows, from p×p Grams only:
+    gk_* = G(C[:k]), gd_* = G(C[k:]) with G(X) = XᵀX (…×T×P×P).
+
+    With orthonormal bases ‖β M αᵀ‖_F = ‖M‖_F for M = C_B C_Aᵀ; truncation keeps M[:k_B, :k_A],
+    so the squared error is the dropped entries' ‖C_B[k_B:] C_Aᵀ‖² + ‖C_B[:k_B] C_A[k_A:]ᵀ‖²
+    = tr(G(C_B[k_B:]) G(C_A)) + tr(G(C_B[:k_B]) G(C_A[k_A:])): two traces of products of PSD
+    matrices, each ≥ 0, and G(C_A) = G(C_A[:k_A]) + G(C_A[k_A:]) is a sum of PSD parts, so
+    nothing cancels (‖M‖² − ‖kept‖² would, to ~1e-8 where the error is 0). Cost O(T·p²), never
+    anything T×q×q.
     """
-    full = torch.bmm(cb, ca.transpose(1, 2))  # T×q_B×q_A
-    total = full.pow(2).sum((1, 2)).sqrt()
-    dropped = (full[:, kb:, :].pow(2).sum((1, 2)) + full[:, :kb, ka:].pow(2).sum((1, 2))).sqrt()
-    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(full.dtype).tiny), dropped).tolist()
+    flat = lambda g: g.flatten(-2)  # noqa: E731  (tr(G H) of symmetric G, H = their entries' dot product)
+    g_a = flat(gk_a + gd_a)
+    dropped = (torch.linalg.vecdot(flat(gd_b), g_a) + torch.linalg.vecdot(flat(gk_b), flat(gd_a))).clamp_min(0).sqrt()
+    total = torch.linalg.vecdot(flat(gk_b + gd_b), g_a).clamp_min(0).sqrt()
+    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(total.dtype).tiny), dropped)
 
 
-def choose_k(s_b: torch.Tensor, s_a: torch.Tensor, cb: torch.Tensor, ca: torch.Tensor, policy: KPolicy, eps: float) -> tuple[int, int]:
-    """(k_B, k_A) per `policy` from both sides' singular values and full coordinates
-    (cb: T×q_B×P, ca: T×q_A×P, as in `_task_errors`)."""
-    rank_b, rank_a = numerical_rank(s_b, eps), numerical_rank(s_a, eps)
+def choose_k(s_b: torch.Tensor, s_a: torch.Tensor, policy: KPolicy, eps: float, errors_at: Callable[[int, int], Callable[[int, int], torch.Tensor]] | None = None,
+             ranks: tuple[int, int] | None = None, totals: tuple[float, float] | None = None) -> tuple[int, int]:
+    """(k_B, k_A) per `policy` from both sides' leading singular values (descending), their
+    numerical ranks and total energies ‖C‖²_F (computed from the values when not given).
+
+    errors_at(cap_b, cap_a) → errors(k_B, k_A): the per-task errors (T) for any k ≤ cap, needed
+    only by an error budget (cumulative p×p Grams, see `_error_curve`: each step is O(T·p²)).
+    """
+    rank_b, rank_a = ranks or (numerical_rank(s_b, eps), numerical_rank(s_a, eps))
     if rank_b == 0 or rank_a == 0:
         raise ValueError("the stacked factors are all zero: there is no subspace to keep")
     cap_b, cap_a = min(policy.k_max, rank_b), min(policy.k_max, rank_a)
@@ -112,94 +200,253 @@ def choose_k(s_b: torch.Tensor, s_a: torch.Tensor, cb: torch.Tensor, ca: torch.T
         return cap_b, cap_a
     kb = ka = 1
     if policy.energy is not None:
-        kb, ka = _energy_k(s_b, rank_b, policy.energy), _energy_k(s_a, rank_a, policy.energy)
+        tb, ta = totals or (float(s_b.pow(2).sum()), float(s_a.pow(2).sum()))
+        kb, ka = _energy_k(s_b, rank_b, policy.energy, tb), _energy_k(s_a, rank_a, policy.energy, ta)
     if policy.error_budget is not None:
-        while max(_task_errors(cb, ca, min(kb, cap_b), min(ka, cap_a))) > policy.error_budget:
+        errors = errors_at(cap_b, cap_a)
+        while float(errors(min(kb, cap_b), min(ka, cap_a)).max()) > policy.error_budget:
             if kb >= cap_b and ka >= cap_a:
                 break
             kb, ka = min(kb + 1, cap_b), min(ka + 1, cap_a)
     return min(kb, cap_b), min(ka, cap_a)
 
 
-def span_basis(*blocks: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Q (m×q) spanning the columns of the blocks (each m×c), via reduced QR.
+def _gram_eig(gram: torch.Tensor, want: int, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (…×q×ℓ, descending) and singular values (…×ℓ) of coordinates C from
+    their Gram C Cᵀ (…×q×q, float64): a symmetric eigendecomposition of a q×q matrix, batched,
+    with ℓ = q; or, for one large Gram and when the caller can do with them (`partial`), the
+    leading ℓ ≥ `want` pairs when `_top_eig` certifies them. The vectors are as accurate as an SVD's where it matters (ε·s₁²/gap); singular values
+    are resolved down to ~√(q·ε)·s₁, which `numerical_rank` takes as its floor."""
+    q = gram.shape[-1]
+    if partial and gram.shape[0] == 1 and q >= TOP_EIG_MIN_Q and q >= 4 * (want + _extra(want)):
+        top = _top_eig(gram[0], want)
+        if top is not None:
+            return top[0].unsqueeze(0), top[1].unsqueeze(0)
+    lam, v = torch.linalg.eigh(gram)
+    return v.flip(-1), lam.flip(-1).clamp_min(0).sqrt()
 
-    The first block is usually an existing orthonormal basis; QR keeps its span exactly.
-    Columns beyond the rank are harmless: their singular values come out ≈ 0 in `fold`.
+
+TOP_EIG_MIN_Q = 128  # below this a full eigendecomposition costs about as little as the iteration
+TOP_EIG_ITERATIONS = 10
+
+
+def _extra(want: int) -> int:
+    return max(16, want)
+
+
+def _top_eig(gram: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The leading ℓ = want + max(8, want) eigenpairs of a PSD q×q `gram` (float64) by subspace
+    iteration with Rayleigh–Ritz, or None when they are not certified within
+    TOP_EIG_ITERATIONS steps (the caller then takes the full eigendecomposition).
+
+    Each step costs O(q²·ℓ) instead of a full eigendecomposition's O(q³) (with a slow
+    tridiagonal reduction); a spectrum with a gap after the wanted pairs (shared low-rank
+    structure plus noise) converges in a few steps. Certified means: (1) every wanted pair's
+    residual ‖G u − θ u‖ ≤ 10·q·ε·θ₁, the backward error a full eigendecomposition has anyway,
+    and (2) no eigenvector the block missed can carry an eigenvalue above the last wanted one:
+    ‖G‖²_F − Σ θ² (≥ the energy outside the block) < θ_want². The start is a fixed
+    pseudo-random block, so the result is a deterministic function of the Gram.
     """
-    cat = torch.cat([b for b in blocks if b.shape[1] > 0], dim=1)
-    q, _ = torch.linalg.qr(cat, mode="reduced")
-    return q
+    q, width = gram.shape[0], min(gram.shape[0], want + _extra(want))
+    g = torch.Generator().manual_seed(0)
+    x = torch.linalg.qr(gram @ torch.randn(q, width, generator=g, dtype=gram.dtype))[0]
+    frob2, tol = float(gram.pow(2).sum()), 10 * q * torch.finfo(gram.dtype).eps
+    last = None
+    for step in range(TOP_EIG_ITERATIONS):
+        y = gram @ x
+        theta, w = torch.linalg.eigh(x.T @ y)
+        theta, w = theta.flip(0).clamp_min(0), w.flip(1)
+        u, gu = x @ w, y @ w
+        residual = float((gu[:, :want] - u[:, :want] * theta[:want]).norm(dim=0).max()) / max(float(theta[0]), torch.finfo(gram.dtype).tiny)
+        if residual <= tol and frob2 - float(theta.pow(2).sum()) < float(theta[want - 1]) ** 2:
+            return u, theta.sqrt()
+        if last is not None and residual > tol:  # give up early when the convergence rate cannot get there in time
+            rate = residual / last
+            if rate >= 1 or math.log(tol / residual) / math.log(rate) > TOP_EIG_ITERATIONS - step - 1:
+                return None
+        last = residual
+        x = torch.linalg.qr(gu)[0]
+    return None
 
 
-def left_svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors and singular values of c (q×m), without the right ones.
+class _Side:
+    """One side (B or A) of L layers with equal shapes: every task's factor as coordinates
+    C (q×Σp per layer) in an orthonormal q (L×m×q; None: the identity, C are the factors).
 
-    The coordinate stacks are wide (m = Σp grows with the tasks, q stays ~k): with Cᵀ = QR,
-    C = RᵀQᵀ has the singular values and left vectors of the q×q matrix Rᵀ, so one QR of the
-    tall Cᵀ plus a q×q SVD replaces a wide SVD that would also build the m×q right vectors.
-    """
-    if c.shape[1] > c.shape[0]:
-        r = torch.linalg.qr(c.T, mode="r")[1]
-        u, s, _ = torch.linalg.svd(r.T)
-        return u, s
-    u, s, _ = torch.linalg.svd(c, full_matrices=False)
-    return u, s
+    C is given (`c`: a build, per layer Cᵀ (Σp×q), task-major so that every per-task product is
+    a view) or implicit (a merge): the old tasks'
+    C = P·E with P = qᵀβ (L×q×k) and E their coefficients (per layer k×N_old, float64), the new
+    tasks' `c_new` (L×q×N_new). Only products with a few rows of C are formed (C itself would be
+    q×Σp per layer, and P·E for all old tasks is what a merge must not pay for). Small tensors
+    are batched over the layers; the per-layer matrices that scale with the tasks stay separate,
+    so each layer's working set stays in cache."""
+
+    def __init__(self, q: torch.Tensor | None, widths: list[int], n_old: int = 0, c: list[torch.Tensor] | None = None,
+                 p: torch.Tensor | None = None, e: list[torch.Tensor] | None = None, c_new: torch.Tensor | None = None) -> None:
+        self.q, self.widths, self.c, self.p, self.e, self.c_new = q, widths, c, p, e, c_new
+        self.parts = [widths] if c is not None else [w for w in (widths[:n_old], widths[n_old:]) if w]
+
+    def gram(self) -> torch.Tensor:
+        """C Cᵀ (L×q×q): for a merge P (E Eᵀ) Pᵀ + C_new C_newᵀ, O(k²·Σp) per layer."""
+        if self.c is not None:
+            return torch.stack([_symmetric_gram(x) for x in self.c])
+        g = self.c_new @ self.c_new.mT if self.c_new is not None else 0
+        if self.e is not None:
+            g = g + self.p @ torch.stack([x @ x.T for x in self.e]) @ self.p.mT
+        return g
+
+    def split(self, u: torch.Tensor, idx: list[int], k: int, exact: bool = False) -> tuple[torch.Tensor | None, list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """Truncate layers idx to the first k of the singular directions u (L'×q×q): (frame,
+        kept rows u[:, :k]ᵀC per layer as one block per part (the given C; or old tasks, new
+        tasks), per-task G(C[:k]) and G(C[k:]) (L'×T×P×P)).
+
+        For a merge the frame u_kᵀP (L'×k×k_old) moves the old coefficients, with `exact`
+        through `frame_product` (bit-identical to `apply_frame` on the stored frame); the dropped
+        rows are u[:, k:]ᵀC. In a build whose dropped rows outnumber the kept ones, G(C[k:]) is
+        the Gram of the residual C − u_k·kept instead (the same, since u is orthogonal, at
+        O(q·k·Σp) rather than O(q²·Σp))."""
+        kept, gk, gd = [], [], []
+        if self.c is not None:
+            residual = self.c[idx[0]].shape[1] - k > k
+            for i, layer in enumerate(idx):
+                ct, uk = self.c[layer], u[i, :, :k]
+                kept_t = ct @ uk  # Σp×k: the kept rows, transposed
+                dropped_t = torch.addmm(ct, kept_t, uk.T, alpha=-1) if residual else ct @ u[i, :, k:]
+                kept.append([kept_t.T]), gk.append(_task_major_grams(kept_t, self.widths)), gd.append(_task_major_grams(dropped_t, self.widths))
+            return None, kept, torch.stack(gk), torch.stack(gd)
+        rotated = u.mT @ self._at(self.p, idx)  # L'×q×k_old: old coordinates P·E → uᵀP·E
+        frame = rotated[:, :k]
+        new = u.mT @ self._at(self.c_new, idx) if self.c_new is not None else None
+        for i, layer in enumerate(idx):
+            parts, grams = [], []
+            if self.e is not None:
+                rows = frame_product(frame[i], self.e[layer]) if exact else frame[i] @ self.e[layer]
+                parts.append(rows)
+                grams.append(task_grams(rows, rotated[i, k:] @ self.e[layer], widths=self.parts[0]))
+            if new is not None:
+                parts.append(new[i, :k])
+                grams.append(task_grams(new[i, :k], new[i, k:], widths=self.parts[-1]))
+            kept.append(parts)
+            gk.append(torch.cat([g[0] for g in grams], 0) if len(grams) > 1 else grams[0][0])
+            gd.append(torch.cat([g[1] for g in grams], 0) if len(grams) > 1 else grams[0][1])
+        return frame, kept, torch.stack(gk), torch.stack(gd)
+
+    def basis(self, rot: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        return rot if self.q is None else self._at(self.q, idx) @ rot
+
+    @staticmethod
+    def _at(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        return x if len(idx) == x.shape[0] else x[idx]
 
 
-def fold(
-    q_b: torch.Tensor,
-    coords_b: torch.Tensor,
-    q_a: torch.Tensor,
-    coords_a: torch.Tensor,
-    widths: list[int],
-    policy: KPolicy,
-    dtype: torch.dtype = torch.float32,
-) -> Fold:
-    """Best bases for factors given as coordinates in orthonormal q_b (n×q) and q_a (d×q').
+def _error_curve(side: _Side, u: torch.Tensor, layer: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every k ≤ cap, per-task G(C[:k]) and G(C[k:]) (T×(cap+1)×P×P) of one layer: the first
+    cap rows' outer products summed forwards and backwards (onto G(C[cap:])): sums of PSD
+    matrices only, so every k's errors are exact without recomputing any coordinates."""
+    _, kept, _, rest = side.split(u[layer : layer + 1], [layer], cap)
+    x = _by_task(torch.cat(kept[0], 1), side.widths)  # T×cap×P
+    outer = x.unsqueeze(-1) * x.unsqueeze(-2)  # T×cap×P×P
+    zero = torch.zeros_like(outer[:, :1])
+    head = torch.cat([zero, outer.cumsum(1)], 1)
+    tail = torch.cat([outer.flip(1).cumsum(1).flip(1), zero], 1) + rest[0].unsqueeze(1)
+    return head, tail
 
-    coords_*: every task's coordinates side by side, q×Σp (task j: the next widths[j] columns),
-    so factor F_j = q C_j. The SVD of this small stack, rotated by q, is the thin SVD of the full
-    n×Σp stack (same singular values, same vectors up to sign), at cost O(n q² + q² Σp): nothing
-    n×n or n×Σp is ever formed, and no step loops over tasks in Python. Computed in float64;
-    returned in `dtype`.
-    """
-    q_b, q_a, coords_b, coords_a = q_b.double(), q_a.double(), coords_b.double(), coords_a.double()
-    u_b, s_b = left_svd(coords_b)
-    u_a, s_a = left_svd(coords_a)
-    rot_b, rot_a = u_b.T @ coords_b, u_a.T @ coords_a  # every task's coordinates in the singular bases
-    cb, ca = _padded(rot_b, widths), _padded(rot_a, widths)
-    kb, ka = choose_k(s_b, s_a, cb, ca, policy, torch.finfo(dtype).eps)
-    return Fold(
-        basis_b=(q_b @ u_b[:, :kb]).to(dtype),
-        basis_a=(q_a @ u_a[:, :ka]).to(dtype),
-        coefs_b=list(torch.split(rot_b[:kb].to(dtype), widths, dim=1)),
-        coefs_a=list(torch.split(rot_a[:ka].to(dtype), widths, dim=1)),
-        singular_b=s_b.to(dtype),
-        singular_a=s_a.to(dtype),
-        errors=_task_errors(cb, ca, kb, ka),
-        rotation_b=u_b[:, :kb],
-        rotation_a=u_a[:, :ka],
-    )
+
+def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, merging: bool) -> list[Fold]:
+    """Best bases for L layers, both sides: the SVD of each layer's coordinates via their q×q
+    Gram (one batched eigendecomposition per side), k per layer by `policy`, then bases,
+    coefficients and per-task errors. Equals the thin SVD of every layer's full n×Σp stack (same
+    singular values, same vectors up to sign) at O(n·q² + q²·Σp) with q = k + new columns in a
+    merge: nothing n×n or n×Σp is formed, and no step loops over tasks in Python."""
+    gram_b, gram_a = side_b.gram(), side_a.gram()
+    (u_b, s_b), (u_a, s_a) = (_gram_eig(g, policy.k_max, partial=side.c is not None) for g, side in ((gram_b, side_b), (gram_a, side_a)))
+    totals = list(zip(gram_b.diagonal(0, -2, -1).sum(-1).tolist(), gram_a.diagonal(0, -2, -1).sum(-1).tolist()))  # ‖C‖²_F per layer
+    eps = torch.finfo(dtype).eps
+    layers, q_b, q_a = u_b.shape[0], gram_b.shape[-1], gram_a.shape[-1]
+
+    def errors_at(layer):
+        def at(cap_b, cap_a):
+            (hb, tb), (ha, ta) = _error_curve(side_b, u_b, layer, cap_b), _error_curve(side_a, u_a, layer, cap_a)
+            return lambda kb, ka: task_errors(hb[:, kb], tb[:, kb], ha[:, ka], ta[:, ka])
+        return at
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for layer, ranks in enumerate(zip(_ranks(s_b, eps, q_b), _ranks(s_a, eps, q_a))):
+        groups.setdefault(choose_k(s_b[layer], s_a[layer], policy, eps, errors_at(layer), ranks, totals[layer]), []).append(layer)
+    out: list[Fold | None] = [None] * layers
+    for (kb, ka), idx in groups.items():
+        res = []
+        for side, u, k in ((side_b, u_b, kb), (side_a, u_a, ka)):
+            u_idx = u if len(idx) == layers else u[idx]
+            rot = u_idx[..., :k]
+            frame, kept, gk, gd = side.split(u_idx, idx, k, exact=merging)
+            coefs = [torch.cat([x.to(dtype) for x in parts], 1) if len(parts) > 1 else parts[0].to(dtype) for parts in kept]
+            res.append((rot, frame, coefs, gk, gd, side.basis(rot, idx).to(dtype)))
+        (rot_b, frame_b, coefs_b, gk_b, gd_b, basis_b), (rot_a, frame_a, coefs_a, gk_a, gd_a, basis_a) = res
+        errors = task_errors(gk_b, gd_b, gk_a, gd_a).tolist()
+        for i, layer in enumerate(idx):
+            out[layer] = Fold(
+                basis_b=basis_b[i], basis_a=basis_a[i], stacked_b=coefs_b[i], stacked_a=coefs_a[i], widths=side_b.widths,
+                singular_b=s_b[layer].to(dtype), singular_a=s_a[layer].to(dtype), errors=errors[i],
+                rotation_b=rot_b[i], rotation_a=rot_a[i],
+                frame_b=frame_b[i] if frame_b is not None else None, frame_a=frame_a[i] if frame_a is not None else None,
+            )
+    return out
+
+
+def _build_side(factors: list[torch.Tensor]) -> _Side:
+    """A build's coordinates of one side, task-major: the transposed m×Σp stack itself when it is
+    at least as wide as tall (q = the identity), else R of its reduced QR (q = Q, Σp×Σp)."""
+    if factors[0].T.is_contiguous():  # A_jᵀ given as views of A_j: their transposes are contiguous
+        stack_t = torch.cat([f.T for f in factors], 0).double()  # Σp×m
+    else:
+        stack_t = torch.cat(factors, 1).T.contiguous().double()
+    widths = [f.shape[1] for f in factors]
+    if stack_t.shape[0] >= stack_t.shape[1]:
+        return _Side(None, widths, c=[stack_t])
+    q, r = torch.linalg.qr(stack_t.T)
+    return _Side(q.unsqueeze(0), widths, c=[r.T.contiguous()])
 
 
 def build(factors_b: list[torch.Tensor], factors_a: list[torch.Tensor], policy: KPolicy) -> Fold:
-    """Initial subspace from tasks' LoRA factors: B_j (n×r_j) and A_jᵀ (d×r_j)."""
-    dtype = factors_b[0].dtype
-    stack_b, stack_a = torch.cat(factors_b, 1).double(), torch.cat(factors_a, 1).double()
-    q_b, q_a = span_basis(stack_b), span_basis(stack_a)
-    return fold(q_b, q_b.T @ stack_b, q_a, q_a.T @ stack_a, [f.shape[1] for f in factors_b], policy, dtype)
+    """Initial subspace from tasks' LoRA factors: B_j (n×r_j) and A_jᵀ (d×r_j).
+
+    Cost per side O(m²·Σp) for the m×m Gram of the stack (or O(m·Σp²) via QR when Σp < m) plus
+    one eigendecomposition; memory O(m·Σp), nothing per task beyond its p×p Grams."""
+    return _fold(_build_side(factors_b), _build_side(factors_a), policy, factors_b[0].dtype, merging=False)[0]
 
 
-def _coordinates(q: torch.Tensor, basis: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
-    """Every task's factor in q's coordinates (q: m×q orthonormal), side by side: q×Σp.
-    Old tasks' factors are basis·E (basis: m×k, E: k×p); new ones are given (m×p)."""
-    parts = []
-    if old:
-        parts.append((q.T @ basis.double()) @ torch.cat(old, 1).double())
-    if new:
-        parts.append(q.T @ torch.cat(new, 1).double())
-    return torch.cat(parts, 1)
+def _merge_side(bases: list[torch.Tensor], old: list[list[torch.Tensor]], dirs: list[torch.Tensor], new: list[list[torch.Tensor]], widths: list[int]) -> _Side:
+    """One side of L layers (same shapes) for a merge: q = QR([β, new directions]) batched over
+    the layers; the old factors β·E are P·E with P = R[:, :k] (= qᵀβ, so β need not be exactly
+    orthonormal in float64: q spans it exactly); the new factors' coordinates qᵀF."""
+    basis = torch.stack(bases).double()
+    k = basis.shape[-1]
+    cols = torch.cat([basis, torch.stack(dirs).double()], -1) if dirs[0].shape[1] else basis
+    q, r = torch.linalg.qr(cols)
+    e = [torch.cat(o, 1).double() for o in old] if old[0] else None
+    c_new = q.mT @ torch.stack([torch.cat(n, 1) for n in new]).double() if new[0] else None
+    return _Side(q, widths, len(old[0]), p=r[..., :k], e=e, c_new=c_new)
+
+
+def merge_layers(layers: list[tuple], policy: KPolicy) -> list[Fold]:
+    """`merge` for many layers at once: each item is merge's arguments (basis_b, basis_a, old_b,
+    old_a, new_dirs_b, new_dirs_a, new_b, new_a). Layers whose two sides have the same shapes
+    are batched: one batched QR and one batched eigendecomposition per side and batched small
+    products; the products that scale with the tasks (the old coefficients' Gram, their frame
+    product — bit-identical to `apply_frame` on the stored frame — and the per-task error
+    Grams) run layer by layer, each on a cache-sized k×Σp matrix."""
+    out: list[Fold | None] = [None] * len(layers)
+    groups: dict[tuple, list[int]] = {}
+    for i, (bb, ba, ob, _, db, da, nb, _) in enumerate(layers):
+        widths = tuple(e.shape[1] for e in ob) + tuple(f.shape[1] for f in nb)
+        groups.setdefault((tuple(bb.shape), tuple(ba.shape), tuple(db.shape), tuple(da.shape), len(ob), widths), []).append(i)
+    for (*_, widths), idx in groups.items():
+        items = [layers[i] for i in idx]
+        sides = [_merge_side([it[s] for it in items], [it[2 + s] for it in items], [it[4 + s] for it in items], [it[6 + s] for it in items], list(widths)) for s in (0, 1)]
+        for i, f in zip(idx, _fold(*sides, policy, layers[idx[0]][0].dtype, merging=True)):
+            out[i] = f
+    return out
 
 
 def merge(
@@ -219,21 +466,14 @@ def merge(
     coefficients E_B (k_B×p), E_A (k_A×p). new_dirs_*: columns outside the basis that the new
     factors may use (temporary directions after training; the adapters' own factors when
     absorbing), n×c / d×c'. new_b/new_a: new tasks' factors B̂ (n×p), Â (d×p), each in
-    span([basis, new_dirs]). Returned coefficients: old tasks first, then new ones.
+    span([basis, new_dirs]). Returned coefficients: old tasks first, then new ones; the old
+    ones are exactly `apply_frame(frame, old, dtype)` with the returned frames (k'×k float64).
     With no new tasks and k unchanged, every old ΔW is reproduced exactly.
+
+    Gram-based: the coordinates' Gram is P (E Eᵀ) Pᵀ + C_new C_newᵀ, so the old tasks cost one
+    k×k Gram, the frame product and their p×p error Grams, O((k² + q·k)·Σp), independent of n.
     """
-    q_b = span_basis(basis_b.double(), new_dirs_b.double())
-    q_a = span_basis(basis_a.double(), new_dirs_a.double())
-    coords_b, coords_a = _coordinates(q_b, basis_b, old_b, new_b), _coordinates(q_a, basis_a, old_a, new_a)
-    widths = [e.shape[1] for e in old_b] + [f.shape[1] for f in new_b]
-    f = fold(q_b, coords_b, q_a, coords_a, widths, policy, basis_b.dtype)
-    f.frame_b = f.rotation_b.T @ (q_b.T @ basis_b.double())
-    f.frame_a = f.rotation_a.T @ (q_a.T @ basis_a.double())
-    if old_b:  # the stored form of the old coefficients is the frame applied to them (see apply_frame)
-        n_old = len(old_b)
-        f.coefs_b[:n_old] = apply_frame(f.frame_b, old_b, basis_b.dtype)
-        f.coefs_a[:n_old] = apply_frame(f.frame_a, old_a, basis_a.dtype)
-    return f
+    return merge_layers([(basis_b, basis_a, old_b, old_a, new_dirs_b, new_dirs_a, new_b, new_a)], policy)[0]
 
 
 def apply_frame(frame: torch.Tensor, coefs: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor] | torch.Tensor:
@@ -246,10 +486,10 @@ def apply_frame(frame: torch.Tensor, coefs: list[torch.Tensor] | torch.Tensor, d
     what makes a version's state a deterministic function of its chain.
     """
     if isinstance(coefs, torch.Tensor):
-        return (frame @ coefs.double()).to(dtype)
+        return frame_product(frame, coefs).to(dtype)
     if not coefs:
         return []
-    out = (frame @ torch.cat(coefs, 1).double()).to(dtype)
+    out = frame_product(frame, torch.cat(coefs, 1)).to(dtype)
     return list(torch.split(out, [c.shape[1] for c in coefs], dim=1))
 
 

@@ -162,3 +162,143 @@ def test_policy_and_degenerate_inputs_are_rejected():
         S.KPolicy(energy=1.5)
     with pytest.raises(ValueError, match="all zero"):
         S.build([torch.zeros(N, R)], [torch.zeros(D, R)], S.KPolicy())
+
+
+# ---- per-task errors from p×p Grams (issue 8, item 6) ---------------------------------------
+def errors_by_full_product(cb, ca, kb, ka):
+    """The former formula, kept as the reference: per task M = C_B C_Aᵀ (T×q_B×q_A), error = the
+    norm of M's entries outside M[:kb, :ka] relative to ‖M‖ (cb: T×q_B×P, ca: T×q_A×P)."""
+    full = torch.bmm(cb, ca.transpose(1, 2))
+    total = full.pow(2).sum((1, 2)).sqrt()
+    dropped = (full[:, kb:, :].pow(2).sum((1, 2)) + full[:, :kb, ka:].pow(2).sum((1, 2))).sqrt()
+    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(full.dtype).tiny), dropped)
+
+
+def gram_errors(cb, ca, kb, ka):
+    """task_errors on the same coordinates (q×Σp side by side, every task's P columns)."""
+    stack = lambda c: c.transpose(0, 1).reshape(c.shape[1], -1)  # noqa: E731  T×q×P → q×T·P
+    widths = [cb.shape[2]] * cb.shape[0]
+    gk_b, gd_b = S.task_grams(stack(cb)[:kb], stack(cb)[kb:], widths=widths)
+    gk_a, gd_a = S.task_grams(stack(ca)[:ka], stack(ca)[ka:], widths=widths)
+    return S.task_errors(gk_b, gd_b, gk_a, gd_a)
+
+
+def singular_coordinates(T=12, q_b=20, q_a=18, p=R, seed=11):
+    """Every task's coordinates in the singular bases of a structured stack (decaying rows),
+    as T×q×P; like the coordinates a fold truncates."""
+    ads = shared_adapters(T, k0=10, seed=seed, noise=0.02)
+    fb = torch.cat([b for b, _ in ads], 1)
+    fa = torch.cat([a for _, a in ads], 1)
+    ub = torch.linalg.svd(fb, full_matrices=False)[0][:, :q_b]
+    ua = torch.linalg.svd(fa, full_matrices=False)[0][:, :q_a]
+    return (ub.T @ fb).reshape(q_b, T, p).transpose(0, 1), (ua.T @ fa).reshape(q_a, T, p).transpose(0, 1)
+
+
+def test_gram_errors_equal_the_full_product_formula():
+    cb, ca = singular_coordinates()
+    for kb, ka in [(10, 10), (8, 12), (4, 3), (12, 9), (1, 1), (19, 17)]:
+        ref, got = errors_by_full_product(cb, ca, kb, ka), gram_errors(cb, ca, kb, ka)
+        assert ref.min() > 1e-6  # structured, not trivial: every task loses something
+        assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+
+
+def test_gram_errors_are_exactly_zero_where_nothing_is_dropped():
+    cb, ca = singular_coordinates()
+    cb[3, 10:], ca[3, 9:] = 0, 0  # task 3 lies inside the kept block exactly
+    ref, got = errors_by_full_product(cb, ca, 10, 9), gram_errors(cb, ca, 10, 9)
+    assert ref[3] == 0 and got[3] == 0
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+    q_b, q_a = cb.shape[1], ca.shape[1]  # keeping every row drops nothing, for every task
+    assert torch.equal(gram_errors(cb, ca, q_b, q_a), torch.zeros(cb.shape[0], dtype=cb.dtype))
+
+
+def dense_errors(factors, basis_b, coefs_b, basis_a, coefs_a):
+    """Relative ΔW error per task, from the n×d matrices themselves."""
+    return [S.relative_error(b @ a.T, S.delta_weight(basis_b, eb, basis_a, ea, 1.0)) for (b, a), eb, ea in zip(factors, coefs_b, coefs_a)]
+
+
+@pytest.mark.parametrize("policy", [S.KPolicy(k_max=7), S.KPolicy(k_max=40, error_budget=0.05), S.KPolicy(k_max=30, energy=0.95)])
+def test_fold_errors_are_the_true_delta_w_errors(policy):
+    ads = shared_adapters(9, k0=14, seed=12, noise=0.03)
+    f = S.build([b for b, _ in ads], [a for _, a in ads], policy)
+    assert f.errors == pytest.approx(dense_errors(ads, f.basis_b, f.coefs_b, f.basis_a, f.coefs_a), rel=1e-9, abs=1e-12)
+    if policy.error_budget is not None:
+        assert max(f.errors) <= policy.error_budget  # the budget loop's Gram curve agrees with the result
+    more = shared_adapters(3, k0=14, seed=13, noise=0.03)
+    m = S.merge(f.basis_b, f.basis_a, f.coefs_b, f.coefs_a, torch.cat([b for b, _ in more], 1), torch.cat([a for _, a in more], 1), [b for b, _ in more], [a for _, a in more], policy)
+    current = [(f.basis_b @ eb, f.basis_a @ ea) for eb, ea in zip(f.coefs_b, f.coefs_a)] + more
+    assert m.errors == pytest.approx(dense_errors(current, m.basis_b, m.coefs_b, m.basis_a, m.coefs_a), rel=1e-9, abs=1e-12)
+
+
+# ---- batched merges, the stored frames, batch absorb ------------------------------------------
+def float32_layer(seed, n=N, d=D, T=30, k=12):
+    ads = [(b.float(), a.float()) for b, a in shared_adapters(T + 1, k0=10, seed=seed, noise=0.02)]
+    if n != N:  # another layer shape: zero-pad the B side's rows (still a valid, structured layer)
+        ads = [(torch.cat([b, torch.zeros(n - N, R)]), a) for b, a in ads]
+    f = S.build([b for b, _ in ads[:T]], [a for _, a in ads[:T]], S.KPolicy(k_max=k))
+    nb, na = ads[T]
+    return (f.basis_b, f.basis_a, f.coefs_b, f.coefs_a, nb, na, [nb], [na])
+
+
+def test_merge_stores_old_coefficients_exactly_as_apply_frame_gives_them():
+    layers = [float32_layer(20 + i) for i in range(3)]
+    for f, layer in zip(S.merge_layers(layers, S.KPolicy(k_max=12)), layers):
+        old_b, old_a = layer[2], layer[3]
+        for got, want in zip(f.coefs_b[: len(old_b)], S.apply_frame(f.frame_b, old_b, torch.float32)):
+            assert torch.equal(got, want)
+        for got, want in zip(f.coefs_a[: len(old_a)], S.apply_frame(f.frame_a, old_a, torch.float32)):
+            assert torch.equal(got, want)
+        # and as a stored version recomputes them: the frame applied to the stacked k×Σp matrix
+        assert torch.equal(torch.cat(f.coefs_b[: len(old_b)], 1), S.apply_frame(f.frame_b.clone(), torch.cat(old_b, 1)))
+
+
+def test_merge_layers_equals_merging_each_layer():
+    layers = [float32_layer(30), float32_layer(31, n=N + 16), float32_layer(32), float32_layer(33, k=10)]
+    policy = S.KPolicy(k_max=12)
+    for f, layer in zip(S.merge_layers(layers, policy), layers):
+        g = S.merge(*layer, policy)
+        assert f.basis_b.shape == g.basis_b.shape and f.basis_a.shape == g.basis_a.shape
+        assert torch.equal(f.basis_b, g.basis_b) and torch.equal(f.frame_b, g.frame_b)
+        assert all(torch.equal(x, y) for x, y in zip(f.coefs_a, g.coefs_a))
+        assert f.errors == g.errors
+
+
+def test_batch_absorb_of_100_adapters_into_one_version():
+    old = shared_adapters(20, k0=10, seed=40, noise=0.02)
+    policy = S.KPolicy(k_max=16)
+    base = S.build([b for b, _ in old], [a for _, a in old], policy)
+    new = shared_adapters(100, k0=10, seed=41, noise=0.02)  # another shared subspace
+    nb, na = [b for b, _ in new], [a for _, a in new]
+    f = S.merge(base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, torch.cat(nb, 1), torch.cat(na, 1), nb, na, policy)
+    assert len(f.coefs_b) == 120 and f.basis_b.shape == (N, 16)
+    current = [(base.basis_b @ eb, base.basis_a @ ea) for eb, ea in zip(base.coefs_b, base.coefs_a)] + new
+    assert f.errors == pytest.approx(dense_errors(current, f.basis_b, f.coefs_b, f.basis_a, f.coefs_a), rel=1e-9, abs=1e-12)
+    # the same subspace as a full SVD of all 120 tasks' current factors
+    full_b = torch.linalg.svd(torch.cat([b for b, _ in current], 1), full_matrices=False)[0][:, :16]
+    full_a = torch.linalg.svd(torch.cat([a for _, a in current], 1), full_matrices=False)[0][:, :16]
+    recompute = dense_errors(current, full_b, [full_b.T @ b for b, _ in current], full_a, [full_a.T @ a for _, a in current])
+    total = lambda errs: sum(e * e * float((b @ a.T).norm()) ** 2 for e, (b, a) in zip(errs, current))  # noqa: E731
+    assert total(f.errors) <= 1.01**2 * total(recompute) + 1e-24
+
+
+# ---- the build's leading-eigenpair solver ------------------------------------------------------
+def wide_stack(m, T, k0, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = orthonormal(m, k0, g)
+    return [u @ torch.randn(k0, R, generator=g, dtype=torch.float64) + noise * torch.randn(m, R, generator=g, dtype=torch.float64) for _ in range(T)]
+
+
+@pytest.mark.parametrize("noise", [0.01, 1.0])  # a gap after the wanted pairs; a flat spectrum (falls back)
+def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, monkeypatch):
+    fb, fa = wide_stack(160, 60, 12, noise, 50), wide_stack(150, 60, 12, noise, 51)
+    policy = S.KPolicy(k_max=8)
+    fast = S.build(fb, fa, policy)
+    monkeypatch.setattr(S, "TOP_EIG_MIN_Q", 10**9)
+    full = S.build(fb, fa, policy)
+    assert torch.allclose(principal_cosines(fast.basis_b, full.basis_b), torch.ones(8, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(fast.singular_b[:8], full.singular_b[:8], rtol=1e-12)
+    assert fast.errors == pytest.approx(full.errors, rel=1e-9)
+    stack = torch.cat(fb, 1)
+    assert torch.allclose(full.singular_b[:8], torch.linalg.svdvals(stack)[:8], rtol=1e-10)
+    for b, eb in zip(fb, fast.coefs_b):
+        assert torch.allclose(fast.basis_b @ eb, fast.basis_b @ (fast.basis_b.T @ b), atol=1e-12)
