@@ -31,16 +31,31 @@ QUICK_RESULTS = RESULTS / "quick"
 
 
 # ---- command line ------------------------------------------------------------------------------
-def parse_args(description: str, argv: list[str] | None = None, threads: int | None = None) -> argparse.Namespace:
+def parse_args(description: str, argv: list[str] | None = None, threads: int | None = None, models: tuple[str, ...] = ("minilm",), model_note: str = "") -> argparse.Namespace:
     """--quick: a seconds-long smoke run (tiny sizes) written to results/quick/ so it never
     overwrites the real results; --out: another results directory; --threads: torch intra-op
-    threads (default `threads`, else every core this process may use)."""
+    threads (default `threads`, else every core this process may use); --device auto|cpu|cuda
+    (auto: cuda when available), returned as a torch.device; --model: the base model
+    (bench.models.MODELS; default minilm). A benchmark lists the models it runs on in `models`;
+    any other is refused with one line (plus `model_note`, why). Results of a model other than
+    minilm go to <results>/<model>-<device>/ (bench.models.results_dir) unless --out is given."""
+    from .models import MODELS, results_dir
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default bench/results, or bench/results/quick with --quick)")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default bench/results, or bench/results/quick with --quick; <that>/<model>-<device> for a model other than minilm)")
     p.add_argument("--threads", type=int, default=threads, help="torch threads (default: %(default)s; None = every available core)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run (default: auto = cuda when available)")
+    p.add_argument("--model", choices=MODELS, default="minilm",
+                   help="base model: minilm = the packaged MiniLM classifier (default); llama-tiny / llama-0.5b / llama-1b = a randomly initialised "
+                        "Llama-shaped causal LM built from a config (no download; llama-tiny for CPU smoke runs)")
     args = p.parse_args(argv)
-    args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
+    if args.model not in models:
+        p.exit(2, f"{p.prog}: --model {args.model} is not supported by this benchmark (it runs on: {', '.join(models)}){'; ' + model_note if model_note else ''}\n")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.exit(2, f"{p.prog}: --device cuda: no CUDA device is available (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})\n")
+    args.device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    args.out = args.out or results_dir(QUICK_RESULTS if args.quick else RESULTS, args.model, args.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))

@@ -2,6 +2,10 @@
 and threads cannot skew another's, and gather their tables into bench/results/README.md.
 
 Adding a benchmark = one module with a main() and --quick, plus its name in BENCHMARKS.
+
+--device is passed to every benchmark; --model too, and a model other than MiniLM runs (and
+gathers into <results>/<model>-<device>/README.md) only the benchmarks that take it: MODEL_READY,
+or those named with --only.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .common import QUICK_RESULTS, RESULTS, env_line, environment, md_table
+from .models import MODELS, results_dir
 
 BENCHMARKS = ["merge", "train_step", "serving", "continual", "pipeline"]
+MODEL_READY = ["train_step", "serving"]  # the benchmarks that run on --model llama-*; add merge when bench.merge takes it
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -59,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="every benchmark's smoke run (results/quick/)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these; the README still gathers every benchmark's latest results")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="passed to every benchmark (default: auto = cuda when available)")
+    p.add_argument("--model", choices=MODELS, default="minilm", help=f"passed to every benchmark run; other than minilm: only {', '.join(MODEL_READY)} unless --only says otherwise")
     args = p.parse_args(argv)
-    out = QUICK_RESULTS if args.quick else RESULTS
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    out = results_dir(QUICK_RESULTS if args.quick else RESULTS, args.model, device)
     out.mkdir(parents=True, exist_ok=True)
-    flags = ["--quick"] if args.quick else []
-    t0, env = time.perf_counter(), environment()
-    runs = [run(name, flags, out) if name in (args.only or BENCHMARKS) else gathered(name, out) for name in BENCHMARKS]
+    flags = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device != "auto" else []) + (["--model", args.model] if args.model != "minilm" else [])
+    t0, env = time.perf_counter(), environment(device)
+    names = BENCHMARKS if args.model == "minilm" else [b for b in BENCHMARKS if b in (args.only or MODEL_READY)]
+    runs = [run(name, flags, out) if name in (args.only or names) else gathered(name, out) for name in names]
     command = " ".join(["python -m bench.run_all", *(argv if argv is not None else sys.argv[1:])])
     (out / "README.md").write_text(readme(runs, out, command, env))
     print(f"wrote {out / 'README.md'} ({time.perf_counter() - t0:.0f} s)")

@@ -8,7 +8,8 @@ splits the batch per adapter in every adapted layer. Both models serve the *same
 PEFT adapters are Share's tasks exported with ShareModel.export_task and loaded by PEFT
 itself, and the benchmark checks that their logits agree. The adapters are synthetic (random
 LoRA factors in a shared subspace, random heads), since serving cost does not depend on what
-was learned.
+was learned. --model picks the base (the MiniLM classifier by default, or a randomly initialised
+Llama-shaped causal LM: no heads, per-task logits over the vocabulary), --device where it runs.
 """
 
 from __future__ import annotations
@@ -20,39 +21,51 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, MINILM_ID, load_classifier
 from share_core.metrics import accounting
-from share_core.model import ShareModel, pick_device
+from share_core.model import ShareModel
 from share_core.subspace import KPolicy
 
-from .common import Target, environment, fmt, md_table, parse_args, rss_bytes, synthetic_adapters, tensor_bytes, time_interleaved, write_report
+from .common import Target, environment, fmt, md_table, minilm_layers, parse_args, rss_bytes, tensor_bytes, time_interleaved, write_report
+from .models import MODELS, describe, load_model, model_id, random_adapters, vocab_size
 from .train_step import make_batch
 
 RANK, ALPHA, K = 8, 16.0, 32
 MB = 1024 * 1024
+# (tasks in the throughput batch, task counts for memory, (batch, tokens) shapes, repeats) by (quick?, model kind)
+SIZES = {(True, "classifier"): (4, (4, 8), [(4, 16)], 3), (False, "classifier"): (16, (16, 100), [(16, 32), (64, 32)], 10),
+         (True, "causal-lm"): (4, (4, 8), [(4, 16)], 3), (False, "causal-lm"): (16, (16, 100), [(16, 128), (64, 128)], 10)}
 
 
-def build_share(tasks: int, device: torch.device) -> tuple[ShareModel, int]:
-    """ShareModel holding `tasks` synthetic tasks (k = 32); and the RSS its construction added."""
-    model, _ = load_classifier(device=device)
-    adapters = synthetic_adapters(model, tasks, targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=MINILM_ID, rank=RANK, lora_alpha=ALPHA, seed=tasks)
-    before = rss_bytes()
-    share = ShareModel.from_adapters(model, adapters, base_model_id=MINILM_ID, policy=KPolicy(k_max=K))
-    return share, rss_bytes() - before  # the input adapters are still alive: not counted
+def device_bytes(device: torch.device) -> int:
+    """Bytes allocated by torch on a CUDA device (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def build_peft(share: ShareModel, device: torch.device, tmp: Path) -> tuple[PeftModel, int]:
+def build_share(name: str, tasks: int, device: torch.device) -> tuple[ShareModel, int, int]:
+    """ShareModel holding `tasks` synthetic tasks (k = 32); and the RSS and the device memory its
+    construction added."""
+    bm = load_model(name, device)
+    adapters = random_adapters(bm, tasks, base_model_id=model_id(name), rank=RANK, lora_alpha=ALPHA, seed=tasks)
+    before, dev_before = rss_bytes(), device_bytes(device)
+    share = ShareModel.from_adapters(bm.model, adapters, base_model_id=model_id(name), policy=KPolicy(k_max=K))
+    return share, rss_bytes() - before, device_bytes(device) - dev_before  # the input adapters are still alive: not counted
+
+
+def build_peft(name: str, share: ShareModel, device: torch.device, tmp: Path) -> tuple[PeftModel, int, int]:
     """A PeftModel with every Share task loaded as its own LoRA adapter (exported, then loaded by
-    PEFT from disk); and the RSS the loading added."""
+    PEFT from disk); and the RSS and the device memory the loading added."""
     names = share.state.task_names
-    dirs = [share.export_task(name, tmp / name) for name in names]
-    model, _ = load_classifier(device=device)
-    before = rss_bytes()
+    dirs = [share.export_task(task, tmp / task) for task in names]
+    model = load_model(name, device).model
+    before, dev_before = rss_bytes(), device_bytes(device)
     pm = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
-    for name, d in zip(names[1:], dirs[1:]):
-        pm.load_adapter(str(d), adapter_name=name)
+    for task, d in zip(names[1:], dirs[1:]):
+        pm.load_adapter(str(d), adapter_name=task)
     pm.eval()
-    return pm, rss_bytes() - before
+    return pm, rss_bytes() - before, device_bytes(device) - dev_before
 
 
 def peft_adapter_bytes(pm: PeftModel) -> int:
@@ -91,8 +104,8 @@ def _no_grad(model, **inputs):
     return model(**inputs).logits
 
 
-def throughput(share: ShareModel, pm: PeftModel, base, tok, batch_size: int, length: int, repeats: int, device) -> dict:
-    batch = make_batch(tok, batch_size, length, device)
+def throughput(share: ShareModel, pm: PeftModel, base, vocab: int, batch_size: int, length: int, repeats: int, device) -> dict:
+    batch = make_batch(vocab, batch_size, length, device)
     tasks = mixed_tasks(share.state.task_names, batch_size)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     fns = {
@@ -106,27 +119,28 @@ def throughput(share: ShareModel, pm: PeftModel, base, tok, batch_size: int, len
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.split("\n")[0], argv)
+    args = parse_args(__doc__.split("\n")[0], argv, models=MODELS)
     t0 = time.perf_counter()
-    device = pick_device()
+    device = args.device
     env = environment(device)
-    tasks, memory_tasks, shapes, repeats = (4, (4, 8), [(4, 16)], 3) if args.quick else (16, (16, 100), [(16, 32), (64, 32)], 10)
-    base, tok = load_classifier(device=device)
+    bm = load_model(args.model, device)
+    base, vocab, model_text, n_layers = bm.model, vocab_size(bm), describe(args.model, bm), len(minilm_layers(bm.model, bm.targets))
+    tasks, memory_tasks, shapes, repeats = SIZES[(args.quick, bm.kind)]
     memory, runs = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        warm, _ = build_share(2, device)  # first use of linalg, safetensors and PEFT loading grows RSS once: not the adapters'
-        build_peft(warm, device, Path(tmp) / "warm-up")
+        warm, _, _ = build_share(args.model, 2, device)  # first use of linalg, safetensors and PEFT loading grows RSS once: not the adapters'
+        build_peft(args.model, warm, device, Path(tmp) / "warm-up")
         del warm
         for t in memory_tasks:
-            share, rss_share = build_share(t, device)
-            pm, rss_peft = build_peft(share, device, Path(tmp) / f"T{t}")
+            share, rss_share, dev_share = build_share(args.model, t, device)
+            pm, rss_peft, dev_peft = build_peft(args.model, share, device, Path(tmp) / f"T{t}")
             acct = accounting(share.state)
             memory[t] = {"share_stored_bytes": acct["share_bytes"], "share_resident_bytes": share_resident_bytes(share), "peft_bytes": peft_adapter_bytes(pm),
-                         "share_rss_delta": rss_share, "peft_rss_delta": rss_peft}
+                         "share_rss_delta": rss_share, "peft_rss_delta": rss_peft, "share_device_delta": dev_share, "peft_device_delta": dev_peft}
             if t == tasks:
-                runs = [throughput(share, pm, base, tok, b, length, repeats, device) for b, length in shapes]
+                runs = [throughput(share, pm, base, vocab, b, length, repeats, device) for b, length in shapes]
             else:
-                memory[t]["max_abs_diff"] = agreement(share, pm, make_batch(tok, 2 * t, 16, device), mixed_tasks(share.state.task_names, 2 * t))
+                memory[t]["max_abs_diff"] = agreement(share, pm, make_batch(vocab, 2 * t, 16, device), mixed_tasks(share.state.task_names, 2 * t))
             print(f"T={t}: {memory[t]}", flush=True)
             del share, pm
     t_speed = md_table(
@@ -135,21 +149,24 @@ def main(argv: list[str] | None = None) -> None:
           f"{r['ratio']:.2f}×", f"{r['time']['peft'].median / r['time']['base'].median:.2f}×", f"{r['time']['share'].median / r['time']['base'].median - 1:+.0%}", f"{r['time']['peft'].median / r['time']['base'].median - 1:+.0%}",
           fmt(r["max_abs_diff"])] for r in runs],
     )
+    cuda = device.type == "cuda"
     t_mem = md_table(
         ["tasks", "Share stored: basis + coefficients + heads (MB)", "Share resident: state + layer buffers (MB)", "PEFT resident: LoRA + head copies (MB)",
-         "PEFT / Share resident", "RSS growth Share (MB)", "RSS growth PEFT (MB)"],
+         "PEFT / Share resident", "RSS growth Share (MB)", "RSS growth PEFT (MB)", *(["GPU memory growth Share (MB)", "GPU memory growth PEFT (MB)"] if cuda else [])],
         [[t, fmt(m["share_stored_bytes"] / MB), fmt(m["share_resident_bytes"] / MB), fmt(m["peft_bytes"] / MB), f"{m['peft_bytes'] / m['share_resident_bytes']:.1f}×",
-          fmt(m["share_rss_delta"] / MB), fmt(m["peft_rss_delta"] / MB)] for t, m in memory.items()],
+          fmt(m["share_rss_delta"] / MB), fmt(m["peft_rss_delta"] / MB), *([fmt(m["share_device_delta"] / MB), fmt(m["peft_device_delta"] / MB)] if cuda else [])]
+         for t, m in memory.items()],
     )
     worst = max([r["max_abs_diff"] for r in runs] + [m.get("max_abs_diff", 0.0) for m in memory.values()])
     targets = [Target(f"mixed batch of {tasks} tasks: Share throughput ≥ 2× PEFT (batch {r['batch'][0]} × {r['batch'][1]})", r["ratio"] >= 2.0, f"{r['ratio']:.2f}×") for r in runs]
     targets.append(Target("Share and PEFT serve the same updates (max |Δ logit| ≤ 1e-4)", worst <= 1e-4, f"max |Δ logit| = {fmt(worst)}"))
-    intro = (f"MiniLM classifier, LoRA r = {RANK} on {CLASSIFIER_TARGETS} (12 modules), 2-label head per task; Share k = {K} per side. "
+    intro = (f"{model_text}; LoRA r = {RANK} on {bm.targets} ({n_layers} modules); Share k = {K} per side; device {device}. "
              f"Throughput: one batch mixing {tasks} tasks (each equally often, shuffled), Share `forward_mixed` vs PEFT `adapter_names=`, "
              f"and the bare base model as the floor; {repeats} interleaved repeats, medians, no grad. No adapter method can beat the bare model, so "
              "PEFT / base is the ceiling of the Share / PEFT throughput ratio on this device. Memory: bytes of the stored tensors, "
-             "and the process RSS growth while the adapter state is built/loaded (after gc and malloc_trim; includes allocator and loader overhead, so indicative).")
-    results = {"throughput": runs, "memory": memory}
+             "and the process RSS growth while the adapter state is built/loaded (after gc and malloc_trim; includes allocator and loader overhead, so indicative)"
+             + ("; on the GPU, torch's allocated-memory growth for the same step." if cuda else "."))
+    results = {"model": args.model, "device": str(device), "throughput": runs, "memory": memory}
     write_report(args.out, "serving", "Serving: mixed-task batches and adapter memory", intro, [t_speed, t_mem], targets, results, env, time.perf_counter() - t0, args.quick)
 
 
