@@ -154,7 +154,7 @@ def _median(xs):
 
 
 def main(argv: list[str] | None = None) -> None:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--one", type=int)
     pre.add_argument("--full", action="store_true")
     pre.add_argument("--landings", type=int, default=None)

@@ -220,8 +220,8 @@ def serve(
     from pipelines.storage import open_storage
     from pipelines.workspace import Workspace
 
-    from .continual import train_version
-    from .deployments import build_deployments
+    from .continual import recover_updates
+    from .deployments import build_deployments, deploy_train_version
     from .watcher import Watcher
 
     ws = Workspace(workspace)
@@ -238,6 +238,12 @@ def serve(
     if sqs_queue_url:
         import boto3
 
+    # updates a crash left half-done: stale ones are discarded, the others fire again and resume
+    for provenance in recover_updates(str(ws.root), model_name, _tracking(ws, tracking_uri)):
+        landing = watcher.storage.landing(provenance["key"]) if "key" in provenance else None
+        if landing is not None and landing.etag == provenance["etag"]:
+            console.print(f"resuming the interrupted update of [bold]{landing.key}[/]")
+            watcher.emit(landing)
         sqs = boto3.client("sqs")
     watcher = Watcher(open_storage(storage), storage, ws.root / "watcher-ledger.json")
     thread = threading.Thread(target=watcher.run, args=(poll_seconds, stop, sqs, sqs_queue_url), daemon=True)

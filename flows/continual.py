@@ -21,6 +21,7 @@ from prefect.deployments import run_deployment
 
 from pipelines import evaluate as ev
 from pipelines import lineage, register
+from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, next_version
 from pipelines.storage import Landing, open_storage
 from pipelines.update import EvalParams, build_version, load_params
 from pipelines.validate import LandingRejected, validate_landing
@@ -92,22 +93,23 @@ def train_version(workspace: str, landings: list[str], kind: str, version: str, 
     """The training/absorb step. Runs in-process, or as its own deployment on a (GPU) work pool;
     share_core picks CUDA when the worker has it."""
     ws = Workspace(workspace)
-    existing = _version_for(ws, provenance)
-    if existing:
-        return {"version": existing, "reused": True}
+    if _built(ws, version, parent, provenance):
+        return {"version": version, "reused": True}
+    print(f"building {version} in process {os.getpid()} (parent {os.getppid()})")  # where training runs (a pool's worker)
     build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.params_path), provenance)
     return {"version": version, "reused": False}
 
 
-def _version_for(ws: Workspace, provenance: dict | None) -> str | None:
-    """The newest version, when it was built from exactly this landing on the current HEAD and
-    not published yet (a retried run resumes, never duplicates). One manifest read, whatever
-    the history; a version built on a parent that is no longer HEAD is never reused."""
-    ids = ws.version_ids()
-    if not provenance or not ids or ids[-1] == ws.head():
-        return None
-    m = st.read_manifest(ws.version_dir(ids[-1]))
-    return ids[-1] if m["extra"].get("provenance") == provenance and m["parent"] == ws.head() else None
+def _built(ws: Workspace, version: str, parent: str | None, provenance: dict | None) -> bool:
+    """`version` already exists, built from exactly this landing on `parent` (a crash after the
+    build, before the journal recorded it): reused, never rebuilt or duplicated."""
+    vdir = ws.version_dir(version)
+    if not (vdir / "manifest.json").is_file():
+        return False
+    m = st.read_manifest(vdir)
+    if m["extra"].get("provenance") != provenance or m["parent"] != parent:
+        raise FileExistsError(f"versions/{version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not this update")
+    return True
 
 
 @task
@@ -158,10 +160,25 @@ def evaluate_all(workspace: str, version: str) -> dict:
 
 
 @task(**TRANSIENT)
-def record_and_register(workspace: str, version: str, model_name: str, landing: dict, tolerance: float, tracking_uri: str | None) -> dict:
+def record_lineage(workspace: str, version: str, message: str) -> dict:
+    return lineage.record_version(Workspace(workspace).root, version, message)
+
+
+@task(**TRANSIENT)
+def log_run(workspace: str, version: str, model_name: str, landing: dict, lin: dict, tolerance: float, tracking_uri: str | None) -> dict:
     ws = Workspace(workspace)
-    lin = lineage.record_version(ws.root, version, f"{version}: {landing.get('task', 'update')}")
-    return register.register_version(ws, version, model_name=model_name, landing=landing, lineage=lin, tolerance=tolerance, tracking_uri=tracking_uri)
+    gate = register.gate_for(ws, version, model_name=model_name, tolerance=tolerance, tracking_uri=tracking_uri)
+    return {"gate": gate, "run_id": register.log_run(ws, version, model_name=model_name, landing=landing, lineage=lin, gate=gate, tracking_uri=tracking_uri)}
+
+
+@task(**TRANSIENT)
+def register_model_version(workspace: str, version: str, run_id: str, model_name: str, gate: dict, tracking_uri: str | None) -> dict:
+    return {"model_version": register.register_model_version(Workspace(workspace), version, run_id, model_name=model_name, gate=gate, tracking_uri=tracking_uri)}
+
+
+@task(**TRANSIENT)
+def move_aliases(workspace: str, model_version: str, model_name: str, promote: bool, tracking_uri: str | None) -> None:
+    register.move_aliases(Workspace(workspace), model_version, model_name=model_name, promote=promote, tracking_uri=tracking_uri)
 
 
 @task(**TRANSIENT)
@@ -169,41 +186,128 @@ def push_lineage(workspace: str, targets: list[str]) -> None:
     lineage.push(Workspace(workspace).root, targets)
 
 
-def _build_and_publish(workspace: str, names: list[str], kind: str, provenance: dict, model_name: str, tolerance: float, tracking_uri: str | None, train_deployment: str | None) -> dict:
-    """Shared tail of every update: train/absorb → stage → evaluate → register → HEAD → push."""
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
+def _mark_crashed(run_ids: list[str]) -> None:
+    """Flow runs of a crashed update that the server still shows Running end Crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for rid in run_ids:
+            try:
+                state = client.read_flow_run(rid).state
+            except Exception:  # noqa: BLE001 - a run the server no longer knows needs no marking
+                continue
+            if state is not None and state.is_running():
+                client.set_flow_run_state(rid, Crashed(message="the process running this update died; a later run took the update over"), force=True)
+
+
+def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | None, reason: str) -> None:
+    """A stale update (its parent is no longer HEAD): what it published is undone, its version
+    is removed from the workspace and the lineage, and the journal says why."""
+    get_run_logger().warning("discarding the update of %s to %s: %s", j.data["provenance"], j.version, reason)
+    content_hash = j.result("build").get("content_hash")
+    if content_hash:
+        register.discard_version(ws, j.version, content_hash, model_name=model_name, aliases_before=j.data.get("before", {}).get("alias"), reason=reason, tracking_uri=tracking_uri)
+        lineage.remove_version_stage(ws.root, j.version)
+        vdir = ws.version_dir(j.version)
+        if (vdir / "manifest.json").is_file() and st.read_manifest(vdir)["content_hash"] == content_hash and ws.head() != j.version:
+            shutil.rmtree(vdir)
+            ws.evaluation_path(j.version).unlink(missing_ok=True)
+    j.close(DISCARDED, reason=reason)
+
+
+@flow(name="recover-updates", log_prints=True)
+def recover_updates(workspace: str, model_name: str = "share-subspace", tracking_uri: str | None = None) -> list[dict]:
+    """Open journals after a crash: the provenance of each update that can resume (its parent
+    is still HEAD); the stale ones are discarded. `share serve` runs this when it starts."""
     ws = Workspace(workspace)
+    resumable = []
+    with ws.lock():
+        for j in Journal.open_journals(ws):
+            if j.resumable(ws.head()):
+                resumable.append(j.data["provenance"])
+            else:
+                discard(ws, j, model_name=model_name, tracking_uri=tracking_uri, reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})")
+    return resumable
+
+
+def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: str, tolerance: float, tracking_uri: str | None, train_deployment: str | None) -> dict:
+    """Shared tail of every update, one journaled step at a time: train/absorb → DVC stage →
+    evaluate → git → MLflow run → model version → aliases → HEAD → push."""
+    workspace, version, parent, kind, provenance = str(ws.root), j.version, j.parent, j.data["kind"], j.data["provenance"]
     t0 = time.perf_counter()
-    parent, version = ws.head(), ws.next_version_id()
-    params = dict(workspace=workspace, landings=names, kind=kind, version=version, parent=parent, provenance=provenance)
-    if train_deployment:
-        run = run_deployment(train_deployment, parameters=params, timeout=3600)
-        if not run.state.is_completed():
-            raise RuntimeError(f"training deployment {train_deployment} ended {run.state.name}")
-        built = run.state.result()
-    else:
-        built = train_version(**params)
+    if not j.done("build"):
+        j.begin("build")
+        params = dict(workspace=workspace, landings=names, kind=kind, version=version, parent=parent, provenance=provenance)
+        if train_deployment:
+            run = run_deployment(train_deployment, parameters=params, timeout=3600)
+            if not run.state.is_completed():
+                raise RuntimeError(f"training deployment {train_deployment} ended {run.state.name}")
+        else:
+            train_version(**params)
+        j.finish("build", content_hash=st.read_manifest(ws.version_dir(version))["content_hash"])
     marks = {"train": time.perf_counter()}
-    version = built["version"]
-    lineage.add_version_stage(ws.root, version, names, kind, parent)
+    j.step("stage", lambda: lineage.add_version_stage(ws.root, version, names, kind, parent))
     marks["stage"] = time.perf_counter()
-    scores = evaluate_all(workspace, version)
+    scores = j.step("evaluate", lambda: {k: v for k, v in evaluate_all(workspace, version).items() if k in ("acc", "bwt")})
     marks["evaluate"] = time.perf_counter()
-    reg = record_and_register(workspace, version, model_name, {**provenance, "task": ",".join(names)}, tolerance, tracking_uri)
+    landing = {**provenance, "task": ",".join(names)}
+    lin = j.step("lineage", lambda: record_lineage(workspace, version, f"{version}: {landing['task']}"))
+    run = j.step("run", lambda: log_run(workspace, version, model_name, landing, {k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")}, tolerance, tracking_uri))
+    mv = j.step("model_version", lambda: register_model_version(workspace, version, run["run_id"], model_name, run["gate"], tracking_uri))
+    j.step("alias", lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri), **register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri))
     marks["register"] = time.perf_counter()
-    ws.set_head(version)
-    push_lineage(workspace, [version] + [f"landings/{n}" for n in names])
+    j.step("head", lambda: ws.set_head(version))
+    j.step("push", lambda: push_lineage(workspace, [version] + [f"landings/{n}" for n in names]))
     marks["push"] = time.perf_counter()
     seconds, prev = {}, t0
     for part, t in marks.items():
         seconds[part], prev = t - prev, t
     seconds["total"] = prev - t0
-    return {"status": "processed", "version": version, "acc": scores["acc"], "bwt": scores["bwt"], "seconds": seconds, **reg}
+    return {"status": "processed", "version": version, "acc": scores["acc"], "bwt": scores["bwt"], "seconds": seconds, **register.registration(version, mv["model_version"], run["run_id"], run["gate"])}
+
+
+def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: str | None) -> Journal | None:
+    """The open journal of this landing, if its update can resume (crashed flow runs that
+    worked on it are marked Crashed); a stale one is discarded (None)."""
+    j = Journal.find(ws, provenance)
+    if j is None or j.status != OPEN:
+        return None
+    if not j.resumable(ws.head()):
+        discard(ws, j, model_name=model_name, tracking_uri=tracking_uri, reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})")
+        return None
+    get_run_logger().info("resuming the update of %s to %s after %s", provenance, j.version, max(j.data["steps"], key=lambda s: j.data["steps"][s]["at"], default="nothing"))
+    _mark_crashed(j.join(_flow_run_id()))
+    return j
+
+
+def _publish_landings(ws: Workspace, j: Journal, storage_url: str, landings: list[Landing], version: str) -> None:
+    """The last steps: the ledger and the bucket's status files say processed; the journal closes."""
+
+    def record() -> None:
+        for lnd in landings:
+            ws.record_landing(lnd.key, {"etag": lnd.etag, "status": "processed", "version": version})
+
+    def status() -> None:
+        for lnd in landings:
+            mark(storage_url, lnd, "processed", {"version": version})
+
+    j.step("ledger", record)
+    j.step("mark", status)
+    j.close(PUBLISHED)
 
 
 @flow(name="continual-update", log_prints=True)
 def continual_update(key: str, storage_url: str, workspace: str, etag: str | None = None, model_name: str = "share-subspace", tolerance: float = 0.01, tracking_uri: str | None = None, train_deployment: str | None = None) -> dict:
-    """Process one landing, idempotently on (key, ETag). `etag` is the one the event saw; the
-    landing's current content is what gets processed (an overwrite has its own event)."""
+    """Process one landing, exactly once per (key, ETag), as a journaled transaction that a
+    re-run resumes. `etag` is the one the event saw; the landing's current content is what gets
+    processed (an overwrite has its own event)."""
     with Workspace(workspace).lock():
         return _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment)
 
@@ -216,20 +320,24 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
         raise ValueError(f"no complete landing with task.yaml key {key!r} in {open_storage(storage_url).describe()}")
     if etag and etag != landing.etag:
         log.info("landing %s changed since its event (etag %s → %s): processing the current one", key, etag[:8], landing.etag[:8])
+    provenance = {"key": key, "etag": landing.etag}
+    j = _take_over(ws, provenance, model_name, tracking_uri)
     seen = ws.seen(key, landing.etag)  # a processed record wins over any later rejection of the same content
-    if seen:
+    if j is None and seen:
         log.info("landing %s (etag %s) already %s: nothing to do", key, landing.etag[:8], seen["status"])
         return {"status": "duplicate", "version": seen.get("version"), "previous": seen}
-    with tempfile.TemporaryDirectory() as tmp:
-        local = download(storage_url, landing, tmp)
-        reason = validate(workspace, landing, local)
-        if reason:
-            return reject(ws, storage_url, landing, reason)
-        [name] = ingest(workspace, [(landing, local)])
-    provenance = {"key": key, "etag": landing.etag}
-    out = _build_and_publish(workspace, [name], landing.kind, provenance, model_name, tolerance, tracking_uri, train_deployment)
-    ws.record_landing(key, {"etag": landing.etag, "status": "processed", "version": out["version"]})
-    mark(storage_url, landing, "processed", {"version": out["version"]})
+    if j is None or not j.done("ingest"):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = download(storage_url, landing, tmp)
+            reason = validate(workspace, landing, local)
+            if reason:
+                return reject(ws, storage_url, landing, reason)
+            if j is None:
+                j = Journal.open(ws, provenance, landing.kind, next_version(ws), ws.head(), _flow_run_id())
+                j.finish("validate")
+            j.step("ingest", lambda: {"names": ingest(workspace, [(landing, local)])})
+    out = _build_and_publish(ws, j, j.result("ingest")["names"], model_name, tolerance, tracking_uri, train_deployment)
+    _publish_landings(ws, j, storage_url, [landing], out["version"])
     return out
 
 
@@ -252,16 +360,15 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
                 rejected[lnd.key] = reject(ws, storage_url, lnd, reason)["reason"]
                 continue
             accepted.append((lnd, local))
-        if accepted:
-            accepted = list(zip([lnd for lnd, _ in accepted], ingest(workspace, accepted)))
-    if not accepted:
-        return {"status": "nothing-to-absorb", "rejected": rejected}
-    provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted)}
-    out = _build_and_publish(workspace, [n for _, n in accepted], "adapter", provenance, model_name, tolerance, tracking_uri, None)
-    for lnd, _ in accepted:
-        ws.record_landing(lnd.key, {"etag": lnd.etag, "status": "processed", "version": out["version"]})
-        mark(storage_url, lnd, "processed", {"version": out["version"]})
-    return {**out, "absorbed": [n for _, n in accepted], "rejected": rejected}
+        if not accepted:
+            return {"status": "nothing-to-absorb", "rejected": rejected}
+        provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted)}
+        j = _take_over(ws, provenance, model_name, tracking_uri) or Journal.open(ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id())
+        j.step("validate", lambda: None)
+        names = j.step("ingest", lambda: {"names": ingest(workspace, accepted)})["names"]
+    out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
+    _publish_landings(ws, j, storage_url, [lnd for lnd, _ in accepted], out["version"])
+    return {**out, "absorbed": names, "rejected": rejected}
 
 
 @flow(name="evaluate-version", log_prints=True)

@@ -37,14 +37,18 @@ class Watcher:
         seen = self._seen()
         new = [lnd for lnd in landings if seen.get(lnd.key) != lnd.etag]
         for lnd in new:
-            emit_event(
-                event=EVENT,
-                resource={"prefect.resource.id": resource_id(lnd), "share.key": lnd.key},
-                payload={"key": lnd.key, "etag": lnd.etag, "kind": lnd.kind, "task": lnd.task, "storage": self.storage.describe()},
-            )
+            self.emit(lnd)
             seen[lnd.key] = lnd.etag
             write_atomic(self.ledger, json.dumps(seen, indent=2, sort_keys=True))  # after each emit: a crash re-emits at most one
         return new
+
+    def emit(self, lnd: Landing) -> None:
+        """The landing event that triggers the continual-update deployment."""
+        emit_event(
+            event=EVENT,
+            resource={"prefect.resource.id": resource_id(lnd), "share.key": lnd.key},
+            payload={"key": lnd.key, "etag": lnd.etag, "kind": lnd.kind, "task": lnd.task, "storage": self.storage.describe()},
+        )
 
     def poll_once(self) -> list[Landing]:
         """Emit an event for every landing not yet seen with its current ETag."""

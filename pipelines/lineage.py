@@ -30,7 +30,7 @@ from .update import BUILD_SECTIONS, DEFAULT_PARAMS
 from .workspace import write_atomic
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-IGNORED = ["mlflow.db", "mlartifacts/", ".lock", "ledger.json", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
+IGNORED = ["mlflow.db", "mlartifacts/", ".lock", "ledger.json", "journal/", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
 
 
 def _git(root: Path, *args: str) -> str:
@@ -110,6 +110,19 @@ def add_version_stage(root: Path, version: str, landings: list[str], kind: str, 
     stages[version] = stage(version, landings, kind, parent)
     write_atomic(root / "dvc.yaml", yaml.safe_dump(spec, sort_keys=False, width=1000))
     _dvc_cli(root, "commit", "-q", "-f", version)
+
+
+def remove_version_stage(root: Path, version: str) -> None:
+    """Take a never-published version's stage out of dvc.yaml/dvc.lock (a discarded update)."""
+    root = Path(root).resolve()
+    for name in ("dvc.yaml", "dvc.lock"):
+        path = root / name
+        spec = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if spec and version in (spec.get("stages") or {}):
+            del spec["stages"][version]
+            write_atomic(path, yaml.safe_dump(spec, sort_keys=False, width=1000))
+    _git(root, "add", "-A", "dvc.yaml", *(["dvc.lock"] if (root / "dvc.lock").exists() else []))
+    _commit_staged(root, f"discard {version}: its update was superseded before it was published")
 
 
 def record_version(root: Path, version: str, message: str) -> dict:

@@ -59,7 +59,7 @@ def _clean(d: dict) -> dict:
 
 
 def model_version_of(c, model_name: str, version: str):
-    hits = c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'")
+    hits = [mv for mv in c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'") if mv.tags.get("share.discarded") != "true"]
     if not hits:
         raise KeyError(f"version {version} is not registered under {model_name!r}")
     return max(hits, key=lambda mv: int(mv.version))
@@ -89,19 +89,14 @@ def forgetting_gate(new: dict, champion: dict | None, tolerance: float) -> dict:
     return {"passed": worst <= tolerance, "drops": drops, "worst_drop": worst, "against": champion["version"]}
 
 
-def register_version(ws: Workspace, version: str, *, model_name: str, landing: dict, lineage: dict, tolerance: float = 0.01, tracking_uri: str | None = None) -> dict:
-    """Log the version's run, register it, set `candidate`, and `champion` if the gate passes."""
-    c = client(ws, tracking_uri)
-    vdir = ws.version_dir(version)
-    manifest = st.read_manifest(vdir)
-    record = json.loads(ws.evaluation_path(version).read_text())
-    params_file = ws.params_path
-    acct = accounting(st.load(vdir))
-    champ_id = _alias_version(c, model_name, CHAMPION)
-    champ = json.loads(ws.evaluation_path(champ_id).read_text()) if champ_id else None
-    gate = forgetting_gate(record, champ, tolerance)
+def gate_for(ws: Workspace, version: str, *, model_name: str, tolerance: float, tracking_uri: str | None = None) -> dict:
+    """The forgetting gate of `version` against the current champion's recorded scores."""
+    champ_id = _alias_version(client(ws, tracking_uri), model_name, CHAMPION)
+    champ = json.loads(ws.evaluation_path(champ_id).read_text()) if champ_id and champ_id != version else None
+    return {**forgetting_gate(json.loads(ws.evaluation_path(version).read_text()), champ, tolerance), "champion_before": champ_id}
 
-    exp_id = _experiment(c, ws, model_name, tracking_uri)
+
+def _tags(ws: Workspace, version: str, manifest: dict, record: dict, landing: dict, lineage: dict, gate: dict) -> dict:
     tags = _clean({
         "share.version": version,
         "share.parent": manifest["parent"] or "",
@@ -123,18 +118,36 @@ def register_version(ws: Workspace, version: str, *, model_name: str, landing: d
     for t in manifest["tasks"]:
         if t["name"] in manifest["extra"].get("added", []) and t["info"].get("data_hash"):
             tags[f"data_hash.{t['name']}"] = t["info"]["data_hash"]
-    run = c.create_run(exp_id, run_name=version, tags=tags)
-    rid = run.info.run_id
+    return tags
+
+
+def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, lineage: dict, gate: dict, tracking_uri: str | None = None) -> str:
+    """The version's MLflow run (params, metrics, manifest, evaluation): its id. Idempotent: a
+    FINISHED run of this exact version (content hash) is reused; one left RUNNING by a crash
+    is ended FAILED and replaced."""
+    c = client(ws, tracking_uri)
+    vdir = ws.version_dir(version)
+    manifest = st.read_manifest(vdir)
+    record = json.loads(ws.evaluation_path(version).read_text())
+    exp_id = _experiment(c, ws, model_name, tracking_uri)
+    for old in c.search_runs([exp_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{manifest['content_hash']}'"):
+        if old.info.status == "FINISHED":
+            return old.info.run_id
+        if old.info.status == "RUNNING":
+            c.set_terminated(old.info.run_id, "FAILED")  # abandoned by a crashed update
+    tags = _tags(ws, version, manifest, record, landing, lineage, gate)
+    rid = c.create_run(exp_id, run_name=version, tags=tags).info.run_id
     try:
         policy = manifest["policy"]
         params = {"version": version, "parent": manifest["parent"] or "none", "tasks": len(manifest["tasks"]), "phi": manifest["phi"], **{f"policy.{k}": v for k, v in policy.items()}, "base_model": manifest["base_model"]["id"]}
-        if params_file.is_file():
+        if ws.params_path.is_file():
             import yaml
 
-            for section, values in (yaml.safe_load(params_file.read_text()) or {}).items():
+            for section, values in (yaml.safe_load(ws.params_path.read_text()) or {}).items():
                 params.update({f"{section}.{k}": v for k, v in (values or {}).items()})
         for k, v in _clean(params).items():
             c.log_param(rid, k, "none" if v is None else str(v)[:500])
+        acct = accounting(st.load(vdir))
         metrics = {"acc": record["acc"], "bwt": record["bwt"], "tasks_certified": len(record.get("certified", [])), "tasks_rescored": len(record.get("rescored", record["tasks"]))}
         metrics.update({f"score.{t}": s for t, s in record["scores"].items()})
         metrics.update({f"majority.{t}": m for t, m in record["majority"].items()})
@@ -158,12 +171,86 @@ def register_version(ws: Workspace, version: str, *, model_name: str, landing: d
     except BaseException:
         c.set_terminated(rid, "FAILED")
         raise
+    return rid
+
+
+def register_model_version(ws: Workspace, version: str, run_id: str, *, model_name: str, gate: dict, tracking_uri: str | None = None) -> str:
+    """The registered model version of `version` (its number). Idempotent: one already
+    registered for this version from this run is returned, never a second one."""
+    c = client(ws, tracking_uri)
     _registered(c, model_name)
-    mv = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/subspace", run_id=rid, tags=tags, description=_description(version, manifest, record, gate))
-    c.set_registered_model_alias(model_name, CANDIDATE, mv.version)
-    if gate["passed"]:
-        c.set_registered_model_alias(model_name, CHAMPION, mv.version)
-    return {"model_version": str(mv.version), "run_id": rid, "promoted": gate["passed"], "gate": gate, "champion": version if gate["passed"] else champ_id}
+    for mv in c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'"):
+        if mv.run_id == run_id and mv.tags.get("share.discarded") != "true":
+            return str(mv.version)
+    run = c.get_run(run_id)
+    manifest = st.read_manifest(ws.version_dir(version))
+    record = json.loads(ws.evaluation_path(version).read_text())
+    mv = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/subspace", run_id=run_id, tags=dict(run.data.tags), description=_description(version, manifest, record, gate))
+    return str(mv.version)
+
+
+def aliases(ws: Workspace, *, model_name: str, tracking_uri: str | None = None) -> dict[str, str | None]:
+    """{"candidate": model version or None, "champion": …}: what a rollback of this step restores."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client(ws, tracking_uri).get_registered_model(model_name).aliases or {}
+    except MlflowException:
+        current = {}
+    return {a: (str(current[a]) if a in current else None) for a in (CANDIDATE, CHAMPION)}
+
+
+def move_aliases(ws: Workspace, model_version: str, *, model_name: str, promote: bool, tracking_uri: str | None = None) -> None:
+    """`candidate` → model_version, and `champion` too when the gate passed (idempotent)."""
+    c = client(ws, tracking_uri)
+    c.set_registered_model_alias(model_name, CANDIDATE, model_version)
+    if promote:
+        c.set_registered_model_alias(model_name, CHAMPION, model_version)
+
+
+def discard_version(ws: Workspace, version: str, content_hash: str, *, model_name: str, aliases_before: dict | None, reason: str, tracking_uri: str | None = None) -> None:
+    """Undo what a stale update published in MLflow — only what carries its version's content
+    hash: its runs end FAILED, its model versions are tagged discarded, and aliases it moved go
+    back to where they were."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(ws, tracking_uri)
+    mine = f"tag.`share.version`='{version}' and tag.`share.content_hash`='{content_hash}'"
+    exp = c.get_experiment_by_name(model_name)
+    if exp is not None:
+        for run in c.search_runs([exp.experiment_id], mine.replace("tag.", "tags.")):
+            if run.info.status == "RUNNING":
+                c.set_terminated(run.info.run_id, "FAILED")
+    try:
+        mvs = c.search_model_versions(f"name='{model_name}' and {mine}")
+    except MlflowException:
+        mvs = []
+    current = aliases(ws, model_name=model_name, tracking_uri=tracking_uri)
+    for mv in mvs:
+        c.set_model_version_tag(model_name, mv.version, "share.discarded", "true")
+        c.set_model_version_tag(model_name, mv.version, "share.discarded_reason", reason[:4900])
+        for alias in (CANDIDATE, CHAMPION):
+            if current[alias] == str(mv.version):
+                before = (aliases_before or {}).get(alias)
+                if before:
+                    c.set_registered_model_alias(model_name, alias, before)
+                else:
+                    c.delete_registered_model_alias(model_name, alias)
+
+
+def register_version(ws: Workspace, version: str, *, model_name: str, landing: dict, lineage: dict, tolerance: float = 0.01, tracking_uri: str | None = None) -> dict:
+    """Log the version's run, register it, set `candidate`, and `champion` if the gate passes
+    (the three steps the update flow journals one by one)."""
+    gate = gate_for(ws, version, model_name=model_name, tolerance=tolerance, tracking_uri=tracking_uri)
+    rid = log_run(ws, version, model_name=model_name, landing=landing, lineage=lineage, gate=gate, tracking_uri=tracking_uri)
+    mv = register_model_version(ws, version, rid, model_name=model_name, gate=gate, tracking_uri=tracking_uri)
+    move_aliases(ws, mv, model_name=model_name, promote=gate["passed"], tracking_uri=tracking_uri)
+    return registration(version, mv, rid, gate)
+
+
+def registration(version: str, model_version: str, run_id: str, gate: dict) -> dict:
+    """What an update reports about its registration."""
+    return {"model_version": model_version, "run_id": run_id, "promoted": gate["passed"], "gate": gate, "champion": version if gate["passed"] else gate.get("champion_before")}
 
 
 def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
@@ -185,7 +272,7 @@ def registered_versions(c, model_name: str) -> list[str]:
         hits = c.search_model_versions(f"name='{model_name}'")
     except MlflowException:
         return []
-    return sorted({v for mv in hits if (v := mv.tags.get("share.version"))}, key=lambda v: (len(v), v))
+    return sorted({v for mv in hits if (v := mv.tags.get("share.version")) and mv.tags.get("share.discarded") != "true"}, key=lambda v: (len(v), v))
 
 
 def rollback_target(ws: Workspace, text: str, *, model_name: str, tracking_uri: str | None = None) -> str:
@@ -237,6 +324,8 @@ def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
     rows = []
     for mv in c.search_model_versions(f"name='{model_name}'"):
         t = mv.tags
+        if t.get("share.discarded") == "true":  # published by an update that was discarded after a crash
+            continue
         rows.append({
             "version": t.get("share.version"), "model_version": str(mv.version), "aliases": sorted(by_mv.get(str(mv.version), [])),
             "task": t.get("share.task"), "parent": t.get("share.parent"), "acc": t.get("acc") or None, "bwt": t.get("bwt") or None,

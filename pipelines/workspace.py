@@ -91,6 +91,11 @@ class Workspace:
         return self.root / "params.yaml"
 
     @property
+    def journals(self) -> Path:
+        """journal/<id>.json: one per update in flight or done (pipelines.journal)."""
+        return self.root / "journal"
+
+    @property
     def evaluations(self) -> Path:
         return self.root / "evaluations"
 

@@ -1,0 +1,112 @@
+"""Crash safety: the update runs in a real subprocess that SIGKILLs itself right after each
+journaled step (SHARE_FAULT_AFTER); a re-run resumes it, and the chain ends consistent and
+complete every time. Also the interleaving case: a crashed update whose parent moved on is
+discarded and redone on the new HEAD, never published on the stale parent."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipelines import lineage, register
+from pipelines.journal import STEPS
+from pipelines.storage import LocalStorage
+from pipelines.workspace import Workspace
+from share_core import state as st
+from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.synthetic import shared_subspace_adapters, write_landing
+from share_core.tasks import generate_tasks
+
+BASE_ID = "tiny-minilm"
+MODEL = "share-crash"
+UPDATE = "from flows.continual import continual_update; import sys; continual_update(key=sys.argv[1], storage_url=sys.argv[2], workspace=sys.argv[3], model_name=sys.argv[4], tolerance=1.0)"
+
+
+@pytest.fixture
+def chain(tmp_path, tiny_model_dir, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    ws = Workspace(tmp_path / "ws")
+    lineage.init_workspace(ws.root, remote=str(tmp_path / "remote"))
+    params = yaml.safe_load(ws.params_path.read_text())
+    params["base"] = {"model_id": BASE_ID, "model_path": str(tiny_model_dir)}
+    ws.params_path.write_text(yaml.safe_dump(params))
+    template = generate_tasks(tmp_path / "template", names=["sentiment"], n_train=4, n_eval=16)[0]
+    model, _ = load_classifier(str(tiny_model_dir))
+    names = [f"t{i:02d}" for i in range(len(STEPS) + 3)]
+    for a in shared_subspace_adapters(model, names, 2, targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=BASE_ID, rank=2, dim=4):
+        write_landing(tmp_path / "src", a, template)
+    storage = LocalStorage(tmp_path / "bucket")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "env": env}
+
+
+def crash_after(chain, name: str, step: str) -> str:
+    """Land `name` and run its update in a subprocess that dies right after `step`."""
+    key = chain["storage"].upload_task(chain["src"] / name, "adapter", name)
+    proc = subprocess.run([sys.executable, "-c", UPDATE, key, chain["storage"].describe(), str(chain["ws"].root), MODEL],
+                          env={**chain["env"], "SHARE_FAULT_AFTER": step}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, f"{step}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return key
+
+
+def rerun(chain, key: str) -> dict:
+    from flows.continual import continual_update
+
+    return continual_update(key=key, storage_url=chain["storage"].describe(), workspace=str(chain["ws"].root), model_name=MODEL, tolerance=1.0)
+
+
+def assert_consistent(chain, processed: list[str]) -> None:
+    """One version per processed landing, chained, nothing lost, every system agreeing."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    ws, storage = chain["ws"], chain["storage"]
+    versions = ws.version_ids()
+    assert versions == [f"v{i:04d}" for i in range(1, len(processed) + 1)] and ws.head() == versions[-1]
+    for parent, child in zip(versions, versions[1:]):
+        pm, cm = st.read_manifest(ws.version_dir(parent)), st.read_manifest(ws.version_dir(child))
+        assert cm["parent"] == parent and [t["name"] for t in cm["tasks"]][: len(pm["tasks"])] == [t["name"] for t in pm["tasks"]]
+    assert st.load(ws.version_dir(versions[-1])).task_names == processed  # every task learned is there
+    registered = register.list_versions(MODEL, ws.tracking_uri)
+    assert [r["version"] for r in registered] == versions  # one model version each, no duplicate
+    c = MlflowClient(ws.tracking_uri)
+    exp = c.get_experiment_by_name(MODEL)
+    assert not [r for r in c.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
+    assert json.loads(lineage._dvc_cli(ws.root, "status", "-c", "--json") or "{}") == {}  # the remote holds every version
+    by_task = {lnd.task: lnd for lnd in storage.list_landings()}
+    for v, name in zip(versions, processed):
+        assert ws.seen(by_task[name].key, by_task[name].etag)["status"] == "processed"
+        assert storage.status_of(by_task[name])["version"] == v
+    with get_client(sync_client=True) as client:
+        assert not [r for r in client.read_flow_runs() if r.state and r.state.is_running()]
+    assert not [p for p in ws.journals.glob("*.json") if json.loads(p.read_text())["status"] == "open"]
+
+
+def test_every_kill_point_recovers(chain):
+    processed = []
+    for step, name in zip(STEPS, chain["names"]):
+        key = crash_after(chain, name, step)
+        out = rerun(chain, key)
+        processed.append(name)
+        assert out["status"] == "processed", (step, out)
+        assert_consistent(chain, processed)
+        assert rerun(chain, key)["status"] == "duplicate"  # and once done, exactly once
+
+
+def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
+    names = chain["names"]
+    a = crash_after(chain, names[0], "build")  # v0001 planned, built, never published
+    b = chain["storage"].upload_task(chain["src"] / names[1], "adapter", names[1])
+    assert rerun(chain, b)["version"] == "v0002"  # the crashed update's id is not handed out again
+    out = rerun(chain, a)  # its parent (none) is no longer HEAD (v0002): discarded, redone on v0002
+    assert out["version"] == "v0003"
+    ws = chain["ws"]
+    assert not ws.version_dir("v0001").exists()
+    assert st.load(ws.version_dir("v0003")).task_names == [names[1], names[0]]
+    assert [r["version"] for r in register.list_versions(MODEL, ws.tracking_uri)] == ["v0002", "v0003"]
+    journals = [json.loads(p.read_text()) for p in ws.journals.glob("*.json")]
+    assert any(h["status"] == "discarded" and h["version"] == "v0001" for j in journals for h in j["history"])
