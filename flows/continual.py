@@ -28,6 +28,8 @@ from pipelines.validate import LandingRejected, validate_landing
 from pipelines.workspace import Workspace
 from share_core import state as st
 
+from .lock import chain_lock
+
 TRANSIENT = dict(retries=2, retry_delay_seconds=2)
 
 
@@ -228,7 +230,7 @@ def recover_updates(workspace: str, model_name: str = "share-subspace", tracking
     is still HEAD); the stale ones are discarded. `share serve` runs this when it starts."""
     ws = Workspace(workspace)
     resumable = []
-    with ws.lock():
+    with chain_lock(ws):
         for j in Journal.open_journals(ws):
             if j.resumable(ws.head()):
                 resumable.append(j.data["provenance"])
@@ -308,7 +310,7 @@ def continual_update(key: str, storage_url: str, workspace: str, etag: str | Non
     """Process one landing, exactly once per (key, ETag), as a journaled transaction that a
     re-run resumes. `etag` is the one the event saw; the landing's current content is what gets
     processed (an overwrite has its own event)."""
-    with Workspace(workspace).lock():
+    with chain_lock(Workspace(workspace)):
         return _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment)
 
 
@@ -344,7 +346,7 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
 @flow(name="batch-absorb", log_prints=True)
 def batch_absorb(storage_url: str, workspace: str, model_name: str = "share-subspace", tolerance: float = 0.01, tracking_uri: str | None = None) -> dict:
     """Absorb every pending adapter landing in one merge (asynchronous learning)."""
-    with Workspace(workspace).lock():
+    with chain_lock(Workspace(workspace)):
         return _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri)
 
 
@@ -390,7 +392,7 @@ def rollback(workspace: str, version: str, model_name: str = "share-subspace", r
     """Champion and HEAD move to `version` (recorded in MLflow), then it is re-evaluated."""
     ws = Workspace(workspace)
     version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=tracking_uri)
-    with ws.lock():
+    with chain_lock(ws):
         lineage.checkout_version(ws.root, version)
         moved = register.rollback(ws, version, model_name=model_name, reason=reason, tracking_uri=tracking_uri)
     check = evaluate_version(workspace, version)

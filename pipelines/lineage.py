@@ -30,7 +30,7 @@ from .update import BUILD_SECTIONS, DEFAULT_PARAMS
 from .workspace import write_atomic
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-IGNORED = ["mlflow.db", "mlartifacts/", ".lock", "ledger.json", "journal/", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
+IGNORED = ["mlflow.db", "mlartifacts/", ".lock", ".chain-id", "ledger.json", "journal/", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
 
 
 def _git(root: Path, *args: str) -> str:

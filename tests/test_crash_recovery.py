@@ -26,7 +26,7 @@ UPDATE = "from flows.continual import continual_update; import sys; continual_up
 
 
 @pytest.fixture
-def chain(tmp_path, tiny_model_dir, prefect_harness):
+def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
     ws = Workspace(tmp_path / "ws")
@@ -40,6 +40,8 @@ def chain(tmp_path, tiny_model_dir, prefect_harness):
     for a in shared_subspace_adapters(model, names, 2, targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=BASE_ID, rank=2, dim=4):
         write_landing(tmp_path / "src", a, template)
     storage = LocalStorage(tmp_path / "bucket")
+    # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here (tests/test_lock.py covers the global one)
+    monkeypatch.setenv("SHARE_CHAIN_LOCK", "local")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
     return {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "env": env}
 
