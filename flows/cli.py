@@ -228,9 +228,7 @@ def serve(
     lineage.init_workspace(ws.root)
     train_deployment = None
     if train_pool:
-        root = Path(__file__).resolve().parents[1]
-        train_version.from_source(source=str(root), entrypoint="flows/continual.py:train_version").deploy(name="train", work_pool_name=train_pool)
-        train_deployment = "train-version/train"
+        train_deployment = deploy_train_version(train_pool)
         console.print(f"training runs on work pool [bold]{train_pool}[/] (start a worker: prefect worker start --pool {train_pool})")
     deployments = build_deployments(storage, str(ws.root), model_name=model_name, tracking_uri=_tracking(ws, tracking_uri), absorb_cron=absorb_cron, reeval_cron=reeval_cron, train_deployment=train_deployment)
     stop = threading.Event()

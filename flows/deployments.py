@@ -1,8 +1,11 @@
 """The deployments `share serve` runs: the event-triggered continual update (concurrency 1:
 versions form a chain), cron batch-absorb and champion re-evaluation, and on-demand rollback
-and evaluate-version."""
+and evaluate-version; with a training pool, train-version as its own deployment on that work
+pool (picked up by a `prefect worker`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import flow
 from prefect.events import DeploymentEventTrigger
@@ -10,7 +13,7 @@ from prefect.events import DeploymentEventTrigger
 from pipelines import register
 from pipelines.workspace import Workspace
 
-from .continual import batch_absorb, continual_update, evaluate_version, rollback
+from .continual import batch_absorb, continual_update, evaluate_version, rollback, train_version
 from .watcher import EVENT, RESOURCE_PREFIX
 
 
@@ -22,6 +25,16 @@ def reevaluate_champion(workspace: str, model_name: str = "share-subspace", trac
     if version is None:
         return {"status": "no-champion"}
     return evaluate_version(workspace, version)
+
+
+def deploy_train_version(work_pool: str, *, name: str = "train", source: str | Path | None = None) -> str:
+    """Deploy the `train-version` flow onto `work_pool` and return the name to pass as
+    `train_deployment` (runs of continual-update then wait for its run on the pool's worker).
+    The deployment points at this checkout's source (`source`, default the repository root):
+    the worker must see the same path and the same workspace path (same image, shared volume)."""
+    root = Path(source) if source else Path(__file__).resolve().parents[1]
+    train_version.from_source(source=str(root), entrypoint="flows/continual.py:train_version").deploy(name=name, work_pool_name=work_pool, print_next_steps=False, ignore_warnings=True)
+    return f"{train_version.name}/{name}"
 
 
 def landing_trigger() -> DeploymentEventTrigger:
