@@ -20,6 +20,7 @@ uncentred stack is the Eckart–Young optimum, and centring would add a mean tha
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -141,18 +142,32 @@ def task_grams(*rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
     return [x[..., a:b] @ x[..., a:b].mT for a, b in zip(cuts, cuts[1:])]
 
 
-def _symmetric_gram(xt: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """XᵀX (m×m) of a tall xt (N×m) computing only the lower block triangle (blocks×blocks of
-    column blocks) and mirroring it: ~(b+1)/2b of the flops of a full product, exactly symmetric."""
+CHUNK_BYTES = 3 << 20  # float64 columns a build reads at a time: its memory stays O(m·chunk)
+
+
+def _symmetric_gram(xt: torch.Tensor, blocks: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """XᵀX (m×m) of a tall xt (N×m), computing only the lower block triangle (blocks×blocks of
+    column blocks, ~(b+1)/2b of the flops of a full product) and mirroring it, so the result is
+    exactly symmetric. With `out`, the lower block triangle is added to it in place and nothing
+    is mirrored (summing chunks of rows; `_mirror` finishes)."""
     m = xt.shape[1]
+    g = xt.new_zeros(m, m) if out is None else out
     if m < 64 * blocks:
-        return xt.T @ xt
+        return g.addmm_(xt.T, xt)
     cuts = [m * i // blocks for i in range(blocks + 1)]
-    g = xt.new_empty(m, m)
     for a, b in zip(cuts, cuts[1:]):
-        rows = xt[:, a:b].T @ xt[:, :b]
-        g[a:b, :b] = rows
-        g[:a, a:b] = rows[:, :a].T
+        g[a:b, :b].addmm_(xt[:, a:b].T, xt[:, :b])
+    return _mirror(g, cuts) if out is None else g
+
+
+def _mirror(g: torch.Tensor, cuts: list[int] | None = None) -> torch.Tensor:
+    """Copy the lower block triangle of g (column-block boundaries `cuts`) onto the upper one."""
+    m = g.shape[0]
+    cuts = cuts or [m * i // 4 for i in range(5)]
+    if m < 64 * (len(cuts) - 1):
+        return g
+    for a, b in zip(cuts, cuts[1:]):
+        g[:a, a:b] = g[a:b, :a].T
     return g
 
 
@@ -234,54 +249,97 @@ def _extra(want: int) -> int:
     return max(16, want)
 
 
+TOP_EIG_TOL = 1e-10  # residual ‖G u − θ u‖ / θ₁ of a certified pair
+
+
 def _top_eig(gram: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The leading ℓ = want + max(8, want) eigenpairs of a PSD q×q `gram` (float64) by subspace
-    iteration with Rayleigh–Ritz, or None when they are not certified within
+    """The leading ℓ = want + max(16, want) eigenpairs of a PSD q×q `gram` (float64) by
+    subspace iteration with Rayleigh–Ritz, or None when they are not certified within
     TOP_EIG_ITERATIONS steps (the caller then takes the full eigendecomposition).
 
     Each step costs O(q²·ℓ) instead of a full eigendecomposition's O(q³) (with a slow
     tridiagonal reduction); a spectrum with a gap after the wanted pairs (shared low-rank
     structure plus noise) converges in a few steps. Certified means: (1) every wanted pair's
-    residual ‖G u − θ u‖ ≤ 10·q·ε·θ₁, the backward error a full eigendecomposition has anyway,
-    and (2) no eigenvector the block missed can carry an eigenvalue above the last wanted one:
-    ‖G‖²_F − Σ θ² (≥ the energy outside the block) < θ_want². The start is a fixed
-    pseudo-random block, so the result is a deterministic function of the Gram.
+    residual ‖G u − θ u‖ ≤ TOP_EIG_TOL·θ₁ (1e-10), so the kept subspace is exact to
+    ~1e-10·θ₁/gap (orders below the 6e-8 that float32 bases and coefficients store; ΔW errors
+    move by its square) and the values, which converge with the square of the residual, to
+    rounding; and (2) no eigenvector the block missed can carry an
+    eigenvalue above the last wanted one: ‖G‖²_F − Σ θ² (≥ the energy outside the block) <
+    θ_want². The start is a fixed pseudo-random block, so the result is a deterministic
+    function of the Gram.
     """
     q, width = gram.shape[0], min(gram.shape[0], want + _extra(want))
-    g = torch.Generator().manual_seed(0)
-    x = torch.linalg.qr(gram @ torch.randn(q, width, generator=g, dtype=gram.dtype))[0]
-    frob2, tol = float(gram.pow(2).sum()), 10 * q * torch.finfo(gram.dtype).eps
+    x = torch.linalg.qr(gram @ _start_block(q, width, gram.dtype))[0]
+    frob2, tiny = float(torch.linalg.vector_norm(gram)) ** 2, torch.finfo(gram.dtype).tiny
     last = None
     for step in range(TOP_EIG_ITERATIONS):
         y = gram @ x
         theta, w = torch.linalg.eigh(x.T @ y)
         theta, w = theta.flip(0).clamp_min(0), w.flip(1)
         u, gu = x @ w, y @ w
-        residual = float((gu[:, :want] - u[:, :want] * theta[:want]).norm(dim=0).max()) / max(float(theta[0]), torch.finfo(gram.dtype).tiny)
-        if residual <= tol and frob2 - float(theta.pow(2).sum()) < float(theta[want - 1]) ** 2:
+        residual = float((gu[:, :want] - u[:, :want] * theta[:want]).norm(dim=0).max()) / max(float(theta[0]), tiny)
+        if residual <= TOP_EIG_TOL and frob2 - float(theta.pow(2).sum()) < float(theta[want - 1]) ** 2:
             return u, theta.sqrt()
-        if last is not None and residual > tol:  # give up early when the convergence rate cannot get there in time
+        if last is not None and residual > TOP_EIG_TOL:  # give up early when the convergence rate cannot get there in time
             rate = residual / last
-            if rate >= 1 or math.log(tol / residual) / math.log(rate) > TOP_EIG_ITERATIONS - step - 1:
+            if rate >= 1 or math.log(TOP_EIG_TOL / residual) / math.log(rate) > TOP_EIG_ITERATIONS - step - 1:
                 return None
         last = residual
-        x = torch.linalg.qr(gu)[0]
+        x = _orthonormal_columns(gu / theta.clamp_min(theta[0] * 1e-8))
     return None
+
+
+_STARTS: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+
+
+def _start_block(q: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed pseudo-random q×width start block (seed 0), made once per shape."""
+    key = (q, width, dtype)
+    if key not in _STARTS:
+        _STARTS[key] = torch.randn(q, width, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return _STARTS[key]
+
+
+def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of y's columns (q×ℓ): CholeskyQR twice (two small Grams, two
+    triangular solves) when y is well conditioned, as G·U scaled by the Ritz values is near
+    convergence; Householder QR when a Cholesky factor fails."""
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(y.T @ y)
+        if int(info) != 0:
+            return torch.linalg.qr(y)[0]
+        y = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)  # y·L⁻ᵀ with yᵀy = L·Lᵀ
+    return y
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, rows: int, cols: int) -> torch.Tensor:
+    """A rows×cols float64 work matrix, reused across calls by this thread (slot 0 or 1): a
+    build's chunks would otherwise be fresh multi-MB tensors, each costing a page fault per
+    4 KiB every time."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+    if bufs[slot].numel() < rows * cols:
+        bufs[slot] = torch.empty(rows * cols, dtype=torch.float64)
+    return bufs[slot][: rows * cols].view(rows, cols)
 
 
 class _Side:
     """One side (B or A) of L layers with equal shapes: every task's factor as coordinates
     C (q×Σp per layer) in an orthonormal q (L×m×q; None: the identity, C are the factors).
 
-    C is given (`c`: a build, per layer Cᵀ (Σp×q), task-major so that every per-task product is
-    a view) or implicit (a merge): the old tasks'
+    C is given (`c`: a build, per layer its per-task column blocks, read in float64 a few tasks
+    at a time) or implicit (a merge): the old tasks'
     C = P·E with P = qᵀβ (L×q×k) and E their coefficients (per layer k×N_old, float64), the new
     tasks' `c_new` (L×q×N_new). Only products with a few rows of C are formed (C itself would be
     q×Σp per layer, and P·E for all old tasks is what a merge must not pay for). Small tensors
     are batched over the layers; the per-layer matrices that scale with the tasks stay separate,
     so each layer's working set stays in cache."""
 
-    def __init__(self, q: torch.Tensor | None, widths: list[int], n_old: int = 0, c: list[torch.Tensor] | None = None,
+    def __init__(self, q: torch.Tensor | None, widths: list[int], n_old: int = 0, c: list[list[torch.Tensor]] | None = None,
                  p: torch.Tensor | None = None, e: list[torch.Tensor] | None = None, c_new: torch.Tensor | None = None) -> None:
         self.q, self.widths, self.c, self.p, self.e, self.c_new = q, widths, c, p, e, c_new
         self.parts = [widths] if c is not None else [w for w in (widths[:n_old], widths[n_old:]) if w]
@@ -289,7 +347,13 @@ class _Side:
     def gram(self) -> torch.Tensor:
         """C Cᵀ (L×q×q): for a merge P (E Eᵀ) Pᵀ + C_new C_newᵀ, O(k²·Σp) per layer."""
         if self.c is not None:
-            return torch.stack([_symmetric_gram(x) for x in self.c])
+            grams = []
+            for layer in range(len(self.c)):
+                g = None
+                for _, chunk in self._chunks(layer):
+                    g = _symmetric_gram(chunk.T, out=g if g is not None else chunk.new_zeros(chunk.shape[0], chunk.shape[0]))
+                grams.append(_mirror(g))
+            return torch.stack(grams) if len(grams) > 1 else grams[0].unsqueeze(0)
         g = self.c_new @ self.c_new.mT if self.c_new is not None else 0
         if self.e is not None:
             g = g + self.p @ torch.stack([x @ x.T for x in self.e]) @ self.p.mT
@@ -307,12 +371,18 @@ class _Side:
         O(q·k·Σp) rather than O(q²·Σp))."""
         kept, gk, gd = [], [], []
         if self.c is not None:
-            residual = self.c[idx[0]].shape[1] - k > k
             for i, layer in enumerate(idx):
-                ct, uk = self.c[layer], u[i, :, :k]
-                kept_t = ct @ uk  # Σp×k: the kept rows, transposed
-                dropped_t = torch.addmm(ct, kept_t, uk.T, alpha=-1) if residual else ct @ u[i, :, k:]
-                kept.append([kept_t.T]), gk.append(_task_major_grams(kept_t, self.widths)), gd.append(_task_major_grams(dropped_t, self.widths))
+                uk, rows, dropped = u[i, :, :k], [], []
+                for widths, chunk in self._chunks(layer):  # a few tasks at a time: O(m·chunk) memory
+                    part = uk.T @ chunk  # k×cols: the kept rows
+                    if chunk.shape[0] - k > k:  # the dropped rows' Gram as the residual's, transposed (task-major)
+                        residual = _scratch(1, chunk.shape[1], chunk.shape[0])
+                        dropped.append(_task_major_grams(torch.addmm(chunk.T, part.T, uk.T, alpha=-1, out=residual), widths))
+                    else:
+                        dropped.append(_task_major_grams(chunk.T @ u[i, :, k:], widths))
+                    rows.append(part)
+                kept_rows = torch.cat(rows, 1)
+                kept.append([kept_rows]), gk.append(_task_major_grams(kept_rows.T, self.widths)), gd.append(torch.cat(dropped, 0))
             return None, kept, torch.stack(gk), torch.stack(gd)
         rotated = u.mT @ self._at(self.p, idx)  # L'×q×k_old: old coordinates P·E → uᵀP·E
         frame = rotated[:, :k]
@@ -330,6 +400,25 @@ class _Side:
             gk.append(torch.cat([g[0] for g in grams], 0) if len(grams) > 1 else grams[0][0])
             gd.append(torch.cat([g[1] for g in grams], 0) if len(grams) > 1 else grams[0][1])
         return frame, kept, torch.stack(gk), torch.stack(gd)
+
+    def _chunks(self, layer: int):
+        """A build's C of one layer a few tasks at a time: (their widths, C[:, their columns] in
+        float64, about CHUNK_BYTES, in a reused scratch matrix: valid until the next chunk)."""
+        cols = self.c[layer]
+        rows, total = cols[0].shape[0], sum(self.widths)
+        count = max(1, -(-total * rows * 8 // CHUNK_BYTES))
+        per = -(-total // count)  # balanced chunks of whole tasks
+        scratch = _scratch(0, rows, max(per, max(self.widths)) + max(self.widths))
+        j = 0
+        while j < len(cols):
+            stop, width = j, 0
+            while stop < len(cols) and (width == 0 or width + self.widths[stop] <= per):
+                width += self.widths[stop]
+                stop += 1
+            chunk = scratch[:, :width]
+            chunk.copy_(torch.cat(cols[j:stop], 1))  # gather in the factors' dtype, then one converting copy: faster
+            yield self.widths[j:stop], chunk
+            j = stop
 
     def basis(self, rot: torch.Tensor, idx: list[int]) -> torch.Tensor:
         return rot if self.q is None else self._at(self.q, idx) @ rot
@@ -395,17 +484,14 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
 
 
 def _build_side(factors: list[torch.Tensor]) -> _Side:
-    """A build's coordinates of one side, task-major: the transposed m×Σp stack itself when it is
-    at least as wide as tall (q = the identity), else R of its reduced QR (q = Q, Σp×Σp)."""
-    if factors[0].T.is_contiguous():  # A_jᵀ given as views of A_j: their transposes are contiguous
-        stack_t = torch.cat([f.T for f in factors], 0).double()  # Σp×m
-    else:
-        stack_t = torch.cat(factors, 1).T.contiguous().double()
+    """A build's coordinates of one side: the factors themselves (q = the identity; read in
+    float64 a few tasks at a time, never stacked whole) when the stack is at least as wide as
+    tall, else R of the stack's reduced QR (q = Q, Σp×Σp)."""
     widths = [f.shape[1] for f in factors]
-    if stack_t.shape[0] >= stack_t.shape[1]:
-        return _Side(None, widths, c=[stack_t])
-    q, r = torch.linalg.qr(stack_t.T)
-    return _Side(q.unsqueeze(0), widths, c=[r.T.contiguous()])
+    if sum(widths) >= factors[0].shape[0]:
+        return _Side(None, widths, c=[factors])
+    q, r = torch.linalg.qr(torch.cat(factors, 1).double())
+    return _Side(q.unsqueeze(0), widths, c=[list(torch.split(r, widths, dim=1))])
 
 
 def build(factors_b: list[torch.Tensor], factors_a: list[torch.Tensor], policy: KPolicy) -> Fold:
