@@ -236,14 +236,14 @@ def serve(
     if sqs_queue_url:
         import boto3
 
+        sqs = boto3.client("sqs")
+    watcher = Watcher(open_storage(storage), storage, ws.root / "watcher-ledger.json")
     # updates a crash left half-done: stale ones are discarded, the others fire again and resume
     for provenance in recover_updates(str(ws.root), model_name, _tracking(ws, tracking_uri)):
         landing = watcher.storage.landing(provenance["key"]) if "key" in provenance else None
         if landing is not None and landing.etag == provenance["etag"]:
             console.print(f"resuming the interrupted update of [bold]{landing.key}[/]")
             watcher.emit(landing)
-        sqs = boto3.client("sqs")
-    watcher = Watcher(open_storage(storage), storage, ws.root / "watcher-ledger.json")
     thread = threading.Thread(target=watcher.run, args=(poll_seconds, stop, sqs, sqs_queue_url), daemon=True)
     thread.start()
     try:
