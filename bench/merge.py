@@ -16,18 +16,29 @@ the original factors (so a merge is charged for everything it truncated, now and
 
 Single-threaded by default: a merge is a chain of small ops that extra threads only slow down
 (wake-up latency); every contender gets the same core.
+
+The 24-module target (issue 8 item 6) is measured at k = 16 (the peers' setup: 200 synthetic
+adapters, r = 8, 24 modules, n = d = 384) and at this grid's k = 32: absorbing one adapter into
+all 24 modules in one `merge_layers` call, absorbing 100 adapters at once, and building from the
+200 adapters, each build contender in a fresh process of its own (same factors, same threads)
+so that its time and peak RSS (VmHWM reset before the build) are its own: ours, a float32
+centred-covariance eigendecomposition as lorashare 0.1.3's compression.py does it, the float64
+covariance eigendecomposition (the paper code's route) and the float64 thin SVD.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from share_core import subspace as S
 
-from .common import Target, dur, environment, fmt, md_table, parse_args, shared_factors, time_adaptive, time_interleaved, write_report
+from .common import Target, Timing, dur, environment, fmt, md_table, parse_args, rss_bytes, shared_factors, time_adaptive, time_interleaved, write_report
 
 R, K, PHI, DIM, NOISE, D_IN = 8, 32, 2, 24, 0.05, 384
 EIGH_ALL_T_MAX_N = 1024  # above this n the n×n eigh (minutes, independent of T) runs at the largest T only
@@ -137,22 +148,124 @@ def time_updates(cells: list[tuple[dict, dict]], repeats: int = 9) -> None:
 
 
 # ---- the 24-module target ---------------------------------------------------------------------
-def many_modules(n: int, tasks: int, modules: int) -> dict:
+def _aggregate(errors: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return rel(torch.cat([e for e, _ in errors]), torch.cat([r for _, r in errors]))
+
+
+def many_modules(n: int, tasks: int, modules: int, k: int, batch: int) -> dict:
     """Absorb one adapter into `tasks` tasks in each of `modules` independent n×n layers (both
-    sides), against a full SVD recompute of every layer; total time and aggregate ΔW error."""
-    policy = S.KPolicy(k_max=K)
-    layers = [shared_factors(n, n, tasks + 1, R, DIM, NOISE, seed=1000 + i) for i in range(modules)]
+    sides, one `merge_layers` call), against a full SVD recompute of every layer; then `batch`
+    adapters at once. Total time and aggregate ΔW error of each."""
+    policy = S.KPolicy(k_max=k)
+    layers = [shared_factors(n, n, tasks + batch, R, DIM, NOISE, seed=1000 + i) for i in range(modules)]
     states = [S.build([b for b, _ in fs[:tasks]], [a for _, a in fs[:tasks]], policy) for fs in layers]
 
-    def absorb_all():
-        return [S.merge(s.basis_b, s.basis_a, s.coefs_b, s.coefs_a, fs[tasks][0], fs[tasks][1], [fs[tasks][0]], [fs[tasks][1]], policy) for s, fs in zip(states, layers)]
+    def absorb(first: int, count: int, side_by_side: bool):
+        items = []
+        for s, fs in zip(states, layers):
+            nb, na = [b for b, _ in fs[first : first + count]], [a for _, a in fs[first : first + count]]
+            old = (s.side_by_side_b, s.side_by_side_a) if side_by_side else (s.coefs_b, s.coefs_a)
+            items.append((s.basis_b, s.basis_a, *old, torch.cat(nb, 1), torch.cat(na, 1), nb, na))
+        return S.merge_layers(items, policy)
 
-    t_ours, folds = time_adaptive(absorb_all, budget_s=2.0, max_repeats=7)
-    t_full, full = time_adaptive(lambda: [recompute(top_k_svd, fs) for fs in layers], budget_s=0.0)
-    e_ours = [delta_errors(fs, f.basis_b, torch.cat(f.coefs_b, 1), f.basis_a, torch.cat(f.coefs_a, 1)) for fs, f in zip(layers, folds)]
-    e_full = [delta_errors(fs, *bases) for fs, bases in zip(layers, full)]
-    agg = lambda es: rel(torch.cat([e for e, _ in es]), torch.cat([r for _, r in es]))  # noqa: E731
-    return {"n": n, "tasks": tasks, "modules": modules, "ours": t_ours, "full_svd": t_full, "error_ours": agg(e_ours), "error_full": agg(e_full)}
+    res = {"n": n, "tasks": tasks, "modules": modules, "k": k, "batch": batch}
+    for name, count in (("one", 1), ("batch", batch)):
+        everything = [fs[: tasks + count] for fs in layers]
+        times = time_interleaved({"side_by_side": lambda: absorb(tasks, count, True), "lists": lambda: absorb(tasks, count, False)},
+                                 repeats=9 if count == 1 else 3, warmup=2 if count == 1 else 1)
+        folds = absorb(tasks, count, True)
+        t_full, full = time_adaptive(lambda: [recompute(top_k_svd, fs, k) for fs in everything], budget_s=0.0)
+        e_ours = [delta_errors(fs, f.basis_b, f.stacked_b, f.basis_a, f.stacked_a) for fs, f in zip(everything, folds)]
+        e_full = [delta_errors(fs, *bases) for fs, bases in zip(everything, full)]
+        res[name] = {"ours": times["side_by_side"], "ours_lists": times["lists"], "full_svd": t_full,
+                     "error_ours": _aggregate(e_ours), "error_full": _aggregate(e_full), "adapters": count}
+    return res
+
+
+# ---- building from adapters, each contender in its own process --------------------------------
+def lorashare_style(fs: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As lorashare 0.1.3's compression.py: float32 stack (m×T·r), centred, covariance X Xᵀ,
+    torch.linalg.eigh, the top-k eigenvectors; coefficients = Uᵀ·stack (lorashare projects each
+    adapter the same way)."""
+    stack = torch.cat([f.float() for f in fs], dim=1)
+    centred = stack - stack.mean(dim=1, keepdim=True)
+    _, v = torch.linalg.eigh(centred @ centred.T)
+    u = v[:, -k:].flip(1)
+    return u, u.T @ stack
+
+
+def _ours(fs: Factors, k: int):
+    f = S.build([b for b, _ in fs], [a for _, a in fs], S.KPolicy(k_max=k))
+    return f.basis_b, f.stacked_b, f.basis_a, f.stacked_a
+
+
+BUILDERS = {
+    "ours": _ours,
+    "lorashare (float32 centred covariance + eigh)": lambda fs, k: recompute(lorashare_style, fs, k),
+    "float64 covariance + eigh (paper code)": lambda fs, k: recompute(top_k_eigh, fs, k),
+    "float64 thin SVD": lambda fs, k: recompute(top_k_svd, fs, k),
+}
+
+
+def _status_kib(field: str) -> int | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def _build_child(name: str, n: int, tasks: int, modules: int, k: int, threads: int, runs: int, conn) -> None:
+    """One contender in a fresh process: generate the factors, then build every module `runs`
+    times. Peak RSS is VmHWM over the first (cold) build, reset to the current RSS just before it
+    (/proc/self/clear_refs), so it is what the build itself adds on top of the loaded factors."""
+    torch.set_num_threads(threads)
+    layers = [shared_factors(n, n, tasks, R, DIM, NOISE, seed=1000 + i) for i in range(modules)]
+    rss_before = rss_bytes()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    times, cpu, built = [], [], None
+    for _ in range(runs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        built = [BUILDERS[name](fs, k) for fs in layers]
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if len(times) == 1:
+            peak = (_status_kib("VmHWM") or 0) * 1024
+    errors = [delta_errors(fs, *b) for fs, b in zip(layers, built)]
+    conn.send({"times": times, "cpu": cpu, "rss_before": rss_before, "peak_rss": peak, "peak_reset": reset, "error": _aggregate(errors)})
+    conn.close()
+
+
+def build_contest(n: int, tasks: int, modules: int, k: int, threads: int, rounds: int = 3, runs: int = 3) -> dict:
+    """Every builder in `rounds` fresh processes (the contenders' order rotating per round): time
+    = median over rounds of each process's median over its `runs` builds (the first one cold);
+    peak RSS = the median over rounds of the cold build's peak."""
+    ctx = multiprocessing.get_context("spawn")
+    names, samples = list(BUILDERS), {name: [] for name in BUILDERS}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_build_child, args=(name, n, tasks, modules, k, threads, runs, send))
+            proc.start()
+            send.close()
+            samples[name].append(recv.recv())
+            proc.join()
+            print(f"build {name}: {statistics.median(samples[name][-1]['times']):.3f} s (CPU {statistics.median(samples[name][-1]['cpu']):.3f} s), peak RSS {samples[name][-1]['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    out = {}
+    for name, rows in samples.items():
+        out[name] = {
+            "time": Timing.of([statistics.median(x["times"]) for x in rows]),
+            "cpu": Timing.of([statistics.median(x["cpu"]) for x in rows]),
+            "cold_time": statistics.median(x["times"][0] for x in rows),
+            "peak_rss": statistics.median(x["peak_rss"] for x in rows),
+            "rss_before": statistics.median(x["rss_before"] for x in rows),
+            "peak_reset": all(x["peak_reset"] for x in rows),
+            "error": rows[0]["error"],
+        }
+    return {"n": n, "tasks": tasks, "modules": modules, "k": k, "threads": threads, "contenders": out}
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -172,7 +285,7 @@ def fit_line(ts: list[int], secs: list[float]) -> tuple[float, float]:
     return float(y.mean()) - b * float(x.mean()), b
 
 
-def report(cells: list[dict], mods: dict, args, env: dict, wall: float) -> None:
+def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, wall: float) -> None:
     get = lambda c, k: c.get(k, {}).get("time")  # noqa: E731
     t_abs = md_table(
         ["n", "T", "ours absorb", "SVD recompute", "eigh recompute", "SVD / ours", "eigh / ours", "error ours", "error SVD", "error eigh", "ours / SVD error"],
@@ -199,15 +312,40 @@ def report(cells: list[dict], mods: dict, args, env: dict, wall: float) -> None:
     t_flat = md_table(["n", *[f"T={t}" for t in ts], "fit: fixed part", "fit: per task"], rows)
     slope_ratio = fits[ns[-1]][1] / fits[ns[0]][1]
     t_mods = md_table(
-        ["modules", "n", "tasks", "ours absorb, all modules", "full SVD recompute", "recompute / ours", "error ours", "error recompute", "ours / recompute error"],
-        [[mods["modules"], mods["n"], mods["tasks"], ms(mods["ours"]), ms(mods["full_svd"]), ratio(mods["full_svd"], mods["ours"]),
-          fmt(mods["error_ours"]), fmt(mods["error_full"]), fmt(mods["error_ours"] / mods["error_full"], 4)]],
+        ["k", "adapters absorbed", "modules", "n", "tasks", "ours, all modules", "ours, old coefficients as per-task lists", "full SVD recompute", "recompute / ours", "error ours", "error recompute", "ours / recompute error"],
+        [[m["k"], m[c]["adapters"], m["modules"], m["n"], m["tasks"], ms(m[c]["ours"]), ms(m[c]["ours_lists"]), ms(m[c]["full_svd"]), ratio(m[c]["full_svd"], m[c]["ours"]),
+          fmt(m[c]["error_ours"]), fmt(m[c]["error_full"]), fmt(m[c]["error_ours"] / m[c]["error_full"], 4)] for m in mods for c in ("one", "batch")],
     )
-    err_ratio = mods["error_ours"] / mods["error_full"]
-    targets = [
-        Target(f"absorb one adapter into {mods['tasks']} tasks × {mods['modules']} modules at n = {mods['n']} in ≤ 0.02 s", mods["ours"].median <= 0.02,
-               f"{mods['ours'].median:.4f} s (full SVD recompute {mods['full_svd'].median:.2f} s, {ratio(mods['full_svd'], mods['ours'])} ours)"),
-        Target("… with ΔW error ≤ 1.01× a full recompute", err_ratio <= 1.01, f"{fmt(mods['error_ours'])} vs {fmt(mods['error_full'])} = {err_ratio:.4f}×"),
+    contenders = builds["contenders"]
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    t_builds = md_table(
+        ["builder", "CPU time (median)", "wall time (median)", "first (cold) build, wall", "peak RSS during the build", "RSS before (factors loaded)", "build adds", "ΔW error"],
+        [[name, ms(c["cpu"]), ms(c["time"]), dur(c["cold_time"]), mib(c["peak_rss"]), mib(c["rss_before"]), mib(c["peak_rss"] - c["rss_before"]), fmt(c["error"])] for name, c in contenders.items()],
+    )
+    ours = contenders["ours"]
+    peers = {name: c for name, c in contenders.items() if name != "ours"}
+    fastest = min(peers, key=lambda name: peers[name]["cpu"].median)
+    leanest = min(peers, key=lambda name: peers[name]["peak_rss"])
+    targets = []
+    for m in mods:
+        one, batch = m["one"], m["batch"]
+        err_ratio = one["error_ours"] / one["error_full"]
+        targets += [
+            Target(f"k = {m['k']}: absorb one adapter into {m['tasks']} tasks × {m['modules']} modules at n = {m['n']} in ≤ 0.02 s", one["ours"].median <= 0.02,
+                   f"{one['ours'].median:.4f} s with the old coefficients side by side as a fold returns them, {one['ours_lists'].median:.4f} s from per-task lists "
+                   f"(full SVD recompute {one['full_svd'].median:.2f} s, {ratio(one['full_svd'], one['ours'])} ours)"),
+            Target(f"k = {m['k']}: … with ΔW error ≤ 1.01× a full recompute", err_ratio <= 1.01, f"{fmt(one['error_ours'])} vs {fmt(one['error_full'])} = {err_ratio:.4f}×"),
+            Target(f"k = {m['k']}: batch absorb of {batch['adapters']} adapters into one version, ΔW error ≤ 1.01× a full recompute",
+                   batch["error_ours"] <= 1.01 * batch["error_full"],
+                   f"{batch['ours'].median:.3f} s; error {fmt(batch['error_ours'])} vs {fmt(batch['error_full'])} = {batch['error_ours'] / batch['error_full']:.4f}×"),
+        ]
+    targets += [
+        Target(f"build from {builds['tasks']} adapters × {builds['modules']} modules (n = {builds['n']}, k = {builds['k']}) in ≤ the fastest peer's time",
+               ours["cpu"].median <= peers[fastest]["cpu"].median,
+               f"CPU time (one thread each, so the work itself, whatever else shares the cores): ours {ms(ours['cpu'])}, fastest peer {fastest} {ms(peers[fastest]['cpu'])} "
+               f"({ours['cpu'].median / peers[fastest]['cpu'].median:.2f}×); wall {ms(ours['time'])} vs {ms(peers[fastest]['time'])}"),
+        Target("… at ≤ the leanest peer's peak memory", ours["peak_rss"] <= peers[leanest]["peak_rss"],
+               f"ours {mib(ours['peak_rss'])} (+{mib(ours['peak_rss'] - ours['rss_before'])} over the loaded factors), leanest peer {leanest} {mib(peers[leanest]['peak_rss'])} (+{mib(peers[leanest]['peak_rss'] - peers[leanest]['rss_before'])})"),
         Target("merge cost flat in T apart from the coefficient update (per-task cost independent of n: slope at the largest n ≤ 1.5× slope at the smallest)",
                0 < slope_ratio <= 1.5, f"per-task slope {fmt(fits[ns[0]][1] * 1e6)} µs at n={ns[0]}, {fmt(fits[ns[-1]][1] * 1e6)} µs at n={ns[-1]} ({slope_ratio:.2f}×)"),
     ]
@@ -217,12 +355,19 @@ def report(cells: list[dict], mods: dict, args, env: dict, wall: float) -> None:
              "compare them within this run only: small-op code like a merge slows down far more than big LAPACK calls when other jobs share the cores. "
              f"The eigh recompute (n×n covariance) runs at every T for n ≤ {EIGH_ALL_T_MAX_N} and at the largest T otherwise (its n×n eigendecomposition does not depend on T). "
              "Errors: relative ΔW error over all tasks against the original factors.")
+    build_intro = (f"**Build from {builds['tasks']} adapters × {builds['modules']} modules** (n = d = {builds['n']}, r = {R}, k = {builds['k']}; {builds['threads']} torch thread(s)): "
+                   "each builder in a fresh process (rounds with the order rotating); times = median over processes of each one's median build "
+                   "(CPU time of the process: with one thread that is the build's own work, unlike wall time on cores shared with other jobs); "
+                   "peak RSS = VmHWM over the process's first build, reset just before it" + ("" if all(c["peak_reset"] for c in contenders.values()) else " (reset refused here: whole-process peak)")
+                   + ". lorashare centres the stack, so its ΔW error is its own; the others are the same truncated SVD.")
     sections = ["**Absorb one adapter into T tasks (T → T+1), against recomputing the subspace from all T+1 factors**", t_abs,
                 "**Build from T+1 adapters** (the recompute baselines are exactly this computation)", t_build,
                 f"**Merge after training a task** (new task in [basis, φ = {PHI} temporary directions]; the recompute costs as in the absorb table)", t_merge,
                 "**Absorb time against T** (ours): a fixed part that grows with n, plus a per-task coefficient update that should not", t_flat,
-                f"**The target case: {mods['modules']} independent modules**, n = d = {mods['n']}, {mods['tasks']} tasks, one adapter absorbed into each", t_mods]
-    results = {"cells": cells, "modules": mods, "fits_s": {str(n): {"fixed": a, "per_task": b} for n, (a, b) in fits.items()}}
+                f"**The target case: {mods[0]['modules']} independent modules**, n = d = {mods[0]['n']}, {mods[0]['tasks']} tasks; one adapter, then {mods[0]['batch']['adapters']} at once, "
+                "absorbed into every module by one `merge_layers` call (modules of equal shapes batched)", t_mods,
+                build_intro, t_builds]
+    results = {"cells": cells, "modules": mods, "builds": builds, "fits_s": {str(n): {"fixed": a, "per_task": b} for n, (a, b) in fits.items()}}
     write_report(args.out, "merge", "Merge: build, absorb and merge against full recomputes", intro, sections, targets, results, env, wall, args.quick)
 
 
@@ -237,8 +382,13 @@ def main(argv: list[str] | None = None) -> None:
         row = [cell(fs, n, t, with_eigh=n <= EIGH_ALL_T_MAX_N or t == max(grid_t)) for t in grid_t]
         time_updates(row)
         cells += [res for res, _ in row]
-    mods = many_modules(64, 20, 4) if args.quick else many_modules(384, 200, 24)
-    report(cells, mods, args, env, time.perf_counter() - t0)
+    if args.quick:
+        mods = [many_modules(64, 20, 4, k, 10) for k in (8, 16)]
+        builds = build_contest(64, 20, 4, 8, args.threads or 1, rounds=1, runs=2)
+    else:
+        mods = [many_modules(384, 200, 24, k, 100) for k in (16, 32)]
+        builds = build_contest(384, 200, 24, 16, args.threads or 1)
+    report(cells, mods, builds, args, env, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +52,23 @@ class KPolicy:
             raise ValueError(f"error_budget must be in [0, 1), got {self.error_budget}")
 
 
+class SideBySide(NamedTuple):
+    """Tasks' coefficients of one layer and side side by side: matrix (k×Σp; task j is the next
+    widths[j] columns), as a fold returns them (`Fold.side_by_side_b`). `merge` takes it wherever
+    it takes a list of per-task coefficients, and then needs no copy to line them up."""
+
+    matrix: torch.Tensor
+    widths: list[int]
+
+
+def _widths(coefs: list[torch.Tensor] | SideBySide) -> list[int]:
+    return list(coefs.widths) if isinstance(coefs, SideBySide) else [e.shape[1] for e in coefs]
+
+
+def _side_by_side(coefs: list[torch.Tensor] | SideBySide) -> torch.Tensor:
+    return coefs.matrix if isinstance(coefs, SideBySide) else torch.cat(coefs, 1)
+
+
 @dataclass
 class Fold:
     """Result of (re)building one layer's subspace: both sides, every task, in input order."""
@@ -76,6 +94,14 @@ class Fold:
     @cached_property
     def coefs_a(self) -> list[torch.Tensor]:
         return list(torch.split(self.stacked_a, self.widths, dim=1))
+
+    @property
+    def side_by_side_b(self) -> SideBySide:
+        return SideBySide(self.stacked_b, self.widths)
+
+    @property
+    def side_by_side_a(self) -> SideBySide:
+        return SideBySide(self.stacked_a, self.widths)
 
 
 def _rank_tol(q: int, eps: float) -> float:
@@ -188,14 +214,17 @@ def task_errors(gk_b: torch.Tensor, gd_b: torch.Tensor, gk_a: torch.Tensor, gd_a
     With orthonormal bases ‖β M αᵀ‖_F = ‖M‖_F for M = C_B C_Aᵀ; truncation keeps M[:k_B, :k_A],
     so the squared error is the dropped entries' ‖C_B[k_B:] C_Aᵀ‖² + ‖C_B[:k_B] C_A[k_A:]ᵀ‖²
     = tr(G(C_B[k_B:]) G(C_A)) + tr(G(C_B[:k_B]) G(C_A[k_A:])): two traces of products of PSD
-    matrices, each ≥ 0, and G(C_A) = G(C_A[:k_A]) + G(C_A[k_A:]) is a sum of PSD parts, so
-    nothing cancels (‖M‖² − ‖kept‖² would, to ~1e-8 where the error is 0). Cost O(T·p²), never
-    anything T×q×q.
+    matrices, each ≥ 0, and G(C_A) = G(C_A[:k_A]) + G(C_A[k_A:]) is a sum of PSD parts; ‖M‖²
+    adds the kept block's tr(G(C_B[:k_B]) G(C_A[:k_A])) ≥ 0. Nothing cancels (‖M‖² − ‖kept‖²
+    would, to ~1e-8 where the error is 0). Cost O(T·p²), never anything T×q×q.
     """
-    flat = lambda g: g.flatten(-2)  # noqa: E731  (tr(G H) of symmetric G, H = their entries' dot product)
-    g_a = flat(gk_a + gd_a)
-    dropped = (torch.linalg.vecdot(flat(gd_b), g_a) + torch.linalg.vecdot(flat(gk_b), flat(gd_a))).clamp_min(0).sqrt()
-    total = torch.linalg.vecdot(flat(gk_b + gd_b), g_a).clamp_min(0).sqrt()
+    g_a = gk_a + gd_a
+    dropped_b = (gd_b * g_a).sum((-2, -1))  # ‖C_B[k:] C_Aᵀ‖²
+    dropped_a = (gk_b * gd_a).sum((-2, -1))  # ‖C_B[:k] C_A[k:]ᵀ‖²
+    kept = (gk_b * gk_a).sum((-2, -1))  # ‖C_B[:k] C_A[:k]ᵀ‖²
+    dropped = (dropped_b + dropped_a).clamp_min(0)
+    total = (dropped + kept.clamp_min(0)).sqrt()
+    dropped = dropped.sqrt()
     return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(total.dtype).tiny), dropped)
 
 
@@ -359,47 +388,46 @@ class _Side:
             g = g + self.p @ torch.stack([x @ x.T for x in self.e]) @ self.p.mT
         return g
 
-    def split(self, u: torch.Tensor, idx: list[int], k: int, exact: bool = False) -> tuple[torch.Tensor | None, list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
-        """Truncate layers idx to the first k of the singular directions u (L'×q×q): (frame,
-        kept rows u[:, :k]ᵀC per layer as one block per part (the given C; or old tasks, new
-        tasks), per-task G(C[:k]) and G(C[k:]) (L'×T×P×P)).
-
-        For a merge the frame u_kᵀP (L'×k×k_old) moves the old coefficients, with `exact`
-        through `frame_product` (bit-identical to `apply_frame` on the stored frame); the dropped
-        rows are u[:, k:]ᵀC. In a build whose dropped rows outnumber the kept ones, G(C[k:]) is
-        the Gram of the residual C − u_k·kept instead (the same, since u is orthogonal, at
-        O(q·k·Σp) rather than O(q²·Σp))."""
-        kept, gk, gd = [], [], []
+    def prepare(self, u: torch.Tensor, idx: list[int], k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batched small products of a truncation of layers idx to the first k singular
+        directions u (L'×q×q): for a merge, every layer's uᵀP (L'×q×k_old, old coordinates
+        P·E → uᵀP·E; its first k rows are the frame) and the new tasks' rotated rows uᵀC_new."""
         if self.c is not None:
-            for i, layer in enumerate(idx):
-                uk, rows, dropped = u[i, :, :k], [], []
-                for widths, chunk in self._chunks(layer):  # a few tasks at a time: O(m·chunk) memory
-                    part = uk.T @ chunk  # k×cols: the kept rows
-                    if chunk.shape[0] - k > k:  # the dropped rows' Gram as the residual's, transposed (task-major)
-                        residual = _scratch(1, chunk.shape[1], chunk.shape[0])
-                        dropped.append(_task_major_grams(torch.addmm(chunk.T, part.T, uk.T, alpha=-1, out=residual), widths))
-                    else:
-                        dropped.append(_task_major_grams(chunk.T @ u[i, :, k:], widths))
-                    rows.append(part)
-                kept_rows = torch.cat(rows, 1)
-                kept.append([kept_rows]), gk.append(_task_major_grams(kept_rows.T, self.widths)), gd.append(torch.cat(dropped, 0))
-            return None, kept, torch.stack(gk), torch.stack(gd)
-        rotated = u.mT @ self._at(self.p, idx)  # L'×q×k_old: old coordinates P·E → uᵀP·E
-        frame = rotated[:, :k]
-        new = u.mT @ self._at(self.c_new, idx) if self.c_new is not None else None
-        for i, layer in enumerate(idx):
-            parts, grams = [], []
-            if self.e is not None:
-                rows = frame_product(frame[i], self.e[layer]) if exact else frame[i] @ self.e[layer]
-                parts.append(rows)
-                grams.append(task_grams(rows, rotated[i, k:] @ self.e[layer], widths=self.parts[0]))
-            if new is not None:
-                parts.append(new[i, :k])
-                grams.append(task_grams(new[i, :k], new[i, k:], widths=self.parts[-1]))
-            kept.append(parts)
-            gk.append(torch.cat([g[0] for g in grams], 0) if len(grams) > 1 else grams[0][0])
-            gd.append(torch.cat([g[1] for g in grams], 0) if len(grams) > 1 else grams[0][1])
-        return frame, kept, torch.stack(gk), torch.stack(gd)
+            return None, None
+        return u.mT @ self._at(self.p, idx), (u.mT @ self._at(self.c_new, idx) if self.c_new is not None else None)
+
+    def split(self, u: torch.Tensor, prepared: tuple, i: int, layer: int, k: int, exact: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Truncate one layer (position i of `prepare`'s layers, u: its q×q singular directions) to
+        the first k directions: (frame, kept rows u[:, :k]ᵀC as one block per part (the given C;
+        or old tasks, new tasks), per-task G(C[:k]) and G(C[k:]) (T×P×P)).
+
+        For a merge the frame u_kᵀP (k×k_old) moves the old coefficients, with `exact` through
+        `frame_product` (bit-identical to `apply_frame` on the stored frame); the dropped rows
+        are u[:, k:]ᵀC. In a build whose dropped rows outnumber the kept ones, G(C[k:]) is the
+        Gram of the residual C − u_k·kept instead (the same, since u is orthogonal, at O(q·k·Σp)
+        rather than O(q²·Σp)), a chunk of tasks at a time."""
+        if self.c is not None:
+            uk, rows, dropped = u[:, :k], [], []
+            for widths, chunk in self._chunks(layer):  # a few tasks at a time: O(m·chunk) memory
+                part = uk.T @ chunk  # k×cols: the kept rows
+                if chunk.shape[0] - k > k:  # the dropped rows' Gram as the residual's, transposed (task-major)
+                    residual = _scratch(1, chunk.shape[1], chunk.shape[0])
+                    dropped.append(_task_major_grams(torch.addmm(chunk.T, part.T, uk.T, alpha=-1, out=residual), widths))
+                else:
+                    dropped.append(_task_major_grams(chunk.T @ u[:, k:], widths))
+                rows.append(part)
+            kept = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+            return None, [kept], _task_major_grams(kept.T, self.widths), torch.cat(dropped, 0) if len(dropped) > 1 else dropped[0]
+        rotated, new = prepared
+        frame, parts, gk, gd = rotated[i, :k], [], [], []
+        if self.e is not None:
+            rows = frame_product(frame, self.e[layer]) if exact else frame @ self.e[layer]
+            g = task_grams(rows, rotated[i, k:] @ self.e[layer], widths=self.parts[0])
+            parts.append(rows), gk.append(g[0]), gd.append(g[1])
+        if new is not None:
+            g = task_grams(new[i, :k], new[i, k:], widths=self.parts[-1])
+            parts.append(new[i, :k]), gk.append(g[0]), gd.append(g[1])
+        return frame, parts, torch.cat(gk, 0) if len(gk) > 1 else gk[0], torch.cat(gd, 0) if len(gd) > 1 else gd[0]
 
     def _chunks(self, layer: int):
         """A build's C of one layer a few tasks at a time: (their widths, C[:, their columns] in
@@ -432,12 +460,12 @@ def _error_curve(side: _Side, u: torch.Tensor, layer: int, cap: int) -> tuple[to
     """For every k ≤ cap, per-task G(C[:k]) and G(C[k:]) (T×(cap+1)×P×P) of one layer: the first
     cap rows' outer products summed forwards and backwards (onto G(C[cap:])): sums of PSD
     matrices only, so every k's errors are exact without recomputing any coordinates."""
-    _, kept, _, rest = side.split(u[layer : layer + 1], [layer], cap)
-    x = _by_task(torch.cat(kept[0], 1), side.widths)  # T×cap×P
+    _, kept, _, rest = side.split(u[layer], side.prepare(u[layer : layer + 1], [layer], cap), 0, layer, cap)
+    x = _by_task(torch.cat(kept, 1), side.widths)  # T×cap×P
     outer = x.unsqueeze(-1) * x.unsqueeze(-2)  # T×cap×P×P
     zero = torch.zeros_like(outer[:, :1])
     head = torch.cat([zero, outer.cumsum(1)], 1)
-    tail = torch.cat([outer.flip(1).cumsum(1).flip(1), zero], 1) + rest[0].unsqueeze(1)
+    tail = torch.cat([outer.flip(1).cumsum(1).flip(1), zero], 1) + rest.unsqueeze(1)
     return head, tail
 
 
@@ -464,21 +492,21 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
         groups.setdefault(choose_k(s_b[layer], s_a[layer], policy, eps, errors_at(layer), ranks, totals[layer]), []).append(layer)
     out: list[Fold | None] = [None] * layers
     for (kb, ka), idx in groups.items():
-        res = []
+        sides = []
         for side, u, k in ((side_b, u_b, kb), (side_a, u_a, ka)):
             u_idx = u if len(idx) == layers else u[idx]
-            rot = u_idx[..., :k]
-            frame, kept, gk, gd = side.split(u_idx, idx, k, exact=merging)
-            coefs = [torch.cat([x.to(dtype) for x in parts], 1) if len(parts) > 1 else parts[0].to(dtype) for parts in kept]
-            res.append((rot, frame, coefs, gk, gd, side.basis(rot, idx).to(dtype)))
-        (rot_b, frame_b, coefs_b, gk_b, gd_b, basis_b), (rot_a, frame_a, coefs_a, gk_a, gd_a, basis_a) = res
-        errors = task_errors(gk_b, gd_b, gk_a, gd_a).tolist()
-        for i, layer in enumerate(idx):
+            sides.append((side, u_idx, k, side.prepare(u_idx, idx, k), side.basis(u_idx[..., :k], idx).to(dtype)))
+        for i, layer in enumerate(idx):  # per layer: every product here scales with the tasks, so each layer's stays in cache
+            res = []
+            for side, u, k, prepared, basis in sides:
+                frame, parts, gk, gd = side.split(u[i], prepared, i, layer, k, exact=merging)
+                coefs = torch.cat([x.to(dtype) for x in parts], 1) if len(parts) > 1 else parts[0].to(dtype)
+                res.append((u[i, :, :k], frame, coefs, gk, gd, basis[i]))
+            (rot_b, frame_b, coefs_b, gk_b, gd_b, basis_b), (rot_a, frame_a, coefs_a, gk_a, gd_a, basis_a) = res
             out[layer] = Fold(
-                basis_b=basis_b[i], basis_a=basis_a[i], stacked_b=coefs_b[i], stacked_a=coefs_a[i], widths=side_b.widths,
-                singular_b=s_b[layer].to(dtype), singular_a=s_a[layer].to(dtype), errors=errors[i],
-                rotation_b=rot_b[i], rotation_a=rot_a[i],
-                frame_b=frame_b[i] if frame_b is not None else None, frame_a=frame_a[i] if frame_a is not None else None,
+                basis_b=basis_b, basis_a=basis_a, stacked_b=coefs_b, stacked_a=coefs_a, widths=side_b.widths,
+                singular_b=s_b[layer].to(dtype), singular_a=s_a[layer].to(dtype), errors=task_errors(gk_b, gd_b, gk_a, gd_a).tolist(),
+                rotation_b=rot_b, rotation_a=rot_a, frame_b=frame_b, frame_a=frame_a,
             )
     return out
 
@@ -502,7 +530,7 @@ def build(factors_b: list[torch.Tensor], factors_a: list[torch.Tensor], policy: 
     return _fold(_build_side(factors_b), _build_side(factors_a), policy, factors_b[0].dtype, merging=False)[0]
 
 
-def _merge_side(bases: list[torch.Tensor], old: list[list[torch.Tensor]], dirs: list[torch.Tensor], new: list[list[torch.Tensor]], widths: list[int]) -> _Side:
+def _merge_side(bases: list[torch.Tensor], old: list[list[torch.Tensor] | SideBySide], dirs: list[torch.Tensor], new: list[list[torch.Tensor]], widths: list[int], n_old: int) -> _Side:
     """One side of L layers (same shapes) for a merge: q = QR([β, new directions]) batched over
     the layers; the old factors β·E are P·E with P = R[:, :k] (= qᵀβ, so β need not be exactly
     orthonormal in float64: q spans it exactly); the new factors' coordinates qᵀF."""
@@ -510,9 +538,9 @@ def _merge_side(bases: list[torch.Tensor], old: list[list[torch.Tensor]], dirs: 
     k = basis.shape[-1]
     cols = torch.cat([basis, torch.stack(dirs).double()], -1) if dirs[0].shape[1] else basis
     q, r = torch.linalg.qr(cols)
-    e = [torch.cat(o, 1).double() for o in old] if old[0] else None
+    e = [_side_by_side(o).double() for o in old] if n_old else None
     c_new = q.mT @ torch.stack([torch.cat(n, 1) for n in new]).double() if new[0] else None
-    return _Side(q, widths, len(old[0]), p=r[..., :k], e=e, c_new=c_new)
+    return _Side(q, widths, n_old, p=r[..., :k], e=e, c_new=c_new)
 
 
 def merge_layers(layers: list[tuple], policy: KPolicy) -> list[Fold]:
@@ -525,11 +553,12 @@ def merge_layers(layers: list[tuple], policy: KPolicy) -> list[Fold]:
     out: list[Fold | None] = [None] * len(layers)
     groups: dict[tuple, list[int]] = {}
     for i, (bb, ba, ob, _, db, da, nb, _) in enumerate(layers):
-        widths = tuple(e.shape[1] for e in ob) + tuple(f.shape[1] for f in nb)
-        groups.setdefault((tuple(bb.shape), tuple(ba.shape), tuple(db.shape), tuple(da.shape), len(ob), widths), []).append(i)
-    for (*_, widths), idx in groups.items():
+        old_widths = tuple(_widths(ob))
+        widths = old_widths + tuple(f.shape[1] for f in nb)
+        groups.setdefault((tuple(bb.shape), tuple(ba.shape), tuple(db.shape), tuple(da.shape), len(old_widths), widths), []).append(i)
+    for (*_, n_old, widths), idx in groups.items():
         items = [layers[i] for i in idx]
-        sides = [_merge_side([it[s] for it in items], [it[2 + s] for it in items], [it[4 + s] for it in items], [it[6 + s] for it in items], list(widths)) for s in (0, 1)]
+        sides = [_merge_side([it[s] for it in items], [it[2 + s] for it in items], [it[4 + s] for it in items], [it[6 + s] for it in items], list(widths), n_old) for s in (0, 1)]
         for i, f in zip(idx, _fold(*sides, policy, layers[idx[0]][0].dtype, merging=True)):
             out[i] = f
     return out
@@ -538,8 +567,8 @@ def merge_layers(layers: list[tuple], policy: KPolicy) -> list[Fold]:
 def merge(
     basis_b: torch.Tensor,
     basis_a: torch.Tensor,
-    old_b: list[torch.Tensor],
-    old_a: list[torch.Tensor],
+    old_b: list[torch.Tensor] | SideBySide,
+    old_a: list[torch.Tensor] | SideBySide,
     new_dirs_b: torch.Tensor,
     new_dirs_a: torch.Tensor,
     new_b: list[torch.Tensor],
@@ -549,7 +578,7 @@ def merge(
     """Fold new tasks into a subspace without touching old data.
 
     basis_b: β (n×k_B), basis_a: α (d×k_A), orthonormal. old_b/old_a: old tasks'
-    coefficients E_B (k_B×p), E_A (k_A×p). new_dirs_*: columns outside the basis that the new
+    coefficients E_B (k_B×p), E_A (k_A×p): a list, or side by side (`SideBySide`). new_dirs_*: columns outside the basis that the new
     factors may use (temporary directions after training; the adapters' own factors when
     absorbing), n×c / d×c'. new_b/new_a: new tasks' factors B̂ (n×p), Â (d×p), each in
     span([basis, new_dirs]). Returned coefficients: old tasks first, then new ones; the old

@@ -302,3 +302,13 @@ def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, monkeyp
     assert torch.allclose(full.singular_b[:8], torch.linalg.svdvals(stack)[:8], rtol=1e-10)
     for b, eb in zip(fb, fast.coefs_b):
         assert torch.allclose(fast.basis_b @ eb, fast.basis_b @ (fast.basis_b.T @ b), atol=1e-12)
+
+
+def test_merge_takes_old_coefficients_side_by_side_without_changing_a_bit():
+    layers = [float32_layer(60 + i) for i in range(2)]
+    as_lists = S.merge_layers(layers, S.KPolicy(k_max=12))
+    side_by_side = [(b, a, S.SideBySide(torch.cat(ob, 1), [e.shape[1] for e in ob]), S.SideBySide(torch.cat(oa, 1), [e.shape[1] for e in oa]), db, da, nb, na)
+                    for b, a, ob, oa, db, da, nb, na in layers]
+    for f, g in zip(as_lists, S.merge_layers(side_by_side, S.KPolicy(k_max=12))):
+        assert torch.equal(f.stacked_b, g.stacked_b) and torch.equal(f.stacked_a, g.stacked_a)
+        assert torch.equal(f.frame_b, g.frame_b) and torch.equal(f.basis_a, g.basis_a) and f.errors == g.errors
