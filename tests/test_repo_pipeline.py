@@ -10,6 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.evaluate import accuracy_matrix
+from pipelines.workspace import Workspace
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +36,9 @@ def test_dvc_repro_builds_the_chain_from_params(tmp_path, tiny_model_dir):
     run(sys.executable, "-m", "dvc", "init", "-q")
     run(sys.executable, "-m", "dvc", "repro")
     record = json.loads((repo / "evaluations" / "v0003.json").read_text())
-    assert record["tasks"] == ["sentiment", "topic", "tense"] and [len(r) for r in record["matrix"]["rows"]] == [1, 2, 3]
+    assert record["tasks"] == ["sentiment", "topic", "tense"] and set(record["first_scores"]) == set(record["tasks"])
+    matrix = accuracy_matrix(Workspace(repo), "v0003")  # the rows of v0001..v0003, assembled from their records
+    assert [sum(x is not None for x in r) for r in matrix["rows"]] == [1, 2, 3]
     manifest = json.loads((repo / "versions" / "v0003" / "manifest.json").read_text())
     assert manifest["parent"] == "v0002" and manifest["base_model"]["id"] == "tiny-minilm"
     assert "acc" in run(sys.executable, "-m", "dvc", "metrics", "show", "--json")
