@@ -197,13 +197,17 @@ def _mirror(g: torch.Tensor, cuts: list[int] | None = None) -> torch.Tensor:
     return g
 
 
-def _task_major_grams(xt: torch.Tensor, widths: list[int]) -> torch.Tensor:
+def _task_major_grams(xt: torch.Tensor, widths: list[int], split: int | None = None):
     """Per-task Grams (T×P×P) of rows X given as Xᵀ (Σp×r, task-major): no copy when every task
-    has the same rank."""
+    has the same rank. With `split`, the Grams of rows :split and split: (a pair)."""
     if len(set(widths)) == 1:
         x = xt.unflatten(0, (len(widths), widths[0]))
-        return x @ x.mT
-    return task_grams(xt.T, widths=widths)[0]
+        if split is None:
+            return x @ x.mT
+        return x[..., :split] @ x[..., :split].mT, x[..., split:] @ x[..., split:].mT
+    if split is None:
+        return task_grams(xt.T, widths=widths)[0]
+    return tuple(task_grams(xt[:, :split].T, xt[:, split:].T, widths=widths))
 
 
 def task_errors(gk_b: torch.Tensor, gd_b: torch.Tensor, gk_a: torch.Tensor, gd_a: torch.Tensor) -> torch.Tensor:
@@ -419,15 +423,19 @@ class _Side:
             kept = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
             return None, [kept], _task_major_grams(kept.T, self.widths), torch.cat(dropped, 0) if len(dropped) > 1 else dropped[0]
         rotated, new = prepared
-        frame, parts, gk, gd = rotated[i, :k], [], [], []
+        frame, parts = rotated[i, :k], []
+        rows_t = u.new_empty(sum(self.widths), u.shape[0])  # every task's rotated rows, task-major: [kept | dropped]
+        n_old = sum(self.parts[0]) if self.e is not None else 0
         if self.e is not None:
             rows = frame_product(frame, self.e[layer]) if exact else frame @ self.e[layer]
-            g = task_grams(rows, rotated[i, k:] @ self.e[layer], widths=self.parts[0])
-            parts.append(rows), gk.append(g[0]), gd.append(g[1])
+            rows_t[:n_old, :k] = rows.T
+            rows_t[:n_old, k:] = (rotated[i, k:] @ self.e[layer]).T
+            parts.append(rows)
         if new is not None:
-            g = task_grams(new[i, :k], new[i, k:], widths=self.parts[-1])
-            parts.append(new[i, :k]), gk.append(g[0]), gd.append(g[1])
-        return frame, parts, torch.cat(gk, 0) if len(gk) > 1 else gk[0], torch.cat(gd, 0) if len(gd) > 1 else gd[0]
+            rows_t[n_old:] = new[i].T
+            parts.append(new[i, :k])
+        gk, gd = _task_major_grams(rows_t, self.widths, k)
+        return frame, parts, gk, gd
 
     def _chunks(self, layer: int):
         """A build's C of one layer a few tasks at a time: (their widths, C[:, their columns] in

@@ -289,17 +289,19 @@ def wide_stack(m, T, k0, noise, seed):
 
 
 @pytest.mark.parametrize("noise", [0.01, 1.0])  # a gap after the wanted pairs; a flat spectrum (falls back)
-def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, monkeypatch):
+@pytest.mark.parametrize("policy", [S.KPolicy(k_max=8), S.KPolicy(k_max=12, error_budget=0.2), S.KPolicy(k_max=12, energy=0.8)])
+def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, policy, monkeypatch):
     fb, fa = wide_stack(160, 60, 12, noise, 50), wide_stack(150, 60, 12, noise, 51)
-    policy = S.KPolicy(k_max=8)
     fast = S.build(fb, fa, policy)
     monkeypatch.setattr(S, "TOP_EIG_MIN_Q", 10**9)
     full = S.build(fb, fa, policy)
-    assert torch.allclose(principal_cosines(fast.basis_b, full.basis_b), torch.ones(8, dtype=torch.float64), atol=1e-10)
-    assert torch.allclose(fast.singular_b[:8], full.singular_b[:8], rtol=1e-12)
+    k = full.basis_b.shape[1]
+    assert fast.basis_b.shape[1] == k and fast.basis_a.shape[1] == full.basis_a.shape[1]
+    assert torch.allclose(principal_cosines(fast.basis_b, full.basis_b), torch.ones(k, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(fast.singular_b[:k], full.singular_b[:k], rtol=1e-12)
     assert fast.errors == pytest.approx(full.errors, rel=1e-9)
     stack = torch.cat(fb, 1)
-    assert torch.allclose(full.singular_b[:8], torch.linalg.svdvals(stack)[:8], rtol=1e-10)
+    assert torch.allclose(full.singular_b[:k], torch.linalg.svdvals(stack)[:k], rtol=1e-10)
     for b, eb in zip(fb, fast.coefs_b):
         assert torch.allclose(fast.basis_b @ eb, fast.basis_b @ (fast.basis_b.T @ b), atol=1e-12)
 
