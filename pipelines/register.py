@@ -147,12 +147,15 @@ def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, line
                 params.update({f"{section}.{k}": v for k, v in (values or {}).items()})
         for k, v in _clean(params).items():
             c.log_param(rid, k, "none" if v is None else str(v)[:500])
-        acct = accounting(st.load(vdir))
-        metrics = {"acc": record["acc"], "bwt": record["bwt"], "tasks_certified": len(record.get("certified", [])), "tasks_rescored": len(record.get("rescored", record["tasks"]))}
+        acct = manifest["extra"].get("accounting") or accounting(st.load(vdir))
+        rescored = record.get("rescored", record["tasks"])
+        metrics = {"acc": record["acc"], "bwt": record["bwt"], "tasks_certified": len(record.get("certified", [])), "tasks_rescored": len(rescored)}
+        # every task's score (a chart per task across versions); its majority baseline and the
+        # merge's ΔW error only for the tasks scored now (a certified task's did not change)
         metrics.update({f"score.{t}": s for t, s in record["scores"].items()})
-        metrics.update({f"majority.{t}": m for t, m in record["majority"].items()})
+        metrics.update({f"majority.{t}": record["majority"][t] for t in rescored})
+        metrics.update({f"reconstruction_error.{t}": e for t, e in manifest["extra"].get("reconstruction_error", {}).items() if t in rescored})
         metrics.update({k: acct[k] for k in ("basis_params", "coefficient_params", "head_params", "share_params", "lora_per_task_params", "share_bytes", "lora_per_task_bytes", "ratio_vs_lora")})
-        metrics.update({f"reconstruction_error.{t}": e for t, e in manifest["extra"].get("reconstruction_error", {}).items()})
         ts = int(time.time() * 1000)
         from mlflow.entities import Metric
 

@@ -18,6 +18,7 @@ import yaml
 import share_core
 from share_core import state as st
 from share_core.continual import MINILM_ID, load_classifier, learn
+from share_core.metrics import accounting
 from share_core.model import ShareModel
 from share_core.peft_io import read_adapter
 from share_core.subspace import KPolicy
@@ -131,6 +132,7 @@ def build_version(landings: list[Path], kind: str, out: Path, parent: Path | Non
         "reconstruction_error": share.last_errors,
         "code_version": share_core.__version__,
         "provenance": provenance or {},
+        "accounting": {k: v for k, v in accounting(share.state).items() if k != "k"},  # what MLflow logs, without a reload
     }
     st.save(share.state, out, params.compact_every)
     return st.read_manifest(out)

@@ -56,12 +56,17 @@ class ShareLinear(nn.Module):
             raise RuntimeError("unmerge the task from the base weights before changing the subspace")
         dev, dt = self.base.weight.device, self.base.weight.dtype
         kb, ka = beta.shape[1], alpha.shape[1]
-        width = max((eb.shape[1] for eb, _ in coefs), default=0)
-        cb = torch.zeros(len(coefs), kb, width, device=dev, dtype=dt)
-        ca = torch.zeros(len(coefs), ka, width, device=dev, dtype=dt)
-        for i, (eb, ea) in enumerate(coefs):
-            cb[i, :, : eb.shape[1]] = eb
-            ca[i, :, : ea.shape[1]] = ea
+        widths = {eb.shape[1] for eb, _ in coefs}
+        if len(widths) == 1:  # the usual case, one rank for every task: one stack per side
+            cb = torch.stack([eb for eb, _ in coefs]).to(dev, dt)
+            ca = torch.stack([ea for _, ea in coefs]).to(dev, dt)
+        else:
+            width = max(widths, default=0)
+            cb = torch.zeros(len(coefs), kb, width, device=dev, dtype=dt)
+            ca = torch.zeros(len(coefs), ka, width, device=dev, dtype=dt)
+            for i, (eb, ea) in enumerate(coefs):
+                cb[i, :, : eb.shape[1]] = eb
+                ca[i, :, : ea.shape[1]] = ea
         self.beta, self.alpha = beta.to(dev, dt), alpha.to(dev, dt)
         self.coef_b, self.coef_a = cb, ca
         self.scales = torch.tensor(scales, device=dev, dtype=dt)
