@@ -414,9 +414,14 @@ class _Side:
             uk, rows, dropped = u[:, :k], [], []
             for widths, chunk in self._chunks(layer):  # a few tasks at a time: O(m·chunk) memory
                 part = uk.T @ chunk  # k×cols: the kept rows
-                if chunk.shape[0] - k > k:  # the dropped rows' Gram as the residual's, transposed (task-major)
-                    residual = _scratch(1, chunk.shape[1], chunk.shape[0])
-                    dropped.append(_task_major_grams(torch.addmm(chunk.T, part.T, uk.T, alpha=-1, out=residual), widths))
+                if chunk.shape[0] - k > k:  # the dropped rows' Gram as the residual's, transposed (task-major), ≤ 32 tasks at a time
+                    start = 0
+                    for a in range(0, len(widths), 32):
+                        stop = start + sum(widths[a : a + 32])
+                        residual = _scratch(1, stop - start, chunk.shape[0])
+                        torch.addmm(chunk[:, start:stop].T, part[:, start:stop].T, uk.T, alpha=-1, out=residual)
+                        dropped.append(_task_major_grams(residual, widths[a : a + 32]))
+                        start = stop
                 else:
                     dropped.append(_task_major_grams(chunk.T @ u[:, k:], widths))
                 rows.append(part)
