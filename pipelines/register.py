@@ -241,16 +241,6 @@ def discard_version(ws: Workspace, version: str, content_hash: str, *, model_nam
                     c.delete_registered_model_alias(model_name, alias)
 
 
-def register_version(ws: Workspace, version: str, *, model_name: str, landing: dict, lineage: dict, tolerance: float = 0.01, tracking_uri: str | None = None) -> dict:
-    """Log the version's run, register it, set `candidate`, and `champion` if the gate passes
-    (the three steps the update flow journals one by one)."""
-    gate = gate_for(ws, version, model_name=model_name, tolerance=tolerance, tracking_uri=tracking_uri)
-    rid = log_run(ws, version, model_name=model_name, landing=landing, lineage=lineage, gate=gate, tracking_uri=tracking_uri)
-    mv = register_model_version(ws, version, rid, model_name=model_name, gate=gate, tracking_uri=tracking_uri)
-    move_aliases(ws, mv, model_name=model_name, promote=gate["passed"], tracking_uri=tracking_uri)
-    return registration(version, mv, rid, gate)
-
-
 def registration(version: str, model_version: str, run_id: str, gate: dict) -> dict:
     """What an update reports about its registration."""
     return {"model_version": model_version, "run_id": run_id, "promoted": gate["passed"], "gate": gate, "champion": version if gate["passed"] else gate.get("champion_before")}
