@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         builds = build_contest(64, 20, 4, 8, args.threads or 1, rounds=1, runs=2)
     else:
         mods = [many_modules(384, 200, 24, k, 100) for k in (16, 32)]
-        builds = build_contest(384, 200, 24, 16, args.threads or 1)
+        builds = build_contest(384, 200, 24, 16, args.threads or 1, rounds=5)
     report(cells, mods, builds, args, env, time.perf_counter() - t0)
 
 

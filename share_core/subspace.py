@@ -296,14 +296,15 @@ def _top_eig(gram: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor]
     residual ‖G u − θ u‖ ≤ TOP_EIG_TOL·θ₁ (1e-10), so the kept subspace is exact to
     ~1e-10·θ₁/gap (orders below the 6e-8 that float32 bases and coefficients store; ΔW errors
     move by its square) and the values, which converge with the square of the residual, to
-    rounding; and (2) no eigenvector the block missed can carry an
-    eigenvalue above the last wanted one: ‖G‖²_F − Σ θ² (≥ the energy outside the block) <
-    θ_want². The start is a fixed pseudo-random block, so the result is a deterministic
-    function of the Gram.
+    rounding; and (2) no eigenvector the block missed can carry an eigenvalue above the last
+    wanted one: ‖G‖²_F − Σ θ² (≥ the energy outside the block) < θ_want². The start is a fixed
+    pseudo-random block, so the result is a deterministic function of the Gram.
     """
     q, width = gram.shape[0], min(gram.shape[0], want + _extra(want))
     x = torch.linalg.qr(gram @ _start_block(q, width, gram.dtype))[0]
     frob2, tiny = float(torch.linalg.vector_norm(gram)) ** 2, torch.finfo(gram.dtype).tiny
+    if frob2 == 0:  # nothing to find (the caller's full eigendecomposition reports rank 0)
+        return None
     last = None
     for step in range(TOP_EIG_ITERATIONS):
         y = gram @ x
@@ -314,7 +315,7 @@ def _top_eig(gram: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor]
         if residual <= TOP_EIG_TOL and frob2 - float(theta.pow(2).sum()) < float(theta[want - 1]) ** 2:
             return u, theta.sqrt()
         if last is not None and residual > TOP_EIG_TOL:  # give up early when the convergence rate cannot get there in time
-            rate = residual / last
+            rate = residual / last if last > 0 else math.inf
             if rate >= 1 or math.log(TOP_EIG_TOL / residual) / math.log(rate) > TOP_EIG_ITERATIONS - step - 1:
                 return None
         last = residual

@@ -314,3 +314,8 @@ def test_merge_takes_old_coefficients_side_by_side_without_changing_a_bit():
     for f, g in zip(as_lists, S.merge_layers(side_by_side, S.KPolicy(k_max=12))):
         assert torch.equal(f.stacked_b, g.stacked_b) and torch.equal(f.stacked_a, g.stacked_a)
         assert torch.equal(f.frame_b, g.frame_b) and torch.equal(f.basis_a, g.basis_a) and f.errors == g.errors
+
+
+def test_an_all_zero_wide_stack_is_rejected():
+    with pytest.raises(ValueError, match="all zero"):
+        S.build([torch.zeros(160, R)] * 60, [torch.zeros(150, R)] * 60, S.KPolicy(k_max=8))
