@@ -10,7 +10,7 @@ wall time by part, peak RSS (sampled every 20 ms while the landing runs), live t
 the bytes the landing added on disk (workspace, DVC cache and remote, MLflow, bucket; a
 hard-linked file counted once). Then it re-scores every task of the last version (the
 scheduled full re-evaluation) and times it against one bare mixed-task forward pass over the
-same eval rows with the same loaded model.
+same eval rows with the same loaded model (interleaved, median of two each).
 
 Targets (ratios within one run): per-landing wall at T = 300 ≤ 1.5× T = 10 (old tasks
 unchanged); full re-scoring ≤ 1.2× the bare forward; peak RSS at T = 300 ≤ 1.3× T = 10;
@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from .common import Target, environment, fmt, md_table, parse_args, write_report
+from .common import Target, environment, fmt, md_table, parse_args, time_interleaved, write_report
 
 SIZES = {"quick": [5, 20], "default": [10, 100, 300], "full": [10, 100, 300, 1000]}
 PARTS = ["train", "stage", "evaluate", "register", "push"]
@@ -133,18 +133,22 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None) -
     version = ws.head()
     cfg = load_params(ws.params_path).evaluate
     all_tasks = ev.read_record(ws, version)["tasks"]
-    t0 = time.perf_counter()
-    fresh = score(str(ws.root), version, all_tasks, cfg)
-    full_s = time.perf_counter() - t0
     share, tok, p = ev._loaded(str(ws.root), version, ev.st.read_manifest(ws.version_dir(version))["content_hash"])
     rows = [(e["name"], r["text"]) for e in ev.st.read_manifest(ws.version_dir(version))["tasks"] for r in ev.eval_data(ws, e).eval]
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    fresh = []
+
+    def full() -> None:  # the whole evaluation path: read every task's data, batch, score, count
+        fresh[:] = score(str(ws.root), version, all_tasks, cfg)
+
+    @torch.no_grad()
+    def bare() -> None:  # the same rows through the same loaded model, nothing else
         for i in range(0, len(rows), cfg.batch_size):
             b = rows[i:i + cfg.batch_size]
             enc = tok([r[1] for r in b], padding=True, truncation=True, max_length=p.train.max_length, return_tensors="pt")
             share.forward_mixed([r[0] for r in b], **enc)
-    bare_s = time.perf_counter() - t0
+
+    timing = time_interleaved({"full": full, "bare": bare}, repeats=2, warmup=0)
+    full_s, bare_s = timing["full"].median, timing["bare"].median
     return {"tasks": tasks, "grow_s": grow_s, "landings": per, "full_rescore_s": full_s, "bare_forward_s": bare_s,
             "eval_rows": len(rows), "scored": sum(r["score"] is not None for r in fresh)}
 

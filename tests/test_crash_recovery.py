@@ -100,15 +100,24 @@ def test_every_kill_point_recovers(chain):
 
 
 def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
+    from flows.continual import recover_updates
+
     names = chain["names"]
     a = crash_after(chain, names[0], "build")  # v0001 planned, built, never published
     b = chain["storage"].upload_task(chain["src"] / names[1], "adapter", names[1])
     assert rerun(chain, b)["version"] == "v0002"  # the crashed update's id is not handed out again
-    out = rerun(chain, a)  # its parent (none) is no longer HEAD (v0002): discarded, redone on v0002
-    assert out["version"] == "v0003"
     ws = chain["ws"]
+    # what `share serve` does when it starts: the stale update is discarded, nothing to resume
+    assert recover_updates(str(ws.root), MODEL) == []
     assert not ws.version_dir("v0001").exists()
+    out = rerun(chain, a)  # processed afresh on the new HEAD
+    assert out["version"] == "v0003"
     assert st.load(ws.version_dir("v0003")).task_names == [names[1], names[0]]
     assert [r["version"] for r in register.list_versions(MODEL, ws.tracking_uri)] == ["v0002", "v0003"]
     journals = [json.loads(p.read_text()) for p in ws.journals.glob("*.json")]
     assert any(h["status"] == "discarded" and h["version"] == "v0001" for j in journals for h in j["history"])
+    # an update whose parent is still HEAD is offered for resuming, and resumes
+    c = crash_after(chain, names[2], "evaluate")
+    landing = chain["storage"].landing(c)
+    assert recover_updates(str(ws.root), MODEL) == [{"key": c, "etag": landing.etag}]
+    assert rerun(chain, c)["version"] == "v0004"
