@@ -256,11 +256,11 @@ def test_merge_layers_equals_merging_each_layer():
     layers = [float32_layer(30), float32_layer(31, n=N + 16), float32_layer(32), float32_layer(33, k=10)]
     policy = S.KPolicy(k_max=12)
     for f, layer in zip(S.merge_layers(layers, policy), layers):
-        g = S.merge(*layer, policy)
+        g = S.merge(*layer, policy)  # the same numbers; batched products may round differently in the last bit
         assert f.basis_b.shape == g.basis_b.shape and f.basis_a.shape == g.basis_a.shape
-        assert torch.equal(f.basis_b, g.basis_b) and torch.equal(f.frame_b, g.frame_b)
-        assert all(torch.equal(x, y) for x, y in zip(f.coefs_a, g.coefs_a))
-        assert f.errors == g.errors
+        assert torch.allclose(f.basis_b, g.basis_b, atol=1e-6) and torch.allclose(f.frame_b, g.frame_b, atol=1e-12)
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(f.coefs_a, g.coefs_a))
+        assert f.errors == pytest.approx(g.errors, rel=1e-9)
 
 
 def test_batch_absorb_of_100_adapters_into_one_version():
