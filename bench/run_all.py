@@ -22,7 +22,7 @@ import torch
 from .common import QUICK_RESULTS, RESULTS, env_line, environment, md_table
 from .models import MODELS, results_dir
 
-BENCHMARKS = ["merge", "train_step", "serving", "continual", "pipeline"]
+BENCHMARKS = ["merge", "train_step", "serving", "continual", "pipeline", "scale"]
 MODEL_READY = ["train_step", "serving"]  # the benchmarks that run on --model llama-*; add merge when bench.merge takes it
 ROOT = Path(__file__).resolve().parent.parent
 

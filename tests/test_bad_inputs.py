@@ -280,7 +280,9 @@ def registered(tmp_path, adapters_dir, monkeypatch):
         scores = {t: 0.9 for t in share.state.task_names}
         (ws.root / "evaluations").mkdir(parents=True, exist_ok=True)
         (ws.root / "evaluations" / f"{version}.json").write_text(json.dumps({"version": version, "acc": 0.9, "bwt": 0.0, "scores": scores, "majority": {t: 0.5 for t in scores}, "tasks": list(scores)}))
-        register.register_version(ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, tolerance=1.0)
+        gate = register.gate_for(ws, version, model_name="m", tolerance=1.0)
+        run_id = register.log_run(ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate)
+        register.move_aliases(ws, register.register_model_version(ws, version, run_id, model_name="m", gate=gate), model_name="m", promote=gate["passed"])
         ws.set_head(version)
     return ws
 
