@@ -333,6 +333,8 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
             local = download(storage_url, landing, tmp)
             reason = validate(workspace, landing, local)
             if reason:
+                if j is not None:  # a resumed update that no longer validates releases its planned version
+                    j.close(DISCARDED, reason=reason)
                 return reject(ws, storage_url, landing, reason)
             if j is None:
                 j = Journal.open(ws, provenance, landing.kind, next_version(ws), ws.head(), _flow_run_id())
