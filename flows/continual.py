@@ -1,8 +1,11 @@
 """Prefect flows of the continual chain. Orchestration only: every step is a pipelines/ call;
 Prefect adds retries on transient storage/registry errors, parallel evaluation, and runs.
 
-continual_update   one landing → validate → ingest → train/absorb → evaluate all → lineage → register
-batch_absorb       every pending adapter landing → one absorbed version
+continual_update   one landing → validate → ingest → train/absorb → evaluate → lineage → register
+                   → HEAD → push → ledger, as a journaled transaction (pipelines.journal) that a
+                   re-run resumes, or discards when its parent is no longer HEAD
+batch_absorb       every pending adapter landing → one absorbed version (journaled the same way)
+recover_updates    at `share serve` start: discard stale updates, list the resumable ones
 evaluate_version   re-score a version and compare with what was recorded
 rollback           move champion + HEAD to a version, verify it by re-evaluation
 train_version      the training step alone: the "GPU job" deployment on a work pool
@@ -213,14 +216,15 @@ def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | N
     """A stale update (its parent is no longer HEAD): what it published is undone, its version
     is removed from the workspace and the lineage, and the journal says why."""
     get_run_logger().warning("discarding the update of %s to %s: %s", j.data["provenance"], j.version, reason)
-    content_hash = j.result("build").get("content_hash")
-    if content_hash:
-        register.discard_version(ws, j.version, content_hash, model_name=model_name, aliases_before=j.data.get("before", {}).get("alias"), reason=reason, tracking_uri=tracking_uri)
+    vdir = ws.version_dir(j.version)
+    built = st.read_manifest(vdir) if (vdir / "manifest.json").is_file() else None
+    # only what this update built (its provenance on its parent; also when the crash came between
+    # the build and its journal entry), never another update's version of the same id
+    if built and built["extra"].get("provenance") == j.data["provenance"] and built["parent"] == j.parent and ws.head() != j.version:
+        register.discard_version(ws, j.version, built["content_hash"], model_name=model_name, aliases_before=j.data.get("before", {}).get("alias"), reason=reason, tracking_uri=tracking_uri)
         lineage.remove_version_stage(ws.root, j.version)
-        vdir = ws.version_dir(j.version)
-        if (vdir / "manifest.json").is_file() and st.read_manifest(vdir)["content_hash"] == content_hash and ws.head() != j.version:
-            shutil.rmtree(vdir)
-            ws.evaluation_path(j.version).unlink(missing_ok=True)
+        shutil.rmtree(vdir)
+        ws.evaluation_path(j.version).unlink(missing_ok=True)
     j.close(DISCARDED, reason=reason)
 
 
