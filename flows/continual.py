@@ -220,7 +220,8 @@ def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | N
     built = st.read_manifest(vdir) if (vdir / "manifest.json").is_file() else None
     # only what this update built (its provenance on its parent; also when the crash came between
     # the build and its journal entry), never another update's version of the same id
-    if built and built["extra"].get("provenance") == j.data["provenance"] and built["parent"] == j.parent and ws.head() != j.version:
+    children = [v for v in ws.version_ids() if v != j.version and st.read_manifest(ws.version_dir(v))["parent"] == j.version] if built else []
+    if built and built["extra"].get("provenance") == j.data["provenance"] and built["parent"] == j.parent and ws.head() != j.version and not children:
         register.discard_version(ws, j.version, built["content_hash"], model_name=model_name, aliases_before=j.data.get("before", {}).get("alias"), reason=reason, tracking_uri=tracking_uri)
         lineage.remove_version_stage(ws.root, j.version)
         shutil.rmtree(vdir)
@@ -356,8 +357,32 @@ def batch_absorb(storage_url: str, workspace: str, model_name: str = "share-subs
         return _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri)
 
 
+def _resume_batch(ws: Workspace, storage_url: str, model_name: str, tolerance: float, tracking_uri: str | None) -> dict | None:
+    """A batch absorb a crash left half-done is finished (or discarded) before anything new is
+    taken: its landings are the ones it recorded, whatever is pending now."""
+    for open_j in [x for x in Journal.open_journals(ws) if "batch" in x.data["provenance"]]:
+        j = _take_over(ws, open_j.data["provenance"], model_name, tracking_uri)
+        if j is None:
+            continue
+        if not j.done("ingest"):  # nothing of it exists yet: its adapters are simply pending again
+            j.close(DISCARDED, reason="interrupted before its landings were ingested")
+            continue
+        landings = []
+        for item in j.data["provenance"]["batch"]:
+            key, etag = item.rsplit("@", 1)
+            landings.append(Landing(key=key, etag=etag, kind="adapter", task=key.rstrip("/").split("/")[-2]))
+        names = j.result("ingest")["names"]
+        out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
+        _publish_landings(ws, j, storage_url, landings, out["version"])
+        return {**out, "absorbed": names, "rejected": {}, "resumed": True}
+    return None
+
+
 def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -> dict:
     ws = Workspace(workspace)
+    resumed = _resume_batch(ws, storage_url, model_name, tolerance, tracking_uri)
+    if resumed is not None:
+        return resumed
     pending = [lnd for lnd in open_storage(storage_url).list_landings() if lnd.kind == "adapter" and ws.seen(lnd.key, lnd.etag) is None]
     accepted, rejected = [], {}
     with tempfile.TemporaryDirectory() as tmp:

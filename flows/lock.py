@@ -26,9 +26,11 @@ def chain_id(ws: Workspace) -> str:
     path = ws.root / ".chain-id"
     if not path.is_file():
         ws.root.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # two first writers: the first one wins
-            with open(path, "x") as f:
-                f.write(uuid.uuid4().hex[:16] + "\n")
+        tmp = ws.root / f".chain-id.{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex[:16] + "\n")
+        with contextlib.suppress(FileExistsError):  # a hard link appears whole; of two first writers the first wins
+            os.link(tmp, path)
+        tmp.unlink()
     return path.read_text().strip()
 
 

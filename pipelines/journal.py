@@ -94,8 +94,10 @@ class Journal:
         return self.data["steps"].get(step, {})
 
     def resumable(self, head: str | None) -> bool:
-        """Its parent is still HEAD, or it moved HEAD itself: nothing else was published since."""
-        return self.status == OPEN and (head == self.parent or (self.done("head") and head == self.version))
+        """It may still finish: its parent is still HEAD (nothing else was published since), or
+        HEAD is its version, or it moved HEAD once (then its version was published and later
+        versions may be built on it: only the steps after HEAD remain, and they never move it)."""
+        return self.status == OPEN and (head in (self.parent, self.version) or self.done("head"))
 
     def join(self, flow_run: str | None) -> list[str]:
         """Record that `flow_run` works on this journal now; return the runs before it."""
@@ -111,8 +113,8 @@ class Journal:
         if step not in STEPS:
             raise ValueError(f"unknown journal step {step!r}")
         self.data["started"] = step
-        if before:
-            self.data.setdefault("before", {})[step] = before
+        if before:  # the first attempt's view: a resumed step must not record its own effects as "before"
+            self.data.setdefault("before", {}).setdefault(step, before)
         self._write()
 
     def finish(self, step: str, **result) -> None:

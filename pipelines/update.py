@@ -77,6 +77,8 @@ def load_params(path: Path | None) -> Params:
             raise ValueError(f"{path}: unknown keys in section {section!r}: {sorted(unknown)}")
         merged[section] = {**defaults, **given}
     sub = merged["subspace"]
+    if not 1 <= sub["compact_every"] <= st.MAX_CHAIN:
+        raise ValueError(f"{path.name if path else 'params'}: subspace.compact_every must be between 1 and {st.MAX_CHAIN}, got {sub['compact_every']}")
     return Params(
         train=TrainConfig(**merged["train"], progress=False),
         policy=KPolicy(k_max=sub["k_max"], energy=sub["energy"], error_budget=sub["error_budget"]),

@@ -38,6 +38,7 @@ from .subspace import KPolicy, apply_frame
 
 FORMAT = "share-subspace/2"
 COMPACT_EVERY = 32  # deltas in a row before the next version is a snapshot
+MAX_CHAIN = 4 * COMPACT_EVERY  # the longest chain a load follows (and the largest compact_every allowed)
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -227,6 +228,8 @@ def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COM
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"version directory {path} already exists; versions are immutable")
+    if not 1 <= compact_every <= MAX_CHAIN:
+        raise ValueError(f"compact_every must be between 1 and {MAX_CHAIN}, got {compact_every}")
     validate(state)
     plan = _storage_plan(state, path, compact_every)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,8 +312,8 @@ class _Stacked:
 
 def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
     m = read_manifest(path)
-    if depth > 4 * COMPACT_EVERY:
-        raise VersionError(f"{path}: delta chain longer than {4 * COMPACT_EVERY} versions")
+    if depth > MAX_CHAIN:
+        raise VersionError(f"{path}: delta chain longer than {MAX_CHAIN} versions")
     for rel, digest in m["files"].items():
         f = path / rel
         if not f.is_file():

@@ -121,3 +121,26 @@ def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
     landing = chain["storage"].landing(c)
     assert recover_updates(str(ws.root), MODEL) == [{"key": c, "etag": landing.etag}]
     assert rerun(chain, c)["version"] == "v0004"
+
+
+BATCH = "from flows.continual import batch_absorb; import sys; batch_absorb(storage_url=sys.argv[1], workspace=sys.argv[2], model_name=sys.argv[3], tolerance=1.0)"
+
+
+def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
+    from flows.continual import batch_absorb
+
+    ws, storage, names = chain["ws"], chain["storage"], chain["names"][:3]
+    for n in names:
+        storage.upload_task(chain["src"] / n, "adapter", n)
+    proc = subprocess.run([sys.executable, "-c", BATCH, storage.describe(), str(ws.root), MODEL],
+                          env={**chain["env"], "SHARE_FAULT_AFTER": "ledger"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    # every landing is in the ledger already, so none is pending: the open journal is what resumes
+    out = batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
+    assert out["resumed"] and out["version"] == "v0001" and len(out["absorbed"]) == 3
+    assert ws.version_ids() == ["v0001"] and ws.head() == "v0001"
+    assert [r["version"] for r in register.list_versions(MODEL, ws.tracking_uri)] == ["v0001"]
+    for lnd in storage.list_landings():
+        assert ws.seen(lnd.key, lnd.etag)["status"] == "processed" and storage.status_of(lnd)["version"] == "v0001"
+    assert not [p for p in ws.journals.glob("*.json") if json.loads(p.read_text())["status"] == "open"]
+    assert batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL)["status"] == "nothing-to-absorb"
