@@ -89,6 +89,7 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None) -
     from pipelines.storage import LocalStorage
     from pipelines.update import load_params
     from pipelines.workspace import Workspace
+    from share_core import state as st
     from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, MINILM_ID, load_classifier
     from share_core.synthetic import shared_subspace_adapters, write_landing
     from share_core.tasks import generate_tasks
@@ -133,8 +134,9 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None) -
     version = ws.head()
     cfg = load_params(ws.params_path).evaluate
     all_tasks = ev.read_record(ws, version)["tasks"]
-    share, tok, p = ev._loaded(str(ws.root), version, ev.st.read_manifest(ws.version_dir(version))["content_hash"])
-    rows = [(e["name"], r["text"]) for e in ev.st.read_manifest(ws.version_dir(version))["tasks"] for r in ev.eval_data(ws, e).eval]
+    manifest = st.read_manifest(ws.version_dir(version))
+    share, tok, p = ev.loaded(str(ws.root), version, manifest["content_hash"])
+    rows = [(e["name"], r["text"]) for e in manifest["tasks"] for r in ev.eval_data(ws, e).eval]
     fresh = []
 
     def full() -> None:  # the whole evaluation path: read every task's data, batch, score, count

@@ -268,7 +268,8 @@ def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: 
     lin = j.step("lineage", lambda: record_lineage(workspace, version, f"{version}: {landing['task']}"))
     run = j.step("run", lambda: log_run(workspace, version, model_name, landing, {k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")}, tolerance, tracking_uri))
     mv = j.step("model_version", lambda: register_model_version(workspace, version, run["run_id"], model_name, run["gate"], tracking_uri))
-    j.step("alias", lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri), **register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri))
+    before = {} if j.done("alias") else register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri)  # what a discard restores
+    j.step("alias", lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri), **before)
     marks["register"] = time.perf_counter()
     j.step("head", lambda: ws.set_head(version))
     j.step("push", lambda: push_lineage(workspace, [version] + [f"landings/{n}" for n in names]))

@@ -87,7 +87,7 @@ def shards(tasks: list[str], n: int) -> list[list[str]]:
 
 # ---- scoring: load once, mixed-task batches -----------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _loaded(root: str, version: str, content_hash: str):
+def loaded(root: str, version: str, content_hash: str):
     """(ShareModel, tokenizer, params) of one version, loaded once per process (a worker keeps
     the last version it scored; content_hash makes a rebuilt version a new key)."""
     ws = Workspace(Path(root))
@@ -111,7 +111,7 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
     """[{"task", "score", "majority", "margin"}] for `tasks` of `version` (score None: no eval
     data). margin: the smallest gap between the top two logits over the task's rows."""
     manifest = st.read_manifest(ws.version_dir(version))
-    share, tok, params = _loaded(str(ws.root), version, manifest["content_hash"])
+    share, tok, params = loaded(str(ws.root), version, manifest["content_hash"])
     entries = {t["name"]: t for t in manifest["tasks"]}
     rows, out = [], {}
     for t in tasks:

@@ -3,6 +3,8 @@ PEFT adapters saved by PEFT itself."""
 
 import json
 import os
+import time
+import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -102,3 +104,43 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    """The same storage tests on a local directory and on a moto S3 bucket."""
+    import boto3
+
+    from pipelines.storage import open_storage
+
+    if request.param == "local":
+        return open_storage((tmp_path / "bucket").as_uri())
+    endpoint = request.getfixturevalue("moto_s3")
+    bucket = f"b{tmp_path.name[-20:].lower().replace('_', '-')}"  # moto lives for the session: one bucket per test
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return open_storage(f"s3://{bucket}/landings?endpoint_url={endpoint}")
+
+
+# ---- real servers in subprocesses: REST calls and bounded waits ----
+def rest(url: str, body: dict | None = None):
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def wait_for(what: str, fn, timeout: float, procs: dict, poll: float = 0.5):
+    """Poll `fn` until it returns something truthy; fail early if a watched process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            out = fn()
+        except Exception:
+            out = None
+        if out:
+            return out
+        for name, (proc, log) in procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(poll)
+    logs = "\n".join(f"---- {name}\n{log.read_text()[-2500:]}" for name, (_, log) in procs.items())
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")

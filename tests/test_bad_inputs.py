@@ -10,7 +10,6 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import boto3
 import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -63,16 +62,6 @@ def test_ledger_reads_the_first_format(tmp_path):
     assert ws.seen(KEY, "e1") == old[KEY]
     ws.record_landing(KEY, {"etag": "e2", "status": "rejected", "reason": "already exists"})
     assert ws.processed_record(KEY, "e1")["version"] == "v0001" and ws.ledger()["b/task.yaml"] == old["b/task.yaml"]
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage((tmp_path / "bucket").as_uri())
-    endpoint = request.getfixturevalue("moto_s3")
-    bucket = f"bad{tmp_path.name[-20:].lower().replace('_', '-')}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    return open_storage(f"s3://{bucket}/landings?endpoint_url={endpoint}")
 
 
 def test_status_file_keeps_the_processed_record_and_recognises_identical_content(storage, tmp_path):

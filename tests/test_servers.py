@@ -4,13 +4,10 @@ the storage watcher) as its own process. A task landed with `share land` becomes
 event, the event's trigger creates a `continual-update` run of the served deployment, and the
 registered version, its aliases and tags are visible through MLflow's and Prefect's REST APIs."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -19,30 +16,9 @@ from infra import stack
 from pipelines import lineage
 from share_core.tasks import generate_tasks
 
-from .conftest import free_port
+from .conftest import free_port, rest, wait_for
 
 MODEL = "share-served"
-
-
-def rest(url: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def wait_for(what: str, fn, timeout: float, proc: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            out = fn()
-        except Exception:
-            out = None
-        if out:
-            return out
-        if proc.poll() is not None:
-            raise AssertionError(f"`share serve` exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}; serve log:\n{log.read_text()[-3000:]}")
 
 
 def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_model_dir):
@@ -63,13 +39,13 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
         with open(log, "w") as out:
             serve = subprocess.Popen(share + ["serve", "--storage", storage, "-w", str(ws), "--model-name", MODEL, "--tracking-uri", cfg.url(cfg.mlflow_port), "--poll-seconds", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         api = cfg.url(cfg.prefect_port) + "/api"
-        wait_for("the continual-update deployment", lambda: rest(f"{api}/deployments/name/continual-update/continual-update"), 90, serve, log)
+        wait_for("the continual-update deployment", lambda: rest(f"{api}/deployments/name/continual-update/continual-update"), 90, {"`share serve`": (serve, log)}, poll=1)
         task_dir = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=32, n_eval=16)[0]
         subprocess.run(share + ["land", str(task_dir), "--storage", storage], env=env, check=True, capture_output=True, timeout=60)
 
         # the event created a run of the served deployment, which completed
         dep = rest(f"{api}/deployments/name/continual-update/continual-update")
-        runs = wait_for("a completed continual-update run", lambda: [r for r in rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}}) if r["state_type"] == "COMPLETED"], 180, serve, log)
+        runs = wait_for("a completed continual-update run", lambda: [r for r in rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}}) if r["state_type"] == "COMPLETED"], 180, {"`share serve`": (serve, log)}, poll=1)
         assert runs[0]["parameters"]["key"] == "tasks/incoming/datasets/sentiment/task.yaml"
         events = rest(f"{api}/events/filter", {"filter": {"event": {"name": ["share.task.landed"]}}})
         assert [e["payload"]["task"] for e in events["events"]] == ["sentiment"]

@@ -4,7 +4,6 @@ decide what a landing is and whether it may change anything."""
 import json
 import shutil
 
-import boto3
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -21,16 +20,6 @@ BASE = "tiny-bert"
 @pytest.fixture
 def task_dirs(tmp_path):
     return generate_tasks(tmp_path / "tasks", names=["sentiment", "topic"], n_train=32, n_eval=16)
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage((tmp_path / "bucket").as_uri())
-    endpoint = request.getfixturevalue("moto_s3")
-    bucket = f"b{tmp_path.name[-20:].lower().replace('_', '-')}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    return open_storage(f"s3://{bucket}/landings?endpoint_url={endpoint}")
 
 
 def test_landings_complete_only_with_task_yaml_and_etag_covers_every_object(storage, task_dirs, tmp_path):

@@ -9,14 +9,12 @@ processed nor rejected) and no version at all; once the stranded run is marked C
 Prefect's heartbeat automation does, infra/README.md) the update fails, and a re-run of the
 update on a new worker completes the landing with exactly one version, at HEAD and registered."""
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
 from share_core.tasks import generate_tasks
 
-from .conftest import free_port
+from .conftest import free_port, rest, wait_for
 
 POOL = "share-train-test"
 MODEL = "share-pool"
@@ -98,30 +96,6 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # ---- REST ------------------------------------------------------------------------------------
-def rest(url: str, body: dict | None = None):
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
-
-
-def wait_for(what: str, fn, timeout: float, procs: dict, poll: float = 0.5):
-    """Poll `fn` until it returns something truthy; fail early if a watched process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            out = fn()
-        except Exception:
-            out = None
-        if out:
-            return out
-        for name, (proc, log) in procs.items():
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(poll)
-    logs = "\n".join(f"---- {name}\n{log.read_text()[-2500:]}" for name, (_, log) in procs.items())
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
-
-
 def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_retryable(tmp_path, tiny_model_dir):
     from prefect.workers.process import ProcessWorker
 
