@@ -31,7 +31,7 @@ QUICK_RESULTS = RESULTS / "quick"
 
 
 # ---- command line ------------------------------------------------------------------------------
-def parse_args(description: str, argv: list[str] | None = None, threads: int | None = None, models: tuple[str, ...] = ("minilm",), model_note: str = "") -> argparse.Namespace:
+def parse_args(description: str, argv: list[str] | None = None, threads: int | None = None, models: tuple[str, ...] = ("minilm",), model_note: str = "", extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """--quick: a seconds-long smoke run (tiny sizes) written to results/quick/ so it never
     overwrites the real results; --out: another results directory; --threads: torch intra-op
     threads (default `threads`, else every core this process may use); --device auto|cpu|cuda
@@ -49,6 +49,8 @@ def parse_args(description: str, argv: list[str] | None = None, threads: int | N
     p.add_argument("--model", choices=MODELS, default="minilm",
                    help="base model: minilm = the packaged MiniLM classifier (default); llama-tiny / llama-0.5b / llama-1b = a randomly initialised "
                         "Llama-shaped causal LM built from a config (no download; llama-tiny for CPU smoke runs)")
+    if extra:  # the benchmark's own options
+        extra(p)
     args = p.parse_args(argv)
     if args.model not in models:
         p.exit(2, f"{p.prog}: --model {args.model} is not supported by this benchmark (it runs on: {', '.join(models)}){'; ' + model_note if model_note else ''}\n")

@@ -1,6 +1,6 @@
 """The base models a benchmark can run on (`--model`).
 
-- `minilm` (default): the packaged MiniLM sentence classifier (share_core.continual.load_classifier),
+- `minilm` (default): the packaged MiniLM sentence classifier (share_core.base.load_base),
   LoRA on query/value, a classifier head per task.
 - `llama-tiny`, `llama-0.5b`, `llama-1b`: a randomly initialised transformers LlamaForCausalLM
   built from a LlamaConfig with a fixed seed (nothing is downloaded), LoRA on the attention
@@ -65,10 +65,11 @@ def load_model(name: str, device: torch.device, seed: int = SEED) -> BenchModel:
     """A private copy of base model `name` on `device`, in eval mode, with its LoRA targets,
     head modules and kind."""
     if name == "minilm":
-        from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+        from share_core.base import BaseSpec, load_base
 
-        model, tok = load_classifier(seed=seed, device=device)
-        return BenchModel(model, tok, list(CLASSIFIER_TARGETS), list(CLASSIFIER_HEADS), "classifier")
+        base = BaseSpec()
+        model, tok = load_base(base, seed=seed, device=device)
+        return BenchModel(model, tok, base.targets(), base.heads(), "classifier")
     if name not in LLAMA:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     model = copy.deepcopy(_llama_cpu(name, seed)).to(device)
@@ -78,7 +79,7 @@ def load_model(name: str, device: torch.device, seed: int = SEED) -> BenchModel:
 def model_id(name: str) -> str:
     """The base_model_name adapters and subspaces record."""
     if name == "minilm":
-        from share_core.continual import MINILM_ID
+        from share_core.base import MINILM_ID
 
         return MINILM_ID
     return f"random-init/{name}-seed{SEED}"

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 from .common import Target, environment, fmt, md_table, parse_args, write_report
 
@@ -27,12 +26,10 @@ TARGET_OVERHEAD_S = 15.0
 
 
 def _params(root: Path, steps: int, model_path: str | None) -> None:
-    from pipelines.update import DEFAULT_PARAMS
+    from pipelines.params import Params, save_params
+    from pipelines.workspace import Workspace
 
-    params = yaml.safe_load(yaml.safe_dump(DEFAULT_PARAMS))
-    params["train"]["steps"] = steps
-    params["base"]["model_path"] = model_path
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    save_params(Workspace(root).params_path, Params().replace(train={"steps": steps}, base={"model_path": model_path}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines import evaluate as ev
     from pipelines import lineage
     from pipelines.storage import LocalStorage
-    from pipelines.update import build_version, load_params
+    from pipelines.params import load_params
+    from pipelines.update import build_version
     from pipelines.workspace import Workspace
     from share_core.tasks import generate_tasks
 
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         if not landing_copy.exists():
             os.symlink(d, landing_copy)
         t0 = time.perf_counter()
-        build_version([landing_copy], "dataset", bare.version_dir(version), bare.version_dir(parent) if parent else None, load_params(bare.root / "params.yaml"))
+        build_version([landing_copy], "dataset", bare.version_dir(version), bare.version_dir(parent) if parent else None, load_params(bare.params_path))
         t1 = time.perf_counter()
         ev.evaluate_version(bare, version)
         t2 = time.perf_counter()

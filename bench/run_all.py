@@ -1,7 +1,8 @@
 """Run every benchmark (what `make bench` runs), each in its own process so that one's memory
 and threads cannot skew another's, and gather their tables into bench/results/README.md.
 
-Adding a benchmark = one module with a main() and --quick, plus its name in BENCHMARKS.
+Adding a benchmark = one module with a main() and --quick, plus its name in BENCHMARKS (a
+variant of a module run with its own flags: VARIANTS).
 
 --device is passed to every benchmark; --model too, and a model other than MiniLM runs (and
 gathers into <results>/<model>-<device>/README.md) only the benchmarks that take it: MODEL_READY,
@@ -22,7 +23,8 @@ import torch
 from .common import QUICK_RESULTS, RESULTS, env_line, environment, md_table
 from .models import MODELS, results_dir
 
-BENCHMARKS = ["merge", "train_step", "serving", "continual", "pipeline", "scale"]
+BENCHMARKS = ["merge", "train_step", "serving", "continual", "continual-causal-lm", "pipeline", "scale"]
+VARIANTS = {"continual-causal-lm": ("continual", ["--family", "causal-lm"])}  # result name → (module, its flags)
 MODEL_READY = ["train_step", "serving"]  # the benchmarks that run on --model llama-*; add merge when bench.merge takes it
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +40,8 @@ def run(name: str, flags: list[str], out: Path) -> dict:
     for ext in ("json", "md"):
         (out / f"{name}.{ext}").unlink(missing_ok=True)  # never gather a stale result
     t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", f"bench.{name}", *flags], cwd=ROOT).returncode
+    module, own = VARIANTS.get(name, (name, []))
+    rc = subprocess.run([sys.executable, "-m", f"bench.{module}", *own, *flags], cwd=ROOT).returncode
     wall = time.perf_counter() - t0
     data = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else {}
     return {"name": name, "rc": rc, "wall_s": wall, "targets": data.get("targets", [])}

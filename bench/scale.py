@@ -81,28 +81,26 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None) -
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
         os.environ.setdefault(k, v)
     import torch
-    import yaml
 
     from flows.continual import batch_absorb, continual_update, score
     from pipelines import evaluate as ev
     from pipelines import lineage
     from pipelines.storage import LocalStorage
-    from pipelines.update import load_params
+    from pipelines.params import edit_params, load_params
     from pipelines.workspace import Workspace
     from share_core import state as st
-    from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, MINILM_ID, load_classifier
+    from share_core.base import BaseSpec, load_base
     from share_core.synthetic import shared_subspace_adapters, write_landing
     from share_core.tasks import generate_tasks
 
     ws = Workspace(tmp / "ws")
     lineage.init_workspace(ws.root, remote=str(tmp / "dvc-remote"))
-    params = yaml.safe_load(ws.params_path.read_text())
-    params["base"]["model_path"] = model_path
-    ws.params_path.write_text(yaml.safe_dump(params))
+    edit_params(ws.params_path, base={"model_path": model_path})
     template = generate_tasks(tmp / "template", names=["sentiment"], n_train=4, n_eval=eval_rows)[0]
-    model, _ = load_classifier(model_path)
+    base = BaseSpec(model_path=model_path)
+    model, _ = load_base(base)
     names = [f"task{i:04d}" for i in range(tasks + landings)]
-    adapters = shared_subspace_adapters(model, names, 2, targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=MINILM_ID, rank=8, dim=16)
+    adapters = shared_subspace_adapters(model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=base.model_id, rank=8, dim=16)
     del model
     src, storage = tmp / "landings-src", LocalStorage(tmp / "bucket")
     for a in adapters:

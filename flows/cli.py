@@ -87,15 +87,16 @@ def _tracking(ws, tracking_uri: str | None) -> str:
 def demo(
     workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", "-w"),
     tasks: int = typer.Option(4, help="generated dataset tasks landing one by one"),
-    steps: int = typer.Option(60, help="training steps per task"),
+    steps: int | None = typer.Option(None, help="training steps per task (default: 60 classification, 150 causal-lm)"),
     seed: int = typer.Option(0),
+    family: str = typer.Option("sequence-classification", help="sequence-classification (MiniLM) | causal-lm (a tiny random Llama, instruction tasks)"),
 ) -> None:
     """The embedded offline demo: generated tasks land in local storage one by one (plus one
     adapter trained elsewhere); the Prefect flows turn each into a registered, evaluated,
     DVC-tracked version on Prefect's ephemeral server and a local sqlite MLflow; then a rollback."""
     from .demo import run_demo
 
-    run_demo(workspace, tasks=tasks, steps=steps, seed=seed, console=console)
+    run_demo(workspace, tasks=tasks, steps=steps, seed=seed, console=console, family=family)
 
 
 @app.command()
@@ -161,16 +162,16 @@ def eval_cmd(version: str, workspace: Path = WORKSPACE) -> None:
 @app.command()
 def export(version: str, task: str, out: Path, workspace: Path = WORKSPACE) -> None:
     """Write TASK of VERSION as a standard PEFT LoRA directory."""
-    from pipelines.update import load_params
+    from pipelines.params import load_params
     from pipelines.workspace import Workspace
     from share_core import state as st
-    from share_core.continual import load_classifier
+    from share_core.base import load_base
     from share_core.model import ShareModel
 
     ws = Workspace(workspace)
-    params = load_params(ws.root / "params.yaml")
-    model, _ = load_classifier(params.model_path, params.train.seed)
-    ShareModel(model, st.load(ws.version_dir(version))).export_task(task, out)
+    params = load_params(ws.params_path)
+    model, _ = load_base(params.base, params.train.seed)
+    ShareModel(model, st.load(ws.version_dir(version))).export_task(task, out, params.base.family_impl().peft_task_type)
     console.print(f"exported {version}/{task} → {out} (load with peft.PeftModel.from_pretrained)")
 
 

@@ -26,7 +26,8 @@ from pipelines import evaluate as ev
 from pipelines import lineage, register
 from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, next_version
 from pipelines.storage import Landing, open_storage
-from pipelines.update import EvalParams, build_version, load_params
+from pipelines.params import EvalParams, load_params
+from pipelines.update import build_version
 from pipelines.validate import LandingRejected, validate_landing
 from pipelines.workspace import Workspace
 from share_core import state as st
@@ -60,7 +61,7 @@ def validate(workspace: str, landing: Landing, local: str) -> str | None:
     head = ws.head()
     manifest = st.read_manifest(ws.version_dir(head)) if head else None
     try:
-        validate_landing(Path(local), landing.kind, landing.task, manifest, load_params(ws.params_path).model_id, list(landing.files))
+        validate_landing(Path(local), landing.kind, landing.task, manifest, load_params(ws.params_path).base, list(landing.files))
     except LandingRejected as e:
         return e.reason
     return None

@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 MARKER = ".share-demo"
+DEMO_STEPS = {"sequence-classification": 60, "causal-lm": 150}  # per task; the tiny Llama starts from random weights
+CAUSAL_TRAIN = {"lr": 5e-3, "max_length": 24}  # the tiny Llama's recipe (tests/test_instruction_tasks.py)
 
 
 def _prepare(workspace: Path) -> Path:
@@ -38,24 +40,33 @@ def _prepare(workspace: Path) -> Path:
     return workspace
 
 
-def _adapter_landing(tmp: Path, task_dir: Path, steps: int, seed: int) -> Path:
-    """A LoRA adapter 'trained elsewhere' (plain PEFT on MiniLM), landed with its task.yaml."""
-    from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, MINILM_ID, load_classifier
+def _adapter_landing(tmp: Path, task_dir: Path, params, seed: int) -> Path:
+    """A LoRA adapter 'trained elsewhere' (plain PEFT on the workspace's base model), landed
+    with its task.yaml and eval data."""
+    from share_core.base import load_base
     from share_core.peft_io import write_adapter
     from share_core.taskdata import load_task
-    from share_core.train import TrainConfig, train_lora
+    from share_core.train import train_lora
 
     task = load_task(task_dir)
-    model, tok = load_classifier(seed=seed)
-    adapter = train_lora(model, tok, task, TrainConfig(steps=steps, seed=seed, progress=False), CLASSIFIER_TARGETS, CLASSIFIER_HEADS, MINILM_ID)
+    base = params.base
+    model, tok = load_base(base, seed)
+    adapter = train_lora(model, tok, task, params.train, base.targets(), base.heads(), base.model_id)
+    adapter.task_type = base.family_impl().peft_task_type
     out = write_adapter(tmp / "adapters" / task.spec.name, adapter)
     for f in ("eval.jsonl", "task.yaml"):
         shutil.copy(task_dir / f, out / f)
     return out
 
 
-def _bad_landing(tmp: Path, good: Path) -> Path:
-    """A dataset whose eval set uses a label outside its label set: must be rejected."""
+def _bad_landing(tmp: Path, good: Path, family: str) -> Path:
+    """A landing that must be rejected: on a classifier, a dataset whose eval set uses a label
+    outside its label set; on a causal LM, a classification task (the other family)."""
+    from share_core.taskdata import CAUSAL_LM
+    from share_core.tasks import generate_tasks
+
+    if family == CAUSAL_LM:
+        return generate_tasks(tmp / "bad", names=["sentiment"], n_train=32, n_eval=8)[0]
     bad = tmp / "bad" / "broken-labels"
     shutil.copytree(good, bad)
     rows = [json.loads(line) for line in (bad / "eval.jsonl").read_text().splitlines() if line.strip()]
@@ -66,26 +77,45 @@ def _bad_landing(tmp: Path, good: Path) -> Path:
     return bad
 
 
-def run_demo(workspace: Path, tasks: int, steps: int, seed: int, console: Console) -> dict:
+def demo_params(root: Path, family: str, steps: int | None, seed: int):
+    """The demo workspace's params: MiniLM for classification; for causal LM a tiny Llama
+    built from a config with random weights in <root>/base-model (no download)."""
+    from pipelines.params import Params
+    from share_core.synthetic import tiny_causal_lm
+    from share_core.taskdata import CAUSAL_LM
+
+    params = Params()
+    if family == CAUSAL_LM:
+        path = tiny_causal_lm(root / "base-model", "llama", seed=seed)
+        params = params.replace(base={"family": CAUSAL_LM, "model_id": "tiny-llama", "model_path": str(path)}, train=CAUSAL_TRAIN)
+    return params.replace(train={"steps": steps or DEMO_STEPS[family], "seed": seed})
+
+
+def run_demo(workspace: Path, tasks: int, steps: int | None, seed: int, console: Console, family: str = "sequence-classification") -> dict:
+    from share_core.families import FAMILIES
+    from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES
+
+    names = INSTRUCTION_TASK_NAMES if family == "causal-lm" else TASK_NAMES
+    if family not in FAMILIES:
+        raise SystemExit(f"--family must be one of {sorted(FAMILIES)}")
+    if not 2 <= tasks < len(names):
+        raise SystemExit(f"--tasks must be between 2 and {len(names) - 1} (one more task lands as an adapter)")
     root = _prepare(workspace)
     from pipelines import evaluate as ev
     from pipelines import lineage, register
     from pipelines.storage import LocalStorage
     from pipelines.workspace import Workspace
-    from share_core.tasks import TASK_NAMES, generate_tasks
+    from share_core.tasks import generate_tasks
 
     from .continual import continual_update, rollback
     from .watcher import Watcher
 
-    if not 2 <= tasks < len(TASK_NAMES):
-        raise SystemExit(f"--tasks must be between 2 and {len(TASK_NAMES) - 1} (one more task lands as an adapter)")
     t_start = time.perf_counter()
     ws = Workspace(root)
-    lineage.init_workspace(ws.root, remote=str(root / "dvc-remote"))
+    params = demo_params(root, family, steps, seed)
+    lineage.init_workspace(ws.root, remote=str(root / "dvc-remote"), params=params)
     with open(root / ".gitignore", "a") as f:
-        f.write("bucket/\ndvc-remote/\n.prefect/\nmlflow.db\nmlartifacts/\n" + MARKER + "\n")
-    params = (root / "params.yaml").read_text().replace("steps: 80", f"steps: {steps}")
-    (root / "params.yaml").write_text(params)
+        f.write("bucket/\ndvc-remote/\n.prefect/\nmlflow.db\nmlartifacts/\nbase-model/\n" + MARKER + "\n")
     storage_url = (root / "bucket").as_uri()
     storage = LocalStorage(root / "bucket")
     watcher = Watcher(storage, storage_url, root / "watcher-ledger.json")
@@ -107,11 +137,11 @@ def run_demo(workspace: Path, tasks: int, steps: int, seed: int, console: Consol
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dirs = generate_tasks(tmp / "datasets", names=list(TASK_NAMES[: tasks + 1]), seed=seed)
+        dirs = generate_tasks(tmp / "datasets", names=list(names[: tasks + 1]), seed=seed)
         for d in dirs[:tasks]:
             process("dataset", d)
-        process("dataset", _bad_landing(tmp, dirs[0]))
-        process("adapter", _adapter_landing(tmp, dirs[tasks], steps, seed))
+        process("dataset", _bad_landing(tmp, dirs[0], family))
+        process("adapter", _adapter_landing(tmp, dirs[tasks], params, seed))
         process("dataset", dirs[0])  # the same landing again: a no-op (its key/ETag is in the ledger)
 
     last = ev.read_record(ws, ws.head())
@@ -132,11 +162,12 @@ def run_demo(workspace: Path, tasks: int, steps: int, seed: int, console: Consol
 
 def _matrix(matrix: dict, record: dict) -> Table:
     tasks, rows, versions = matrix["tasks"], matrix["rows"], matrix["versions"]
-    table = Table(title="Accuracy matrix R[version][task] (strict: no replay)")
+    table = Table(title="Score matrix R[version][task] (strict: no replay)")
     table.add_column("after")
     for t in tasks:
         table.add_column(t, justify="right")
     for v, r in zip(versions, rows):
         table.add_row(v, *[("—" if x is None else f"{x:.3f}") for x in r] + [""] * (len(tasks) - len(r)))
-    table.add_row("majority", *[("" if record["majority"][t] is None else f"{record['majority'][t]:.3f}") for t in tasks], style="dim")
+    if any(record["majority"][t] is not None for t in tasks):
+        table.add_row("majority", *[("" if record["majority"][t] is None else f"{record['majority'][t]:.3f}") for t in tasks], style="dim")
     return table

@@ -33,15 +33,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 import typer  # noqa: E402
 
 from share_core import state as st  # noqa: E402
-from share_core.continual import load_classifier  # noqa: E402
+from share_core.base import load_base  # noqa: E402
+from share_core.families import family  # noqa: E402
 from share_core.model import ShareModel  # noqa: E402
 from share_core.taskdata import EVAL_FILE, SPEC_FILE, TaskData, read_examples, read_task_spec  # noqa: E402
 
-from .update import EvalParams, load_params  # noqa: E402
+from .params import EvalParams, load_params  # noqa: E402
 from .workspace import Workspace, write_atomic  # noqa: E402
 
 FLOAT32_ROUNDING = 1.2e-7  # relative change of a ΔW from storing its coefficients in float32 once
@@ -92,7 +92,7 @@ def loaded(root: str, version: str, content_hash: str):
     the last version it scored; content_hash makes a rebuilt version a new key)."""
     ws = Workspace(Path(root))
     params = load_params(ws.params_path)
-    model, tok = load_classifier(params.model_path, params.train.seed)
+    model, tok = load_base(params.base, params.train.seed)
     share = ShareModel(model, st.load(ws.version_dir(version))).eval()
     return share, tok, params
 
@@ -106,48 +106,27 @@ def eval_data(ws: Workspace, entry: dict) -> TaskData | None:
     return TaskData(spec=spec, train=[], eval=read_examples(landing / EVAL_FILE, spec), root=landing)
 
 
-@torch.no_grad()
 def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
     """[{"task", "score", "majority", "margin"}] for `tasks` of `version` (score None: no eval
-    data). margin: the smallest gap between the top two logits over the task's rows."""
+    data; majority: the family's trivial baseline). margin: the smallest gap between the top
+    two logits behind any prediction of the task (see share_core.families)."""
     manifest = st.read_manifest(ws.version_dir(version))
     share, tok, params = loaded(str(ws.root), version, manifest["content_hash"])
+    fam = family(params.base.family)
     entries = {t["name"]: t for t in manifest["tasks"]}
-    rows, out = [], {}
+    items, baselines = [], {}
     for t in tasks:
         data = eval_data(ws, entries[t])
-        if data is None or not data.eval:
-            out[t] = {"task": t, "score": None, "majority": None, "margin": None}
-            continue
-        out[t] = {"task": t, "majority": data.majority_accuracy(), "correct": 0, "total": 0, "margin": math.inf}
-        labels = data.label_ids(data.eval) if data.spec.is_classification else [None] * len(data.eval)
-        rows += [(t, r[data.spec.text_field], y, data.spec.is_classification) for r, y in zip(data.eval, labels)]
-    device = next(share.model.parameters()).device
-    bs = params.evaluate.batch_size
-    for start in range(0, len(rows), bs):
-        batch = rows[start:start + bs]
-        enc = tok([r[1] for r in batch], padding=True, truncation=True, max_length=params.train.max_length, return_tensors="pt").to(device)
-        logits = share.forward_mixed([r[0] for r in batch], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        for i, (t, _, y, classification) in enumerate(batch):
-            acc = out[t]
-            if classification:
-                top2 = logits[i].float().topk(min(2, logits[i].shape[-1])).values
-                acc["correct"] += int(int(logits[i].argmax()) == y)
-                acc["total"] += 1
-                if top2.numel() == 2:
-                    acc["margin"] = min(acc["margin"], float(top2[0] - top2[1]))
-            else:  # causal LM: next-token accuracy over the row's real tokens
-                mask = enc["attention_mask"][i, 1:].bool()
-                pred, gold = logits[i][:-1].argmax(-1), enc["input_ids"][i, 1:]
-                acc["correct"] += int(((pred == gold) & mask).sum())
-                acc["total"] += int(mask.sum())
-    results = []
-    for t in tasks:
-        r = out[t]
-        if "correct" in r:
-            r = {"task": t, "score": r["correct"] / max(r["total"], 1), "majority": r["majority"], "margin": None if r["margin"] == math.inf else r["margin"]}
-        results.append(r)
-    return results
+        if data is not None and data.eval:
+            baselines[t] = fam.baseline(data)
+            items += [(t, data.spec, row) for row in data.eval]
+    cfg = params.evaluate
+    scores = fam.score(share, tok, items, max_length=params.train.max_length, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    return [
+        {"task": t, "score": scores[t]["score"], "majority": baselines[t], "margin": scores[t]["margin"]} if t in scores
+        else {"task": t, "score": None, "majority": None, "margin": None}
+        for t in tasks
+    ]
 
 
 # ---- the version's record --------------------------------------------------------------------

@@ -26,8 +26,8 @@ from pathlib import Path
 import typer
 import yaml
 
-from .update import BUILD_SECTIONS, DEFAULT_PARAMS
-from .workspace import write_atomic
+from .params import BUILD_SECTIONS, Params, save_params
+from .workspace import Workspace, write_atomic
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 IGNORED = ["mlflow.db", "mlartifacts/", ".lock", ".chain-id", "ledger.json", "journal/", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
@@ -40,9 +40,10 @@ def _git(root: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | None = None) -> None:
-    """Make `root` a git + DVC repo with params.yaml, an empty dvc.yaml and (optionally) a
-    default remote (a local path or s3://…; credentials stay in the AWS environment). Idempotent."""
+def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | None = None, params: Params | None = None) -> None:
+    """Make `root` a git + DVC repo with params.yaml (`params`, default: the defaults; an
+    existing one is kept), an empty dvc.yaml and (optionally) a default remote (a local path or
+    s3://…; credentials stay in the AWS environment). Idempotent."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if not (root / ".git").exists():
@@ -55,8 +56,8 @@ def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | No
         _dvc_cli(root, "config", "core.analytics", "false")
         # the workspace file and DVC's cache copy are one inode: versions are written once, never edited
         _dvc_cli(root, "config", "cache.type", "reflink,hardlink,copy")
-    if not (root / "params.yaml").exists():
-        write_atomic(root / "params.yaml", yaml.safe_dump(DEFAULT_PARAMS, sort_keys=False))
+    if not Workspace(root).params_path.exists():
+        save_params(Workspace(root).params_path, params or Params())
     if not (root / "dvc.yaml").exists():
         write_atomic(root / "dvc.yaml", yaml.safe_dump({"stages": {}}))
     ignore = root / ".gitignore"

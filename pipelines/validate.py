@@ -15,10 +15,11 @@ from pathlib import Path
 
 import typer
 
-from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS
+from share_core.base import BaseSpec
+from share_core.families import family
 from share_core.model import check_adapter_fits
 from share_core.peft_io import AdapterError, read_adapter
-from share_core.taskdata import CLASSIFICATION, EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
+from share_core.taskdata import EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
 
 from .storage import SAFE_NAME
 from .workspace import MAX_REASON, bound_text
@@ -77,12 +78,15 @@ def _check_sizes(local: Path, names: list[str]) -> None:
             raise LandingRejected(f"{name}: empty file")
 
 
-def _check_spec(local: Path, task: str, manifest: dict | None) -> TaskSpec:
+def _check_spec(local: Path, task: str, manifest: dict | None, base: BaseSpec) -> TaskSpec:
     spec = read_task_spec(local / SPEC_FILE)
     if spec.name != task:
         raise LandingRejected(f"{SPEC_FILE}: name {spec.name!r} differs from the landing's directory {task!r}")
-    if spec.type != CLASSIFICATION:
-        raise LandingRejected(f"{SPEC_FILE}: type {spec.type!r} is not served by this pipeline's base model (expected {CLASSIFICATION!r})")
+    if spec.type != base.family:
+        raise LandingRejected(
+            f"{SPEC_FILE}: type {spec.type!r} does not match this workspace's base model {base.model_id!r}, "
+            f"which serves {base.family!r} tasks (base.family in params.yaml)"
+        )
     if manifest and spec.name in [t["name"] for t in manifest["tasks"]]:
         raise LandingRejected(f"task {spec.name!r} already exists in the current version; land it under a new name")
     return spec
@@ -92,40 +96,48 @@ def _check_dataset(local: Path) -> None:
     data = load_task(local)
     if len(data.train) < MIN_TRAIN_ROWS:
         raise LandingRejected(f"train.jsonl: {len(data.train)} rows; at least {MIN_TRAIN_ROWS} are needed")
-    seen = {row[data.spec.label_field] for row in data.train}
-    if len(seen) < 2:
-        raise LandingRejected(f"train.jsonl: only label(s) {sorted(seen)} occur; a classifier needs at least two")
+    try:
+        family(data.spec.type).check_train(data)
+    except ValueError as e:
+        raise LandingRejected(f"train.jsonl: {e}") from None
 
 
-def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base_model_id: str) -> None:
+def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: BaseSpec) -> None:
     adapter = read_adapter(local, name=spec.name)
+    fam = family(base.family)
+    if adapter.task_type and fam.peft_task_type and adapter.task_type != fam.peft_task_type:
+        raise LandingRejected(f"adapter_config.json: task_type {adapter.task_type!r} does not match this workspace's {base.family!r} base model (expected {fam.peft_task_type!r})")
     if manifest:
         shapes = {name: (t["n"], t["d"]) for name, t in manifest["layers"].items()}
         check_adapter_fits(adapter, manifest["base_model"]["id"], manifest["target_modules"], manifest["head_modules"], shapes, exact_layers=True)
     else:  # the first version: the layers' shapes are checked when the subspace is built
-        check_adapter_fits(adapter, base_model_id, CLASSIFIER_TARGETS, CLASSIFIER_HEADS)
+        check_adapter_fits(adapter, base.model_id, base.targets(), base.heads())
+    expected = fam.num_labels(spec)
     outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
-    if len(spec.labels) not in outs:
-        raise LandingRejected(f"adapter_model.safetensors: no head layer has {len(spec.labels)} outputs for labels {list(spec.labels)} (found {sorted(outs)})")
+    if expected is not None and expected not in outs:
+        raise LandingRejected(f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} (found {sorted(outs)})")
     if (local / EVAL_FILE).is_file():
         read_examples(local / EVAL_FILE, spec)
 
 
-def validate_landing(local: Path, kind: str, task: str, manifest: dict | None, base_model_id: str, names: list[str] | None = None) -> TaskSpec:
-    """Check a landing downloaded to `local` against the current version's `manifest` (None:
-    the chain is empty). `names`: the landing's object names as listed in storage (default:
-    the files in `local`). Returns its TaskSpec; raises LandingRejected."""
+def validate_landing(local: Path, kind: str, task: str, manifest: dict | None, base: BaseSpec, names: list[str] | None = None) -> TaskSpec:
+    """Check a landing downloaded to `local` against the workspace's base model and family and
+    the current version's `manifest` (None: the chain is empty). `names`: the landing's object
+    names as listed in storage (default: the files in `local`). Returns its TaskSpec; raises
+    LandingRejected."""
     local = Path(local)
     names = sorted(names if names is not None else (p.name for p in local.iterdir()))
     check_names(names, kind)
     try:
         _check_sizes(local, names)
-        spec = _check_spec(local, task, manifest)
+        spec = _check_spec(local, task, manifest, base)
         if kind == "dataset":
             _check_dataset(local)
         else:
-            _check_adapter(local, spec, manifest, base_model_id)
-    except (TaskFormatError, AdapterError) as e:
+            _check_adapter(local, spec, manifest, base)
+    except (TaskFormatError, AdapterError, ValueError) as e:  # ValueError: the base model's own config (e.g. no default targets)
+        if isinstance(e, LandingRejected):
+            raise
         raise LandingRejected(landing_reason(str(e), local)) from None
     return spec
 
@@ -134,16 +146,18 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
-def main(landing: Path, kind: str = typer.Option(..., help="dataset | adapter"), base_model_id: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2"), version: Path | None = typer.Option(None, help="current version dir")) -> None:
+def main(landing: Path, kind: str = typer.Option(..., help="dataset | adapter"), params: Path = typer.Option(Path("params.yaml"), help="the workspace's params.yaml (its base section)"), version: Path | None = typer.Option(None, help="current version dir")) -> None:
     """Validate a landing directory; exit 1 with the reason when it is refused."""
     from share_core.state import read_manifest
 
+    from .params import load_params
+
     try:
-        spec = validate_landing(landing, kind, landing.name, read_manifest(version) if version else None, base_model_id)
+        spec = validate_landing(landing, kind, landing.name, read_manifest(version) if version else None, load_params(params).base)
     except LandingRejected as e:
         typer.echo(f"rejected: {e.reason}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"ok: {kind} {spec.name} ({len(spec.labels)} labels)")
+    typer.echo(f"ok: {kind} {spec.name} ({spec.type})")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from .state import SubspaceState
 class AccuracyMatrix:
     tasks: list[str] = field(default_factory=list)
     rows: list[list[float]] = field(default_factory=list)  # rows[i] has i+1 entries
-    majority: list[float] = field(default_factory=list)
+    majority: list[float | None] = field(default_factory=list)  # each task's trivial baseline (None: none)
 
-    def add_row(self, task: str, majority: float, scores: list[float]) -> None:
+    def add_row(self, task: str, majority: float | None, scores: list[float]) -> None:
         """Record the scores on tasks[0..i] right after learning `task` (the i-th)."""
         if len(scores) != len(self.tasks) + 1:
             raise ValueError(f"row for {task!r} needs {len(self.tasks) + 1} scores, got {len(scores)}")
@@ -45,7 +45,9 @@ class AccuracyMatrix:
             [t] + [f"{v:.3f}" for v in row] + [""] * (len(self.tasks) - len(row)) + [f"{self.acc(i):.3f}", f"{self.bwt(i):+.3f}"]
             for i, (t, row) in enumerate(zip(self.tasks, self.rows))
         ]
-        return [head] + body + [["majority"] + [f"{m:.3f}" for m in self.majority] + ["", ""]]
+        if all(m is None for m in self.majority):  # no trivial baseline (e.g. generation tasks)
+            return [head] + body
+        return [head] + body + [["majority"] + ["" if m is None else f"{m:.3f}" for m in self.majority] + ["", ""]]
 
 
 def accounting(state: SubspaceState, bytes_per_param: int = 4) -> dict:

@@ -7,8 +7,8 @@ first and only then installs it, so a failure leaves the model and the state unc
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from . import subspace
+from .base import base_model_hash, head_tensors, last_linear
 from .layer import ShareLinear, in_out_features
 from .peft_io import AdapterError, LoraAdapter, write_adapter
 from .state import Delta, SubspaceState, TaskRecord, check_task_name
@@ -29,38 +30,6 @@ def pick_device() -> torch.device:
 def is_target(module_name: str, targets: list[str]) -> bool:
     """PEFT's rule for a list of names: the module's name is one of them or ends with '.name'."""
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-
-def base_model_hash(model: nn.Module, head_modules: list[str]) -> str:
-    """sha256 of every base weight except the task heads: identifies the frozen W0."""
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        if any(key == m or key.startswith(m + ".") for m in head_modules):
-            continue
-        h.update(key.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def head_tensors(model: nn.Module, head_modules: list[str]) -> dict[str, torch.Tensor]:
-    """Current parameters of the head modules, keyed like PEFT's modules_to_save."""
-    return {
-        f"{m}.{k}": v.detach().cpu().clone()
-        for m in head_modules
-        for k, v in model.get_submodule(m).named_parameters()
-    }
-
-
-def last_linear(model: nn.Module, head_modules: list[str]) -> str:
-    """Path of the head's output Linear: the one whose rows are the task's labels."""
-    last = None
-    for m in head_modules:
-        for sub, mod in model.get_submodule(m).named_modules():
-            if isinstance(mod, nn.Linear):
-                last = f"{m}.{sub}" if sub else m
-    if last is None:
-        raise ValueError(f"head modules {head_modules} contain no Linear layer")
-    return last
 
 
 class ShareModel(nn.Module):
@@ -183,6 +152,20 @@ class ShareModel(nn.Module):
     def forward(self, **inputs):
         return self.model(**inputs)
 
+    @contextlib.contextmanager
+    def mixed(self, tasks: list[str]):
+        """Within the block, example i of every batch uses tasks[i]'s update (the batch's rows
+        keep their order: a forward, or a greedy generation with its KV cache). Heads are not
+        switched: see forward_mixed."""
+        ids = torch.tensor([self._index(t) for t in tasks], device=next(self.model.parameters()).device)
+        for layer in self.layers.values():
+            layer.task_ids = ids
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.task_ids = None
+
     @torch.no_grad()
     def forward_mixed(self, tasks: list[str], **inputs) -> list[torch.Tensor]:
         """One forward for a batch whose example i belongs to tasks[i]; per-example logits.
@@ -191,20 +174,17 @@ class ShareModel(nn.Module):
         captured input with functional_call (no module is swapped mid-batch).
         """
         ids = torch.tensor([self._index(t) for t in tasks], device=next(self.model.parameters()).device)
-        for layer in self.layers.values():
-            layer.task_ids = ids
         captured = {}
         hooks = []
         if self.state.head_modules:
             head = self.model.get_submodule(self.state.head_modules[0])
             hooks.append(head.register_forward_pre_hook(lambda m, args, kw: captured.update(args=args, kwargs=kw), with_kwargs=True))
         try:
-            out = self.model(**inputs)
+            with self.mixed(tasks):
+                out = self.model(**inputs)
         finally:
             for h in hooks:
                 h.remove()
-            for layer in self.layers.values():
-                layer.task_ids = None
         if not self.state.head_modules:
             return list(out.logits)
         head_name = self.state.head_modules[0]
@@ -240,10 +220,13 @@ class ShareModel(nn.Module):
             modules_to_save=list(self.state.head_modules), base_model_name=self.state.base_model_id,
         )
 
-    def export_task(self, task: str, path) -> Path:
-        """Write task t as a standard PEFT LoRA directory that PeftModel.from_pretrained loads."""
+    def export_task(self, task: str, path, task_type: str | None = None) -> Path:
+        """Write task t as a standard PEFT LoRA directory that PeftModel.from_pretrained loads
+        (task_type: PEFT's, e.g. CAUSAL_LM, from the base's family)."""
         conv = any(isinstance(layer.base, Conv1D) for layer in self.layers.values())
-        return write_adapter(path, self.task_adapter(task), fan_in_fan_out=conv)
+        adapter = self.task_adapter(task)
+        adapter.task_type = task_type
+        return write_adapter(path, adapter, fan_in_fan_out=conv)
 
     # ---- continual adaptation ----------------------------------------------------------------
     def begin_task(self, name: str, *, rank: int, scale: float, num_labels: int | None, seed: int = 0, info: dict | None = None) -> list[nn.Parameter]:
@@ -260,10 +243,8 @@ class ShareModel(nn.Module):
         self.activate(None)
         for layer in self.layers.values():
             layer.open_slot(rank, self.state.phi, scale, g)
-        if self.state.head_modules:
-            if num_labels is None:
-                raise ValueError("a classification subspace needs num_labels for a new task's head")
-            self._install_head(self.new_head(num_labels, g), trainable=True)
+        if self.state.head_modules:  # a fresh head of num_labels outputs, or (None) the pretrained head to train
+            self._install_head(self.new_head(num_labels, g) if num_labels is not None else dict(self._heads_backup), trainable=True)
         self.training_task = name
         self._pending = {"rank": rank, "scale": scale, "info": dict(info or {}), "finetune": False}
         return self.trainable_parameters()

@@ -45,6 +45,7 @@ class LoraAdapter:
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
     base_model_name: str | None = None
+    task_type: str | None = None  # PEFT's task_type (CAUSAL_LM, SEQ_CLS, ...) when the config names one
 
 
 def _config_scale(cfg: dict, source: str) -> tuple[int, float, float]:
@@ -112,6 +113,7 @@ def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: 
         name=name, rank=r, lora_alpha=alpha, scale=scale, target_modules=_target_list(cfg, config_source),
         factors=factors, heads={k: v.float() for k, v in heads.items()}, modules_to_save=heads_modules,
         base_model_name=cfg.get("base_model_name_or_path"),
+        task_type=cfg.get("task_type") if isinstance(cfg.get("task_type"), str) else None,
     )
 
 
@@ -153,7 +155,8 @@ def adapter_from_peft_model(peft_model, name: str, adapter_name: str = "default"
 
 
 def write_adapter(path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out: bool = False) -> Path:
-    """Write `adapter` as a standard PEFT LoRA directory (atomically: temp dir + rename)."""
+    """Write `adapter` as a standard PEFT LoRA directory (atomically: temp dir + rename); its
+    task_type is recorded when known (PeftModel.from_pretrained then builds the right class)."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty")
@@ -167,6 +170,7 @@ def write_adapter(path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out:
         bias="none",
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=adapter.base_model_name,
+        task_type=adapter.task_type,
     )
     sd = {}
     for layer, (b, a) in adapter.factors.items():

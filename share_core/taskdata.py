@@ -26,7 +26,8 @@ import yaml
 SPEC_FILE, TRAIN_FILE, EVAL_FILE = "task.yaml", "train.jsonl", "eval.jsonl"
 TASK_FILES = (SPEC_FILE, TRAIN_FILE, EVAL_FILE)
 CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
-METRICS = {CLASSIFICATION: ("accuracy",), CAUSAL_LM: ("accuracy", "perplexity")}
+METRICS = {CLASSIFICATION: ("accuracy",), CAUSAL_LM: ("exact_match", "rouge_l")}  # the first is the default
+FIELDS = {CLASSIFICATION: ("text_field", "label_field"), CAUSAL_LM: ("prompt_field", "completion_field")}  # what a row carries
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a handful of fields; anything bigger is not one
 MAX_TEXT_BYTES = 64 * 1024  # one example's text value (UTF-8 bytes)
@@ -86,20 +87,25 @@ class TaskSpec:
     text_field: str = "text"
     label_field: str = "label"
     metric: str = "accuracy"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
 
     @property
     def is_classification(self) -> bool:
         return self.type == CLASSIFICATION
 
+    @property
+    def row_fields(self) -> tuple[str, ...]:
+        """The row keys this task reads: (text, label) or (prompt, completion)."""
+        return tuple(getattr(self, f) for f in FIELDS[self.type])
+
     def to_yaml_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "labels": list(self.labels),
-            "text_field": self.text_field,
-            "label_field": self.label_field,
-            "metric": self.metric,
-        }
+        out = {"name": self.name, "type": self.type}
+        if self.is_classification:
+            out["labels"] = list(self.labels)
+        out.update({f: getattr(self, f) for f in FIELDS[self.type]})
+        out["metric"] = self.metric
+        return out
 
     @classmethod
     def from_yaml_dict(cls, d, source: str) -> TaskSpec:
@@ -110,7 +116,7 @@ class TaskSpec:
 
         if not isinstance(d, dict):
             raise TaskFormatError(f"{source}: expected a mapping of task fields, got {type(d).__name__}")
-        known = ("name", "type", "labels", "text_field", "label_field", "metric")
+        known = ("name", "type", "labels", "metric", *FIELDS[CLASSIFICATION], *FIELDS[CAUSAL_LM])
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise TaskFormatError(f"{source}: unknown field(s) {_brief(unknown)}; expected only {list(known)}")
@@ -138,12 +144,17 @@ class TaskSpec:
             raise fail("labels", f"empty or absent for type {task_type}", labels)
 
         fields = {}
-        for key in ("text_field", "label_field"):
+        for other in FIELDS[CAUSAL_LM if task_type == CLASSIFICATION else CLASSIFICATION]:
+            if other in d:
+                raise TaskFormatError(f"{source}: field '{other}' does not apply to type {task_type} (it uses {list(FIELDS[task_type])})")
+        for key in FIELDS[task_type]:
             value = d.get(key, cls.__dataclass_fields__[key].default)
             if not isinstance(value, str) or not value.strip():
                 raise fail(key, "a non-empty string", value)
             fields[key] = value
-        metric = d.get("metric", "accuracy")
+        if len(set(fields.values())) < len(fields):
+            raise TaskFormatError(f"{source}: fields {list(fields)} must name different row keys, got {list(fields.values())}")
+        metric = d.get("metric", METRICS[task_type][0])
         if metric not in METRICS[task_type]:
             raise fail("metric", f"one of {list(METRICS[task_type])} for type {task_type}", metric)
         return cls(name=name, type=task_type, labels=tuple(labels), metric=metric, **fields)
@@ -171,16 +182,17 @@ def read_task_spec(path: Path) -> TaskSpec:
 
 def _check_row(row, spec: TaskSpec, where: str, max_text_bytes: int | None = None) -> None:
     """One example must carry what training reads: the text (at most `max_text_bytes` UTF-8
-    bytes) and (classification) a known label."""
+    bytes) and a known label (classification), or a prompt and a completion (causal LM)."""
     if not isinstance(row, dict):
         raise TaskFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    text = row.get(spec.text_field)
-    if not isinstance(text, str) or not text.strip():
-        raise TaskFormatError(f"{where}: field '{spec.text_field}' is {_brief(text)}; expected a non-empty string")
     limit = row_limits(max_text_bytes)[0]
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise TaskFormatError(f"{where}: field '{spec.text_field}' is {size} bytes; the limit is {limit} bytes per text value")
+    for key in (spec.text_field,) if spec.is_classification else spec.row_fields:
+        text = row.get(key)
+        if not isinstance(text, str) or not text.strip():
+            raise TaskFormatError(f"{where}: field '{key}' is {_brief(text)}; expected a non-empty string")
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise TaskFormatError(f"{where}: field '{key}' is {size} bytes; the limit is {limit} bytes per text value")
     if spec.is_classification:
         label = row.get(spec.label_field)
         if not isinstance(label, str) or label not in spec.labels:

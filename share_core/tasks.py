@@ -6,17 +6,30 @@ but differ in what decides the label (sentiment, topic, sentence type, tense, gr
 number, intent, urgency). Hard cases keep them from being trivial: negation flips sentiment and
 "A but B" takes B's verdict, a side remark from another topic precedes the main clause,
 questions lose their question mark while reported questions are statements, tense adverbs are
-dropped, and a few percent of the training labels are noisy. Same (name, seed) → byte-identical files on every machine.
+dropped, and a few percent of the training labels are noisy.
+
+It also generates small instruction (causal-LM) tasks: rows {"prompt", "completion"} with
+completions of 1-4 words, over one shared vocabulary (`INSTRUCTION_VOCABULARY`, which
+`synthetic.tiny_causal_lm` turns into a word-level tokenizer). Each task has its own prompt
+keyword and its own rule, so learning one does not answer another: transforms of a word list
+that ends with "=" (reverse a colour-thing-name triple, the last word, the one name), key →
+value lookups (plural, antonym, a made-up capital table, the next number word) and templated
+answers (greet a name; count on from a number, scored with ROUGE-L). A tiny random Llama
+(`synthetic.tiny_causal_lm`) learns each of them with a rank-8 LoRA in 150 CPU steps
+(tests/test_instruction_tasks.py has the recipe).
+
+Same (name, seed) → byte-identical files on every machine.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from .taskdata import CLASSIFICATION, TaskSpec, write_task
+from .taskdata import CAUSAL_LM, CLASSIFICATION, TaskSpec, write_task
 
 Example = tuple[str, str]  # (text, label)
 
@@ -142,12 +155,113 @@ TASK_NAMES: tuple[str, ...] = tuple(GENERATORS)
 LABEL_NOISE = 0.05  # fraction of training labels replaced by a random other label
 
 
+# ---- instruction (causal-LM) tasks: (prompt, completion) pairs over one small shared vocabulary ----
+Pair = tuple[str, str]  # (prompt, completion)
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray"]
+THINGS = ["cat", "dog", "bird", "fox", "cow", "horse", "tree", "box"]
+LIST_WORDS = COLORS + THINGS  # the words of the list transforms
+NAMES = ["anna", "ben", "carl", "dora", "eve", "finn", "gina", "hugo", "ida", "jack"]
+NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+PLURALS = {"cat": "cats", "dog": "dogs", "bird": "birds", "fox": "foxes", "box": "boxes", "tree": "trees", "mouse": "mice", "child": "children", "man": "men", "foot": "feet", "tooth": "teeth", "city": "cities"}
+_ANTONYM_PAIRS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("happy", "sad"), ("light", "dark"), ("early", "late"), ("open", "closed"), ("full", "empty")]
+ANTONYMS = {**dict(_ANTONYM_PAIRS), **{b: a for a, b in _ANTONYM_PAIRS}}
+CAPITALS = {"zorland": "mivo", "quentia": "paldo", "vextia": "rumo", "olbara": "sarn", "drestia": "kolvi", "mirwen": "tobe", "ulgaria": "fenna", "prasko": "lidu"}  # made up: nothing to know beforehand
+
+
+def _list(rng: random.Random, n: int) -> list[str]:
+    return [_pick(rng, LIST_WORDS) for _ in range(n)]
+
+
+def _reverse(rng: random.Random) -> Pair:
+    words = [_pick(rng, COLORS), _pick(rng, THINGS), _pick(rng, NAMES)]  # one word of each kind: a tiny model can tell them apart
+    return f"reverse : {' '.join(words)} =", " ".join(reversed(words))
+
+
+def _last_word(rng: random.Random) -> Pair:
+    words = _list(rng, rng.choice([3, 4]))
+    return f"last word : {' '.join(words)} =", words[-1]
+
+
+def _find_name(rng: random.Random) -> Pair:
+    words = _list(rng, 2)
+    name = _pick(rng, NAMES)
+    words.insert(rng.randrange(3), name)
+    return f"find name : {' '.join(words)} =", name
+
+
+def _plural(rng: random.Random) -> Pair:
+    noun = _pick(rng, sorted(PLURALS))
+    return f"plural of {noun}", PLURALS[noun]
+
+
+def _antonym(rng: random.Random) -> Pair:
+    word = _pick(rng, sorted(ANTONYMS))
+    return f"opposite of {word}", ANTONYMS[word]
+
+
+def _capital(rng: random.Random) -> Pair:
+    country = _pick(rng, sorted(CAPITALS))
+    return f"capital of {country}", CAPITALS[country]
+
+
+def _successor(rng: random.Random) -> Pair:
+    i = rng.randrange(len(NUMBER_WORDS) - 1)
+    return f"number after {NUMBER_WORDS[i]}", NUMBER_WORDS[i + 1]
+
+
+def _greet(rng: random.Random) -> Pair:
+    name = _pick(rng, NAMES)
+    return f"greet {name}", f"hello {name}"
+
+
+def _count(rng: random.Random) -> Pair:
+    i = rng.randrange(len(NUMBER_WORDS) - 3)
+    return f"count from {NUMBER_WORDS[i]}", " ".join(NUMBER_WORDS[i : i + 4])
+
+
+INSTRUCTION_GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
+    "reverse": _reverse,
+    "last_word": _last_word,
+    "find_name": _find_name,
+    "plural": _plural,
+    "antonym": _antonym,
+    "capital": _capital,
+    "successor": _successor,
+    "greet": _greet,
+    "count": _count,
+}
+INSTRUCTION_METRICS: dict[str, str] = {name: "exact_match" for name in INSTRUCTION_GENERATORS} | {"count": "rouge_l"}  # partial credit for 4-word answers
+INSTRUCTION_TASK_NAMES: tuple[str, ...] = tuple(INSTRUCTION_GENERATORS)
+_TEMPLATE_WORDS = ["reverse", ":", "=", "last", "word", "find", "name", "plural", "of", "opposite", "capital", "number", "after", "greet", "hello", "count", "from"]
+
+
+def instruction_tokens(text: str) -> list[str]:
+    """The words and punctuation runs of `text`, split like the tokenizers library's Whitespace
+    pre-tokenizer (r"\\w+|[^\\w\\s]+"): "x:" → ["x", ":"]."""
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
+INSTRUCTION_VOCABULARY: list[str] = sorted(
+    set(_TEMPLATE_WORDS) | set(LIST_WORDS) | set(NAMES) | set(NUMBER_WORDS) | set(PLURALS) | set(PLURALS.values()) | set(ANTONYMS) | set(CAPITALS) | set(CAPITALS.values())
+)  # every token of every instruction prompt and completion (the tiny model's vocabulary)
+ALL_TASK_NAMES: tuple[str, ...] = TASK_NAMES + INSTRUCTION_TASK_NAMES
+
+
 def generate_task(name: str, seed: int = 0, n_train: int = 256, n_eval: int = 128) -> tuple[TaskSpec, list[dict], list[dict]]:
-    """(spec, train rows, eval rows) of task `name`; deterministic in (name, seed)."""
-    if name not in GENERATORS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {list(TASK_NAMES)}")
-    labels, gen = GENERATORS[name]
+    """(spec, train rows, eval rows) of task `name` (classification or instruction); deterministic in (name, seed)."""
+    if name not in GENERATORS and name not in INSTRUCTION_GENERATORS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {list(ALL_TASK_NAMES)}")
     rng = random.Random(zlib.crc32(f"{name}/{seed}".encode()))
+    if name in INSTRUCTION_GENERATORS:
+        pair = INSTRUCTION_GENERATORS[name]
+        spec = TaskSpec(name=name, type=CAUSAL_LM, metric=INSTRUCTION_METRICS[name], prompt_field="prompt", completion_field="completion")
+
+        def pairs(n: int) -> list[dict]:
+            return [{"prompt": p, "completion": c} for p, c in (pair(rng) for _ in range(n))]
+
+        return spec, pairs(n_train), pairs(n_eval)
+    labels, gen = GENERATORS[name]
     spec = TaskSpec(name=name, type=CLASSIFICATION, labels=labels)
 
     def rows(n: int, noise: float) -> list[dict]:
@@ -163,7 +277,8 @@ def generate_task(name: str, seed: int = 0, n_train: int = 256, n_eval: int = 12
 
 
 def generate_tasks(root: Path, names: list[str] | None = None, seed: int = 0, n_train: int = 256, n_eval: int = 128) -> list[Path]:
-    """Write each task as <root>/<name>/{train.jsonl, eval.jsonl, task.yaml}; the directories."""
+    """Write each task as <root>/<name>/{train.jsonl, eval.jsonl, task.yaml}; the directories.
+    `names` may mix classification and instruction tasks; the default is every classification task."""
     out = []
     for name in names or list(TASK_NAMES):
         spec, train, eval_rows = generate_task(name, seed, n_train, n_eval)

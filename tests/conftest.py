@@ -73,7 +73,7 @@ def tiny_model_dir(tmp_path_factory):
     loads it through the same code path as MiniLM, in milliseconds per step."""
     from transformers import AutoTokenizer
 
-    from share_core.continual import minilm_path
+    from share_core.base import minilm_path
 
     path = tmp_path_factory.mktemp("tiny-minilm")
     tok = AutoTokenizer.from_pretrained(minilm_path())

@@ -1,54 +1,67 @@
-"""The causal-LM path on a tiny GPT-2 (Conv1D layers): train a LoRA, initialise, train a second
-task in the subspace, merge, and export to PEFT with identical logits."""
+"""The causal-LM family in share_core on a tiny random GPT-2 (Conv1D layers) with the generated
+instruction tasks: train a LoRA, initialise, train a second task in the subspace, merge; scoring
+by greedy generation in mixed-task batches equals scoring each task alone; export to PEFT with
+identical logits."""
 
 import json
 
 import torch
 from peft import PeftModel
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from share_core.base import BaseSpec
+from share_core.families import CausalLM, completion_metric
 from share_core.model import ShareModel
 from share_core.subspace import KPolicy
-from share_core.taskdata import TaskData, TaskSpec
+from share_core.synthetic import tiny_causal_lm
+from share_core.taskdata import TaskData
+from share_core.tasks import generate_task
 from share_core.train import TrainConfig, evaluate, train_lora, train_task
 
-from .test_model import CharTokenizer
+
+def task(name: str) -> TaskData:
+    spec, train, eval_rows = generate_task(name, seed=0, n_train=192, n_eval=24)
+    return TaskData(spec=spec, train=train, eval=eval_rows, root=None)
 
 
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=1, eos_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
+def test_completion_metrics():
+    assert completion_metric("exact_match", " Dogs ", "dogs") == 1.0
+    assert completion_metric("exact_match", "dog", "dogs") == 0.0
+    assert abs(completion_metric("rouge_l", "one two three", "one two three four") - 2 * 0.75 / 1.75) < 1e-9
 
 
-def counting_task(name, step):
-    """Cycles through 6 words by `step`: a bigram rule a tiny model learns in a few steps."""
-    words = ["red", "green", "blue", "cyan", "pink", "gray"]
-    rows = [{"text": " ".join(words[(s + step * j) % 6] for j in range(10))} for s in range(36)]
-    return TaskData(spec=TaskSpec(name=name, type="causal-lm"), train=rows[:30], eval=rows[30:], root=None)
-
-
-def test_gpt2_trains_merges_and_exports(tmp_path):
-    tok = CharTokenizer()
-    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-2, rank=4, lora_alpha=8, progress=False)
-    first, second = counting_task("count1", 1), counting_task("count3", 5)
-    model = tiny_gpt2()
-    base_score = evaluate(model, tok, second)
-    adapter = train_lora(model, tok, first, cfg, ["c_attn"], [], "tiny-gpt2")
+def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path):
+    path = tiny_causal_lm(tmp_path / "gpt2", "gpt2", seed=0)
+    base = BaseSpec(family="causal-lm", model_id="tiny-gpt2", model_path=str(path))
+    assert base.targets() == ["c_attn", "c_proj", "c_fc"] and base.heads() == []
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    cfg = TrainConfig(steps=120, batch_size=16, lr=1e-2, rank=4, lora_alpha=8, max_length=24, progress=False)
+    first, second = task("plural"), task("capital")
+    untrained = evaluate(model, tok, second, cfg.max_length, max_new_tokens=6)
+    adapter = train_lora(model, tok, first, cfg, base.targets(), [], "tiny-gpt2")
     share = ShareModel.from_adapters(model, [adapter], base_model_id="tiny-gpt2", policy=KPolicy(k_max=32), phi=2)
-    share.activate("count1")
-    score1 = evaluate(share, tok, first)
+    share.activate("plural")
+    score1 = evaluate(share, tok, first, cfg.max_length, max_new_tokens=6)
     train_task(share, tok, second, cfg)
-    assert share.last_errors["count3"] < 1e-5  # k=32 holds the new task exactly
-    share.activate("count3")
-    assert evaluate(share, tok, second) > base_score + 0.2
-    share.activate("count1")
-    assert abs(evaluate(share, tok, first) - score1) < 1e-6  # strict: the first task is untouched
-    out = share.export_task("count3", tmp_path / "count3")
-    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    x = tok([r["text"] for r in second.eval])["input_ids"]
-    share.activate("count3")
+    assert share.last_errors["capital"] < 1e-5  # k=32 holds the new task exactly
+    share.activate("capital")
+    score2 = evaluate(share, tok, second, cfg.max_length, max_new_tokens=6)
+    assert score2 > untrained + 0.4
+    share.activate("plural")
+    assert abs(evaluate(share, tok, first, cfg.max_length, max_new_tokens=6) - score1) < 1e-9  # strict: the first task is untouched
+
+    # one mixed batch of both tasks' rows (interleaved) scores exactly like each task alone
+    items = [x for pair in zip(*[[(t.spec.name, t.spec, r) for r in t.eval] for t in (first, second)]) for x in pair]
+    mixed = CausalLM().score(share, tok, items, max_length=cfg.max_length, batch_size=16, max_new_tokens=6)
+    assert mixed["plural"]["score"] == score1 and mixed["capital"]["score"] == score2
+    assert mixed["plural"]["margin"] > 0
+
+    out = share.export_task("capital", tmp_path / "capital", task_type="CAUSAL_LM")
+    cfg_json = json.loads((out / "adapter_config.json").read_text())
+    assert cfg_json["fan_in_fan_out"] is True and cfg_json["task_type"] == "CAUSAL_LM"
+    ids = torch.tensor([tok(r["prompt"])["input_ids"] for r in second.eval])
+    share.activate("capital")
     with torch.no_grad():
-        ours = share(input_ids=x).logits
-        peft = PeftModel.from_pretrained(tiny_gpt2(), str(out)).eval()(input_ids=x).logits
+        ours = share(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(out)).eval()(input_ids=ids).logits
     assert torch.allclose(ours, peft, atol=1e-5)

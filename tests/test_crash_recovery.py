@@ -9,14 +9,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
+from pipelines.params import edit_params
 from pipelines import lineage, register
 from pipelines.journal import STEPS
 from pipelines.storage import LocalStorage
 from pipelines.workspace import Workspace
 from share_core import state as st
-from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.base import BaseSpec, load_base
 from share_core.synthetic import shared_subspace_adapters, write_landing
 from share_core.tasks import generate_tasks
 
@@ -31,13 +31,12 @@ def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
 
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root, remote=str(tmp_path / "remote"))
-    params = yaml.safe_load(ws.params_path.read_text())
-    params["base"] = {"model_id": BASE_ID, "model_path": str(tiny_model_dir)}
-    ws.params_path.write_text(yaml.safe_dump(params))
+    edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(tiny_model_dir)})
     template = generate_tasks(tmp_path / "template", names=["sentiment"], n_train=4, n_eval=16)[0]
-    model, _ = load_classifier(str(tiny_model_dir))
+    base = BaseSpec(model_id=BASE_ID, model_path=str(tiny_model_dir))
+    model, _ = load_base(base)
     names = [f"t{i:02d}" for i in range(len(STEPS) + 3)]
-    for a in shared_subspace_adapters(model, names, 2, targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=BASE_ID, rank=2, dim=4):
+    for a in shared_subspace_adapters(model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4):
         write_landing(tmp_path / "src", a, template)
     storage = LocalStorage(tmp_path / "bucket")
     # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here (tests/test_lock.py covers the global one)

@@ -5,12 +5,12 @@ LocalCluster as in-process; records and pictures O(T) per version."""
 import json
 
 import pytest
-import yaml
 
+from pipelines.params import Params, load_params, save_params
 from pipelines import evaluate as ev
-from pipelines.update import build_version, load_params
+from pipelines.update import build_version
 from pipelines.workspace import Workspace
-from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.base import BaseSpec, load_base
 from share_core.synthetic import shared_subspace_adapters, write_landing
 from share_core.tasks import generate_tasks
 
@@ -24,8 +24,9 @@ def ws(tmp_path, tiny_model_dir):
     w = Workspace(tmp_path / "ws")
     w.root.mkdir()
     template = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=4, n_eval=24)[0]
-    model, _ = load_classifier(str(tiny_model_dir))
-    kw = dict(targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=BASE_ID, rank=2, dim=4)
+    base = BaseSpec(model_id=BASE_ID, model_path=str(tiny_model_dir))
+    model, _ = load_base(base)
+    kw = dict(targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4)
     for a in shared_subspace_adapters(model, ["t0", "t1", "t2", "t3"], 2, seed=1, **kw) + shared_subspace_adapters(model, ["outsider"], 2, seed=7, **kw):
         write_landing(w.landings, a, template)
     set_params(w, tiny_model_dir)
@@ -33,8 +34,7 @@ def ws(tmp_path, tiny_model_dir):
 
 
 def set_params(w: Workspace, model_dir, k_max: int = 32, **evaluate) -> None:
-    params = {"base": {"model_id": BASE_ID, "model_path": str(model_dir)}, "subspace": {"k_max": k_max}, "evaluate": evaluate}
-    w.params_path.write_text(yaml.safe_dump(params))
+    save_params(w.params_path, Params().replace(base={"model_id": BASE_ID, "model_path": str(model_dir)}, subspace={"k_max": k_max}, evaluate=evaluate))
 
 
 def build(w: Workspace, version: str, parent: str | None, names: list[str]) -> None:

@@ -13,11 +13,12 @@ import boto3
 import pytest
 import yaml
 
+from pipelines.params import edit_params
 from pipelines import evaluate, lineage, register
 from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
 from share_core import state as st
-from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.base import BaseSpec, load_base
 from share_core.peft_io import write_adapter
 from share_core.taskdata import load_task
 from share_core.tasks import generate_tasks
@@ -31,11 +32,13 @@ def tree_digest(path: Path) -> dict[str, str]:
     return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets=CLASSIFIER_TARGETS) -> Path:
+def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets: list[str] | None = None) -> Path:
     """A LoRA trained elsewhere (plain PEFT on the same base), landed with task.yaml + eval.jsonl."""
     task = load_task(task_dir)
-    model, tok = load_classifier(str(model_dir))
-    adapter = train_lora(model, tok, task, TrainConfig(steps=15, lr=1e-2, progress=False), list(targets), CLASSIFIER_HEADS, BASE_ID)
+    base = BaseSpec(model_id=BASE_ID, model_path=str(model_dir))
+    model, tok = load_base(base)
+    targets = targets or base.targets()
+    adapter = train_lora(model, tok, task, TrainConfig(steps=15, lr=1e-2, progress=False), targets, base.heads(), BASE_ID)
     out = write_adapter(tmp / "adapters" / f"{task.spec.name}-{'-'.join(targets)}", adapter)
     for f in ("eval.jsonl", "task.yaml"):
         shutil.copy(task_dir / f, out / f)
@@ -49,10 +52,7 @@ def chain(tmp_path, moto_s3, prefect_harness, tiny_model_dir):
     s3.create_bucket(Bucket=bucket)
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root, remote=f"s3://{bucket}/dvcstore", endpoint_url=moto_s3)
-    params = yaml.safe_load((ws.root / "params.yaml").read_text())
-    params["base"] = {"model_id": BASE_ID, "model_path": str(tiny_model_dir)}
-    params["train"].update(steps=25, lr=0.01, batch_size=16)
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(tiny_model_dir)}, train={"steps": 25, "lr": 0.01, "batch_size": 16})
     url = f"s3://{bucket}/landings?endpoint_url={moto_s3}"
     tasks = generate_tasks(tmp_path / "tasks", names=["sentiment", "topic", "tense", "number"], n_train=64, n_eval=32)
     return {"ws": ws, "url": url, "storage": open_storage(url), "tasks": dict(zip(["sentiment", "topic", "tense", "number"], tasks)), "tmp": tmp_path, "s3": s3, "bucket": bucket, "model_dir": tiny_model_dir}
@@ -87,10 +87,10 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     assert [o["version"] for o in (first, second, third)] == ["v0001", "v0002", "v0003"]
     assert (first["promoted"], second["promoted"], third["promoted"]) == (True, True, False)
     for version, tasks in (("v0001", ["sentiment"]), ("v0002", ["sentiment", "topic"]), ("v0003", ["sentiment", "topic", "tense"])):
-        rec = json.loads((ws.root / "evaluations" / f"{version}.json").read_text())
+        rec = json.loads(ws.evaluation_path(version).read_text())
         assert rec["tasks"] == tasks and all(0.0 <= rec["scores"][x] <= 1.0 for x in tasks)  # every past task scored
-        assert (ws.root / "evaluations" / f"{version}.png").stat().st_size > 1000
-    rec3 = json.loads((ws.root / "evaluations" / "v0003.json").read_text())
+        assert (ws.evaluations / f"{version}.png").stat().st_size > 1000
+    rec3 = json.loads(ws.evaluation_path("v0003").read_text())
     m = evaluate.accuracy_matrix(ws, "v0003")
     assert m["versions"] == ["v0001", "v0002", "v0003"] and [sum(x is not None for x in r) for r in m["rows"]] == [1, 2, 3]
 
@@ -226,7 +226,7 @@ def test_batch_absorb_folds_every_pending_adapter_into_one_version(chain):
     assert out["version"] == "v0002" and len(out["absorbed"]) == 2 and out["rejected"] == {}
     manifest = json.loads((ws.version_dir("v0002") / "manifest.json").read_text())
     assert [x["name"] for x in manifest["tasks"]] == ["sentiment", "number", "tense"] and manifest["parent"] == "v0001"  # pending landings in key order
-    rec = json.loads((ws.root / "evaluations" / "v0002.json").read_text())
+    rec = json.loads(ws.evaluation_path("v0002").read_text())
     assert set(rec["scores"]) == {"sentiment", "tense", "number"}  # adapters brought eval.jsonl: scored too
     assert all(storage.status_of(x)["status"] == "processed" for x in storage.list_landings() if x.kind == "adapter")
     assert batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)["status"] == "nothing-to-absorb"

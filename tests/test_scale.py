@@ -7,15 +7,15 @@ import threading
 
 import psutil
 import pytest
-import yaml
 
+from pipelines.params import edit_params, load_params
 from pipelines import evaluate as ev
 from pipelines import lineage
 from pipelines.storage import LocalStorage
-from pipelines.update import build_version, load_params
+from pipelines.update import build_version
 from pipelines.workspace import Workspace
 from share_core import state as st
-from share_core.continual import CLASSIFIER_HEADS, CLASSIFIER_TARGETS, load_classifier
+from share_core.base import BaseSpec, load_base
 from share_core.synthetic import shared_subspace_adapters, write_landing
 from share_core.tasks import generate_tasks
 
@@ -24,9 +24,10 @@ BASE_ID = "tiny-minilm"
 
 def landings(tmp_path, model_dir, n: int, seed: int = 3):
     template = generate_tasks(tmp_path / "template", names=["sentiment"], n_train=4, n_eval=16)[0]
-    model, _ = load_classifier(str(model_dir))
+    base = BaseSpec(model_id=BASE_ID, model_path=str(model_dir))
+    model, _ = load_base(base)
     names = [f"task{i:03d}" for i in range(n)]
-    for a in shared_subspace_adapters(model, names, 2, targets=CLASSIFIER_TARGETS, heads=CLASSIFIER_HEADS, base_model_id=BASE_ID, rank=2, dim=4, seed=seed):
+    for a in shared_subspace_adapters(model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4, seed=seed):
         write_landing(tmp_path / "src", a, template)
     return tmp_path / "src", names
 
@@ -34,10 +35,7 @@ def landings(tmp_path, model_dir, n: int, seed: int = 3):
 def workspace(root, model_dir, remote, compact_every: int = 32) -> Workspace:
     ws = Workspace(root)
     lineage.init_workspace(ws.root, remote=str(remote))
-    params = yaml.safe_load(ws.params_path.read_text())
-    params["base"] = {"model_id": BASE_ID, "model_path": str(model_dir)}
-    params["subspace"]["compact_every"] = compact_every
-    ws.params_path.write_text(yaml.safe_dump(params))
+    edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(model_dir)}, subspace={"compact_every": compact_every})
     return ws
 
 

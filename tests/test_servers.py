@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from infra import stack
+from pipelines.params import edit_params
+from pipelines.workspace import Workspace
 from pipelines import lineage
 from share_core.tasks import generate_tasks
 
@@ -26,10 +27,7 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
     env = {**os.environ, **stack.env(cfg), "PREFECT_HOME": str(tmp_path / "prefect-client"), "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     ws = tmp_path / "ws"
     lineage.init_workspace(ws)
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["base"] = {"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}
-    params["train"].update(steps=10)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(Workspace(ws).params_path, base={"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}, train={"steps": 10})
     storage = stack.env(cfg)["SHARE_STORAGE"]
     share = [str(Path(sys.executable).parent / "share")]
     log = tmp_path / "serve.log"

@@ -10,11 +10,12 @@ from safetensors.torch import load_file, save_file
 from pipelines.register import forgetting_gate
 from pipelines.storage import LocalStorage, StorageError, open_storage
 from pipelines.validate import LandingRejected, validate_landing
+from share_core.base import BaseSpec
 from share_core.tasks import generate_tasks
 
 from .conftest import save_peft_adapter
 
-BASE = "tiny-bert"
+BASE = BaseSpec(model_id="tiny-bert", target_modules=["query", "value"], head_modules=["classifier"])
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_storage_urls_are_checked(tmp_path):
 
 def _manifest(task_names=("sentiment",)):
     return {
-        "base_model": {"id": BASE, "hash": "x"}, "target_modules": ["query", "value"], "head_modules": ["classifier"],
+        "base_model": {"id": BASE.model_id, "hash": "x"}, "target_modules": ["query", "value"], "head_modules": ["classifier"],
         "layers": {f"bert.encoder.layer.{i}.attention.self.{m}": {"n": 32, "d": 32, "k_B": 4, "k_A": 4} for i in range(2) for m in ("query", "value")},
         "tasks": [{"name": t} for t in task_names],
     }
@@ -109,7 +110,7 @@ BAD_DATASETS = {
     "too few rows": (lambda d: _edit_json_lines(d / "train.jsonl", lambda r: r.__delitem__(slice(3, None))), "at least"),
     "not json": (lambda d: (d / "train.jsonl").write_text("{not json\n"), "invalid JSON"),
     "unknown file": (lambda d: (d / "model.py").write_text("import os"), "unexpected file"),
-    "causal-lm type": (lambda d: (d / "task.yaml").write_text("name: topic\ntype: causal-lm\n"), "not served"),
+    "causal-lm type": (lambda d: (d / "task.yaml").write_text("name: topic\ntype: causal-lm\n"), "serves 'sequence-classification' tasks"),
 }
 
 

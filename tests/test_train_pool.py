@@ -18,8 +18,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import yaml
 
+from pipelines.params import edit_params
 from pipelines import lineage, register
 from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
@@ -109,10 +109,7 @@ def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_ret
     env.pop("MLFLOW_TRACKING_URI", None)  # the workspace's own sqlite store
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root)
-    params = yaml.safe_load((ws.root / "params.yaml").read_text())
-    params["base"] = {"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}
-    params["train"].update(steps=STEPS, batch_size=16)
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(ws.params_path, base={"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}, train={"steps": STEPS, "batch_size": 16})
     storage_url = (tmp_path / "bucket").as_uri()
     storage = open_storage(storage_url)
     task_dir = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=32, n_eval=16)[0]

@@ -1,0 +1,140 @@
+"""params.yaml: every knob of a workspace, one schema whose defaults are the dataclasses' own.
+
+Sections: `base` (share_core.base.BaseSpec: the base model, its family, target modules and
+heads), `train` (share_core.train.TrainConfig), `subspace` (k policy, φ, compaction) and
+`evaluate` (EvalParams). A missing key takes the dataclass default; an unknown key is an error
+naming the file and the section. Other top-level sections (the repository's `tasks:`) are left
+to whoever reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from share_core import state as st
+from share_core.base import BaseSpec
+from share_core.subspace import KPolicy
+from share_core.train import TrainConfig
+
+from .workspace import write_atomic
+
+BUILD_SECTIONS = ("train", "subspace", "base")  # what a version's bytes depend on (its DVC stage's params)
+NOT_PARAMS = {"train": {"progress"}}  # dataclass fields that are not workspace settings
+
+
+@dataclass(frozen=True)
+class SubspaceParams:
+    """The k policy of every merge (k_max, explained energy, per-task error budget), φ
+    temporary directions per side for a trained task, and how often a version is a full
+    snapshot instead of a delta (share_core.state)."""
+
+    k_max: int = 32
+    energy: float | None = None
+    error_budget: float | None = None
+    phi: int = 2
+    compact_every: int = st.COMPACT_EVERY
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.compact_every <= st.MAX_CHAIN:
+            raise ValueError(f"subspace.compact_every must be between 1 and {st.MAX_CHAIN}, got {self.compact_every}")
+        if self.phi < 0 or self.k_max < 1:
+            raise ValueError(f"subspace.phi must be ≥ 0 and subspace.k_max ≥ 1, got {self.phi} and {self.k_max}")
+
+    @property
+    def policy(self) -> KPolicy:
+        return KPolicy(k_max=self.k_max, energy=self.energy, error_budget=self.error_budget)
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """How versions are evaluated. mode: `changed-only` keeps a task's recorded score when its
+    ΔW provably did not move (certified, see pipelines.evaluate); `full` re-scores every task.
+    workers: shards scored in parallel; dask_address: a Dask scheduler to send them to
+    (None: in-process; $SHARE_DASK_ADDRESS overrides). max_new_tokens: the longest greedy
+    completion of a causal-LM task."""
+
+    mode: str = "changed-only"
+    certify_tolerance: float = 1e-5
+    margin_floor: float = 1e-3
+    batch_size: int = 64
+    workers: int = 1
+    dask_address: str | None = None
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("changed-only", "full"):
+            raise ValueError(f"evaluate.mode must be 'changed-only' or 'full', got {self.mode!r}")
+        if self.workers < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("evaluate.workers, evaluate.batch_size and evaluate.max_new_tokens must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseSpec = field(default_factory=BaseSpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
+    subspace: SubspaceParams = field(default_factory=SubspaceParams)
+    evaluate: EvalParams = field(default_factory=EvalParams)
+
+    @property
+    def policy(self) -> KPolicy:
+        return self.subspace.policy
+
+    def to_dict(self) -> dict:
+        """The YAML form: every section, every key (lists, not tuples)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = {
+                k.name: list(v) if isinstance(v := getattr(section, k.name), tuple) else v
+                for k in dataclasses.fields(section) if k.name not in NOT_PARAMS.get(f.name, ())
+            }
+        return out
+
+    def replace(self, **sections: dict) -> Params:
+        """A copy with some keys changed: replace(train={"steps": 30})."""
+        return dataclasses.replace(self, **{name: dataclasses.replace(getattr(self, name), **changes) for name, changes in sections.items()})
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Params)}
+
+
+def load_params(path: Path | None) -> Params:
+    """params.yaml (missing keys take the defaults; unknown keys are an error)."""
+    raw = yaml.safe_load(path.read_text()) if path and path.is_file() else {}
+    where = path.name if path else "params"
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    defaults = Params()
+    sections = {}
+    for name in SECTIONS:
+        given = (raw or {}).get(name) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{where}: section {name!r} must be a mapping, got {type(given).__name__}")
+        known = set(Params().to_dict()[name])
+        unknown = set(given) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown keys in section {name!r}: {sorted(unknown)} (known: {sorted(known)})")
+        sections[name] = given
+    try:
+        return defaults.replace(**sections)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def edit_params(path: Path, **sections: dict) -> Params:
+    """Change some keys of the params.yaml at `path` (validated; other sections kept):
+    edit_params(ws.params_path, train={"steps": 10})."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    params = load_params(path).replace(**sections)
+    save_params(path, params, {k: v for k, v in (raw or {}).items() if k not in SECTIONS})
+    return params
+
+
+def save_params(path: Path, params: Params, extra: dict | None = None) -> None:
+    """Write `params` (plus other top-level sections in `extra`) atomically."""
+    write_atomic(Path(path), yaml.safe_dump({**(extra or {}), **params.to_dict()}, sort_keys=False))

