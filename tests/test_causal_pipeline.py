@@ -20,7 +20,7 @@ from pipelines.params import Params
 from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
 from share_core import state as st
-from share_core.base import load_base
+from share_core.base import BaseSpec, load_base
 from share_core.model import ShareModel
 from share_core.peft_io import write_adapter
 from share_core.synthetic import tiny_causal_lm
@@ -103,3 +103,48 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
     answers = [tok.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
     exact = sum(a == r["completion"] for a, r in zip(answers, batch)) / len(batch)
     assert exact >= record["scores"]["plural"] - 0.25  # 8 rows of its 32
+
+
+def test_gpt2_adapter_landings_are_validated_and_absorbed_data_free(tmp_path):
+    """PEFT CAUSAL_LM LoRAs of a GPT-2 base (Conv1D layers) pass validation and are absorbed
+    without data; the absorbed task reproduces its adapter; an adapter or task of the other
+    family is refused with the reason."""
+    from pipelines.update import build_version
+    from pipelines.validate import LandingRejected, validate_landing
+
+    base = BaseSpec(family="causal-lm", model_id="tiny-gpt2", model_path=str(tiny_causal_lm(tmp_path / "gpt2", "gpt2", seed=0)))
+    params = Params().replace(base={"family": base.family, "model_id": base.model_id, "model_path": base.model_path}, train={"steps": 20, "rank": 4, "lora_alpha": 8, "max_length": 24})
+    model, tok = load_base(base)
+    landings, adapters = {}, {}
+    for name in ("plural", "capital"):
+        task_dir = generate_tasks(tmp_path / "tasks", names=[name], n_train=64, n_eval=16)[0]
+        adapters[name] = train_lora(model, tok, load_task(task_dir), params.train, base.targets(), base.heads(), base.model_id)
+        adapters[name].task_type = "CAUSAL_LM"
+        landings[name] = write_adapter(tmp_path / "landings" / name, adapters[name])
+        for f in ("task.yaml", "eval.jsonl"):
+            shutil.copy(task_dir / f, landings[name] / f)
+    assert validate_landing(landings["plural"], "adapter", "plural", None, base).type == "causal-lm"
+    v1 = build_version([landings["plural"]], "adapter", tmp_path / "versions" / "v0001", None, params)
+    assert validate_landing(landings["capital"], "adapter", "capital", v1, base).name == "capital"
+    build_version([landings["capital"]], "adapter", tmp_path / "versions" / "v0002", tmp_path / "versions" / "v0001", params)
+
+    share = ShareModel(load_base(base)[0], st.load(tmp_path / "versions" / "v0002")).eval()
+    assert sorted(share.state.target_modules) == ["c_attn", "c_fc", "c_proj"]
+    ids = torch.tensor([tok("plural of city")["input_ids"]])
+    out = tmp_path / "peft-capital"
+    write_adapter(out, adapters["capital"], fan_in_fan_out=True)
+    share.activate("capital")
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(load_base(base)[0], str(out)).eval()
+        assert torch.allclose(share(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-4)
+
+    # the other family's adapter (PEFT task_type SEQ_CLS) and the other family's task are refused
+    cfg = json.loads((landings["capital"] / "adapter_config.json").read_text())
+    wrong = tmp_path / "wrong" / "capital"
+    shutil.copytree(landings["capital"], wrong)
+    (wrong / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": "SEQ_CLS"}))
+    with pytest.raises(LandingRejected, match="task_type 'SEQ_CLS' does not match this workspace's 'causal-lm' base model"):
+        validate_landing(wrong, "adapter", "capital", None, base)
+    cls_dir = generate_tasks(tmp_path / "cls", names=["topic"], n_train=16, n_eval=8)[0]
+    with pytest.raises(LandingRejected, match="type 'sequence-classification' does not match this workspace's base model 'tiny-gpt2'"):
+        validate_landing(cls_dir, "dataset", "topic", v1, base)

@@ -10,6 +10,7 @@ from pipelines.params import Params, load_params, save_params
 from pipelines import evaluate as ev
 from pipelines.update import build_version
 from pipelines.workspace import Workspace
+from share_core import state as st
 from share_core.base import BaseSpec, load_base
 from share_core.synthetic import shared_subspace_adapters, write_landing
 from share_core.tasks import generate_tasks
@@ -98,3 +99,14 @@ def test_dask_local_cluster_scores_like_in_process(ws, tiny_model_dir, prefect_h
             pids = set(client.run(lambda: __import__("os").getpid()).values())
     assert remote == local
     assert len(pids) == 2 and __import__("os").getpid() not in pids
+
+
+def test_an_absorb_follows_the_current_params_k_policy_and_phi(ws, tiny_model_dir):
+    """The k policy and φ come from params.yaml at every landing, not from the parent version."""
+    build(ws, "v0001", None, ["t0", "t1"])
+    assert st.load(ws.version_dir("v0001")).phi == 2
+    save_params(ws.params_path, load_params(ws.params_path).replace(subspace={"k_max": 3, "phi": 1}))
+    build(ws, "v0002", "v0001", ["outsider"])  # another subspace: the merge has to truncate to k = 3
+    state = st.load(ws.version_dir("v0002"))
+    assert {b.shape[1] for b, _ in state.bases.values()} == {3} and {a.shape[1] for _, a in state.bases.values()} == {3}
+    assert state.policy.k_max == 3 and state.phi == 1
