@@ -10,6 +10,11 @@ itself, and the benchmark checks that their logits agree. The adapters are synth
 LoRA factors in a shared subspace, random heads), since serving cost does not depend on what
 was learned. --model picks the base (the MiniLM classifier by default, or a randomly initialised
 Llama-shaped causal LM: no heads, per-task logits over the vocabulary), --device where it runs.
+
+On MiniLM it also serves text through the MLflow pyfunc model of a version (pipelines.pyfunc:
+`mlflow.pyfunc.load_model(...).predict(DataFrame)`, rows of different tasks) against the same
+mixed-task predict in process (tokenise, one forward, softmax) and PEFT's multi-adapter batch
+on the same texts: the overhead of the MLflow layer.
 """
 
 from __future__ import annotations
@@ -118,6 +123,41 @@ def throughput(share: ShareModel, pm: PeftModel, base, vocab: int, batch_size: i
             "ratio": t["peft"].median / t["share"].median}
 
 
+def pyfunc_path(share: ShareModel, pm: PeftModel, tok, batch_size: int, repeats: int, tmp: Path) -> dict:
+    """Mixed-task text requests through the version's MLflow pyfunc model vs the same predict in
+    process vs PEFT's adapter_names batch (tokenisation included in all three)."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from pipelines.params import Params, save_params
+    from pipelines.pyfunc import write_model
+    from pipelines.workspace import Workspace
+    from share_core import state as st
+    from share_core.tasks import generate_task
+
+    ws = Workspace(tmp / "pyfunc-ws")
+    save_params(ws.params_path, Params())
+    for t in share.state.tasks:
+        t.info.setdefault("labels", [f"label{i}" for i in range(2)])
+    st.save(share.state, ws.version_dir("v0001"))
+    served = mlflow.pyfunc.load_model(str(write_model(tmp / "pyfunc-model", ws, "v0001")))
+    impl = served._model_impl  # the flavor's SubspaceModel: the in-process path without MLflow's layer
+    texts = [r["text"] for r in generate_task("sentiment", n_train=batch_size, n_eval=1)[1]]
+    tasks = mixed_tasks(share.state.task_names, batch_size)
+    df = pd.DataFrame({"task": tasks, "text": texts})
+    cfg = impl.params
+
+    def peft():
+        enc = tok(texts, padding=True, truncation=True, max_length=cfg.train.max_length, return_tensors="pt").to(next(pm.parameters()).device)
+        return _no_grad(pm, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], adapter_names=tasks).softmax(-1)
+
+    fns = {"pyfunc": lambda: served.predict(df),
+           "in-process": lambda: impl.family.predict(impl.share, impl.tok, tasks, texts, max_length=cfg.train.max_length, batch_size=batch_size),
+           "peft": peft}
+    t = time_interleaved(fns, repeats, warmup=2)
+    return {"batch": batch_size, "time": t, "overhead": t["pyfunc"].median / t["in-process"].median, "vs_peft": t["peft"].median / t["pyfunc"].median}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.split("\n")[0], argv, models=MODELS)
     t0 = time.perf_counter()
@@ -126,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     bm = load_model(args.model, device)
     base, vocab, model_text, n_layers = bm.model, vocab_size(bm), describe(args.model, bm), len(minilm_layers(bm.model, bm.targets))
     tasks, memory_tasks, shapes, repeats = SIZES[(args.quick, bm.kind)]
-    memory, runs = {}, []
+    memory, runs, served = {}, [], None
     with tempfile.TemporaryDirectory() as tmp:
         warm, _, _ = build_share(args.model, 2, device)  # first use of linalg, safetensors and PEFT loading grows RSS once: not the adapters'
         build_peft(args.model, warm, device, Path(tmp) / "warm-up")
@@ -139,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                          "share_rss_delta": rss_share, "peft_rss_delta": rss_peft, "share_device_delta": dev_share, "peft_device_delta": dev_peft}
             if t == tasks:
                 runs = [throughput(share, pm, base, vocab, b, length, repeats, device) for b, length in shapes]
+                if bm.kind == "classifier":
+                    served = pyfunc_path(share, pm, bm.tokenizer, shapes[-1][0], repeats, Path(tmp))
             else:
                 memory[t]["max_abs_diff"] = agreement(share, pm, make_batch(vocab, 2 * t, 16, device), mixed_tasks(share.state.task_names, 2 * t))
             print(f"T={t}: {memory[t]}", flush=True)
@@ -160,14 +202,20 @@ def main(argv: list[str] | None = None) -> None:
     worst = max([r["max_abs_diff"] for r in runs] + [m.get("max_abs_diff", 0.0) for m in memory.values()])
     targets = [Target(f"mixed batch of {tasks} tasks: Share throughput ≥ 2× PEFT (batch {r['batch'][0]} × {r['batch'][1]})", r["ratio"] >= 2.0, f"{r['ratio']:.2f}×") for r in runs]
     targets.append(Target("Share and PEFT serve the same updates (max |Δ logit| ≤ 1e-4)", worst <= 1e-4, f"max |Δ logit| = {fmt(worst)}"))
+    sections = [t_speed, t_mem]
+    if served:
+        tm = served["time"]
+        sections.append(md_table(["text requests (rows of mixed tasks)", "MLflow pyfunc predict (ms)", "same predict in process (ms)", "PEFT adapter_names batch (ms)", "pyfunc / in process", "PEFT / pyfunc"],
+                                 [[served["batch"], fmt(tm["pyfunc"].median * 1e3), fmt(tm["in-process"].median * 1e3), fmt(tm["peft"].median * 1e3), f"{served['overhead']:.2f}×", f"{served['vs_peft']:.2f}×"]]))
+        targets.append(Target("MLflow pyfunc layer overhead ≤ 1.3× the in-process mixed predict", served["overhead"] <= 1.3, f"{served['overhead']:.2f}×"))
     intro = (f"{model_text}; LoRA r = {RANK} on {bm.targets} ({n_layers} modules); Share k = {K} per side; device {device}. "
              f"Throughput: one batch mixing {tasks} tasks (each equally often, shuffled), Share `forward_mixed` vs PEFT `adapter_names=`, "
              f"and the bare base model as the floor; {repeats} interleaved repeats, medians, no grad. No adapter method can beat the bare model, so "
              "PEFT / base is the ceiling of the Share / PEFT throughput ratio on this device. Memory: bytes of the stored tensors, "
              "and the process RSS growth while the adapter state is built/loaded (after gc and malloc_trim; includes allocator and loader overhead, so indicative)"
              + ("; on the GPU, torch's allocated-memory growth for the same step." if cuda else "."))
-    results = {"model": args.model, "device": str(device), "throughput": runs, "memory": memory}
-    write_report(args.out, "serving", "Serving: mixed-task batches and adapter memory", intro, [t_speed, t_mem], targets, results, env, time.perf_counter() - t0, args.quick)
+    results = {"model": args.model, "device": str(device), "throughput": runs, "memory": memory, "pyfunc": served}
+    write_report(args.out, "serving", "Serving: mixed-task batches and adapter memory", intro, sections, targets, results, env, time.perf_counter() - t0, args.quick)
 
 
 if __name__ == "__main__":

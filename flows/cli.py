@@ -1,4 +1,9 @@
-"""`share` — the command line of the Share pipeline (typer + rich)."""
+"""`share` — the command line of the Share pipeline (typer + rich).
+
+Errors a user can act on (a bad version id or storage URL, a server that is down, a missing
+workspace) print one line, sometimes a `hint:` line, on stderr and exit non-zero; unexpected
+ones print one line too. `share --debug …` (or SHARE_DEBUG=1) adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,81 @@ import json
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 busy cores: the default 20 s is too tight
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual learning in one shared LoRA subspace.")
+PROBE_TIMEOUT = 3.0  # seconds: a server that does not answer by then is reported as down
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STACK_HINT = 'start the local stack: `share stack up`, then eval "$(share stack env)"'
+STORAGE_FORMS = "accepted: file:///abs/dir or a directory path (it must exist), s3://bucket/prefix[?endpoint_url=http://host:port&region=…]"
+WATCHER_LEDGER = "watcher-ledger.json"  # in the workspace: {key: ETag} of the landings `share serve` has announced
+
+
+class CLIError(Exception):
+    """A user error: `message` (one line) and an optional `hint` line, exit code `code`."""
+
+    def __init__(self, message: str, hint: str | None = None, code: int = 1) -> None:
+        super().__init__(message)
+        self.hint, self.code = hint, code
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def explain(e: BaseException) -> tuple[str, str | None, int]:
+    """(one-line message, hint or None, exit code) for an exception a command raised."""
+    if isinstance(e, CLIError):
+        return str(e), e.hint, e.code
+    if type(e).__name__ in ("VersionIdError", "StorageError"):  # pipelines.workspace / .storage: the input was wrong
+        return _first_line(e), None, 2
+    if type(e).__name__ == "StackError":  # infra.stack, imported only by the stack commands
+        return _first_line(e), "`share stack status` shows each service; `share stack down` stops them", 1
+    text = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
+    return f"{type(e).__name__}: {_first_line(text)}", "run it again as `share --debug …` for the traceback", 1
+
+
+class ShareGroup(TyperGroup):
+    """The `share` group: an exception from any command becomes one or two lines on stderr and
+    a non-zero exit (with the traceback first under --debug)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.exceptions.TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exits: typer's own
+            raise
+        except BrokenPipeError:  # `share status | head`: typer exits quietly
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                traceback.print_exception(e)
+            message, hint, code = explain(e)
+            typer.secho(f"error: {message}", err=True, fg="red")
+            if hint:
+                typer.echo(f"hint: {hint}", err=True)
+            raise typer.Exit(code) from None
+
+
+app = typer.Typer(cls=ShareGroup, add_completion=False, no_args_is_help=True, help="Continual learning in one shared LoRA subspace.")
 console = Console()
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", envvar="SHARE_DEBUG", help="show the traceback when a command fails")) -> None:
+    """Continual learning in one shared LoRA subspace."""
 
 
 def matrix_table(scores, title: str) -> Table:
@@ -36,7 +103,7 @@ def core_demo(
     tasks: int = typer.Option(4, help="how many generated tasks to learn in sequence"),
     steps: int = typer.Option(80, help="training steps per task"),
     k_max: int = typer.Option(32, help="basis columns per side, at most"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="random seed of the generated tasks and the training"),
     out: Path | None = typer.Option(None, help="save the final subspace version here"),
 ) -> None:
     """Learn generated tasks one by one on MiniLM in one subspace (no orchestration) and print
@@ -77,45 +144,206 @@ def core_demo(
 # ---- the pipeline --------------------------------------------------------------------------
 WORKSPACE = typer.Option(Path("share-workspace"), "--workspace", "-w", help="workspace directory (git + DVC repo)")
 MODEL_NAME = typer.Option("share-subspace", help="MLflow registered model name")
+TRACKING_URI = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workspace's sqlite store)")
+STORAGE = typer.Option(None, "--storage", envvar="SHARE_STORAGE", show_envvar=True, help="where landings arrive: file:///path or s3://bucket/prefix[?endpoint_url=…]")
 
 
 def _tracking(ws, tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri
 
 
+def _shown(url: str) -> str:
+    """A URL fit for a message (user info and unknown option values redacted)."""
+    from pipelines.storage import redact_url
+
+    return redact_url(url)
+
+
+def unreachable(url: str, timeout: float | None = None) -> str | None:
+    """None when an HTTP server answers `url` (any status: something is there), else why not.
+    Loopback requests bypass proxies (a corporate HTTP_PROXY must not see them)."""
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    timeout = PROBE_TIMEOUT if timeout is None else timeout
+    host = urllib.parse.urlparse(url).hostname or ""
+    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if host in LOOPBACK else []))
+    try:
+        with opener.open(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        reason = e.reason
+    except (OSError, ValueError) as e:
+        reason = e
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout:g} s"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    return _first_line(getattr(reason, "strerror", None) or reason, 200)
+
+
+def require_server(what: str, url: str, probe: str, hint: str) -> None:
+    """Fail within PROBE_TIMEOUT seconds, naming `url`, when nothing answers `probe`."""
+    why = unreachable(probe)
+    if why:
+        raise CLIError(f"{what} at {_shown(url)} is not reachable ({why})", hint=hint)
+
+
+def require_mlflow(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        require_server("the MLflow tracking server", uri, uri.rstrip("/") + "/health",
+                       f"{STACK_HINT}; or point --tracking-uri / MLFLOW_TRACKING_URI at a running server")
+
+
+def prefect_api_url(profile: bool = True) -> str | None:
+    """The Prefect API the flows will use: $PREFECT_API_URL, else (with `profile`) the active
+    Prefect profile's; None means Prefect would start a temporary server."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url is None and profile:
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+    return (url or "").strip() or None
+
+
+def require_prefect(url: str | None) -> None:
+    if url:
+        require_server("the Prefect API", url, url.rstrip("/") + "/health",
+                       f"{STACK_HINT}; or point PREFECT_API_URL at a running Prefect server")
+
+
+def open_workspace(path: Path):
+    """The workspace at `path`; one line naming it when there is none (nothing is created)."""
+    from pipelines.workspace import Workspace
+
+    ws = Workspace(path)
+    marks = (ws.params_path, ws.versions, ws.ledger_path, ws.root / "HEAD")
+    if not ws.root.is_dir() or not any(m.exists() for m in marks):
+        raise CLIError(f"no workspace at {ws.root}", hint="pass --workspace/-w DIR: the directory `share serve` or `share demo` works in", code=2)
+    return ws
+
+
+def version_arg(ws, text: str) -> str:
+    """A user's version id (v3, 3, v0003) as the workspace's id; VersionIdError (one line that
+    lists the existing versions) when it is malformed or absent."""
+    from pipelines.workspace import parse_version_id
+
+    return parse_version_id(text, ws.version_ids())
+
+
+def open_storage_arg(url: str | None):
+    """The storage behind --storage / $SHARE_STORAGE, checked: a local directory must exist and
+    an S3 endpoint_url must answer (the AWS default endpoint is not probed)."""
+    from pipelines.storage import LocalStorage, S3Storage, StorageError, open_storage
+
+    if not url:
+        raise CLIError(f"no storage: pass --storage URL or set SHARE_STORAGE ({STORAGE_FORMS})", code=2)
+    try:
+        storage = open_storage(url)
+    except StorageError as e:
+        raise CLIError(f"{_first_line(e)}; {STORAGE_FORMS}", code=2) from e
+    if isinstance(storage, LocalStorage) and not storage.root.is_dir():
+        raise CLIError(f"storage directory {storage.root} does not exist; {STORAGE_FORMS}", code=2)
+    if isinstance(storage, S3Storage) and storage.endpoint_url:
+        require_server("the S3 endpoint", storage.endpoint_url, storage.endpoint_url, f"{STACK_HINT}; or fix endpoint_url in the storage URL")
+    return storage
+
+
 @app.command()
 def demo(
-    workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", "-w"),
+    workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", "-w", help="a new directory, or one an earlier demo created (it is replaced)"),
     tasks: int = typer.Option(4, help="generated dataset tasks landing one by one"),
     steps: int | None = typer.Option(None, help="training steps per task (default: 60 classification, 150 causal-lm)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="random seed of the generated tasks and the training"),
     family: str = typer.Option("sequence-classification", help="sequence-classification (MiniLM) | causal-lm (a tiny random Llama, instruction tasks)"),
 ) -> None:
-    """The embedded offline demo: generated tasks land in local storage one by one (plus one
-    adapter trained elsewhere); the Prefect flows turn each into a registered, evaluated,
-    DVC-tracked version on Prefect's ephemeral server and a local sqlite MLflow; then a rollback."""
+    """The embedded offline demo: landings become registered, evaluated versions; then a rollback.
+
+    Generated tasks land in local storage one by one (plus one adapter trained elsewhere); the
+    Prefect flows turn each into a registered, evaluated, DVC-tracked version on Prefect's
+    ephemeral server and a local sqlite MLflow; then a rollback."""
+    require_prefect(prefect_api_url(profile=False))  # the demo uses its own PREFECT_HOME: only the environment counts
     from .demo import run_demo
 
     run_demo(workspace, tasks=tasks, steps=steps, seed=seed, console=console, family=family)
 
 
 @app.command()
-def land(task_dir: Path, storage: str = typer.Option(..., help="file:///path or s3://bucket/prefix[?endpoint_url=…]"), kind: str = typer.Option("dataset", help="dataset | adapter")) -> None:
-    """Upload a task directory to the bucket (task.yaml last: it marks the landing complete)."""
-    from pipelines.storage import open_storage
-
-    open_storage(storage).upload_task(task_dir, kind, task_dir.name)
-    console.print(f"landed {kind} [bold]{task_dir.name}[/] in {open_storage(storage).describe()}")
+def land(
+    task_dir: Path = typer.Argument(..., help="a task directory: task.yaml plus its data (or an adapter)"),
+    storage: str | None = STORAGE,
+    kind: str = typer.Option("dataset", help="dataset | adapter"),
+) -> None:
+    """Upload a task directory to the storage (task.yaml last: it marks the landing complete)."""
+    s = open_storage_arg(storage)
+    key = s.upload_task(task_dir, kind, task_dir.name)
+    console.print(f"landed {kind} [bold]{task_dir.name}[/] in {s.describe()} ({key})")
 
 
 @app.command()
-def versions(workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking_uri: str | None = None) -> None:
+def status(workspace: Path = WORKSPACE) -> None:
+    """What became of each landing: processed (its version), rejected (the reason), in progress
+    or pending, from the workspace's ledger."""
+    from pipelines.journal import Journal
+
+    ws = open_workspace(workspace)
+    rows: list[tuple[str, str, str, str, str]] = []  # (at, key, etag, status, version or reason)
+    done: set[tuple[str, str]] = set()
+    for key, records in ws.ledger_history().items():
+        for etag in dict.fromkeys(r.get("etag") for r in records if isinstance(r.get("etag"), str)):
+            rec = ws.seen(key, etag) or {}
+            detail = rec.get("version") or rec.get("reason") or ""
+            rows.append((rec.get("at", ""), key, etag, rec.get("status", "?"), detail))
+            done.add((key, etag))
+    later: list[tuple[str, str, str, str, str]] = []
+    for j in Journal.open_journals(ws):  # an update under way (or interrupted: `share serve` resumes it)
+        prov = j.data.get("provenance", {})
+        if "key" in prov and (prov["key"], prov.get("etag")) not in done:
+            later.append((j.data.get("opened", ""), prov["key"], str(prov.get("etag", "")), "in progress", f"→ {j.version}"))
+            done.add((prov["key"], prov.get("etag")))
+    try:
+        announced = json.loads((ws.root / WATCHER_LEDGER).read_text())
+    except (OSError, ValueError):
+        announced = {}
+    for key, etag in sorted(announced.items() if isinstance(announced, dict) else []):
+        if isinstance(etag, str) and (key, etag) not in done:
+            later.append(("", key, etag, "pending", "announced by `share serve`; no outcome yet"))
+    rows = sorted(rows) + later
+    out = Console()
+    if not rows:
+        out.print(f"no landings recorded in {ws.root} yet")
+        return
+    table = Table(title=f"landings of {ws.root} (HEAD: {ws.head() or 'none'})", box=box.MINIMAL_HEAVY_HEAD)
+    for col, kw in (("landing", {"overflow": "fold"}), ("kind", {}), ("etag", {"no_wrap": True}), ("status", {"no_wrap": True}), ("version / reason", {"overflow": "fold", "ratio": 1}), ("at (UTC)", {"no_wrap": True})):
+        table.add_column(col, **kw)
+    style = {"processed": "green", "rejected": "red"}
+    for at, key, etag, state, detail in rows:
+        parts = key.split("/")
+        task, kind = (parts[-2], parts[-3].removesuffix("s")) if len(parts) >= 3 and parts[-1] == "task.yaml" else (key, "")
+        # Text, not markup: a reason may hold brackets ("expected one of ['a', 'b']")
+        table.add_row(Text(task), Text(kind), Text(etag[:8]), Text(state, style=style.get(state, "yellow")), Text(str(detail)), Text(at[5:16].replace("T", " ")))
+    out.print(table)
+    order = dict.fromkeys(["processed", "rejected", "in progress", "pending", *(r[3] for r in rows)])
+    out.print(", ".join(f"{n} {s}" for s in order if (n := sum(r[3] == s for r in rows))))
+
+
+@app.command()
+def versions(workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking_uri: str | None = TRACKING_URI) -> None:
     """The registered versions with their aliases, scores and parents."""
-    from pipelines import register
     from pipelines.workspace import Workspace
 
     ws = Workspace(workspace)
-    rows = register.list_versions(model_name, tracking_uri=_tracking(ws, tracking_uri))
+    uri = _tracking(ws, tracking_uri)
+    if uri == ws.tracking_uri:
+        ws = open_workspace(workspace)  # its sqlite store: never create one in a mistyped directory
+    require_mlflow(uri)
+    from pipelines import register
+
+    rows = register.list_versions(model_name, tracking_uri=uri)
     table = Table(title=f"{model_name} (HEAD: {ws.head()})")
     for col in ("version", "model version", "aliases", "task", "parent", "ACC", "BWT"):
         table.add_column(col)
@@ -126,23 +354,27 @@ def versions(workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking
 
 
 @app.command()
-def rollback(version: str, workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, reason: str = "", tracking_uri: str | None = None) -> None:
-    """Make VERSION (v3, 3 or v0003) the champion and the base of the next update; verify by
-    re-evaluation. An unknown VERSION fails with the list of existing ones; the current
-    champion (when it is also HEAD) is a no-op."""
-    from pipelines import register
-    from pipelines.workspace import VersionIdError, Workspace
+def rollback(
+    version: str = typer.Argument(..., help="the version to roll back to: v3, 3 or v0003"),
+    workspace: Path = WORKSPACE,
+    model_name: str = MODEL_NAME,
+    reason: str = typer.Option("", help="why (recorded with the rollback run in MLflow)"),
+    tracking_uri: str | None = TRACKING_URI,
+) -> None:
+    """Make VERSION the champion and the base of the next update; verify by re-evaluation.
 
-    ws = Workspace(workspace)
+    An unknown VERSION fails with the list of existing ones; the current champion (when it is
+    also HEAD) is a no-op."""
+    ws = open_workspace(workspace)
     uri = _tracking(ws, tracking_uri)
-    try:
-        version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=uri)
-    except VersionIdError as e:
-        Console(stderr=True).print(f"rollback: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    require_mlflow(uri)
+    from pipelines import register
+
+    version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=uri)
     if register.champion_version(model_name, uri) == version and ws.head() == version:
         console.print(f"{version} is already the champion and HEAD: nothing to do")
         return
+    require_prefect(prefect_api_url())
     from .continual import rollback as rollback_flow
 
     out = rollback_flow(str(ws.root), version, model_name=model_name, reason=reason, tracking_uri=uri)
@@ -150,42 +382,55 @@ def rollback(version: str, workspace: Path = WORKSPACE, model_name: str = MODEL_
 
 
 @app.command(name="eval")
-def eval_cmd(version: str, workspace: Path = WORKSPACE) -> None:
+def eval_cmd(version: str = typer.Argument(..., help="v3, 3 or v0003"), workspace: Path = WORKSPACE) -> None:
     """Re-score VERSION on all its tasks and compare with what was recorded."""
-    from pipelines.workspace import Workspace
-
+    ws = open_workspace(workspace)
+    version = version_arg(ws, version)
+    if not ws.evaluation_path(version).is_file():
+        raise CLIError(f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})", hint="only versions the pipeline built and evaluated can be re-scored")
+    require_prefect(prefect_api_url())
     from .continual import evaluate_version
 
-    console.print_json(json.dumps(evaluate_version(str(Workspace(workspace).root), version)))
+    console.print_json(json.dumps(evaluate_version(str(ws.root), version)))
 
 
 @app.command()
-def export(version: str, task: str, out: Path, workspace: Path = WORKSPACE) -> None:
+def export(
+    version: str = typer.Argument(..., help="v3, 3 or v0003"),
+    task: str = typer.Argument(..., help="a task of that version (`share info VERSION` lists them)"),
+    out: Path = typer.Argument(..., help="the directory to write the PEFT adapter to"),
+    workspace: Path = WORKSPACE,
+) -> None:
     """Write TASK of VERSION as a standard PEFT LoRA directory."""
+    ws = open_workspace(workspace)
+    version = version_arg(ws, version)
     from pipelines.params import load_params
-    from pipelines.workspace import Workspace
     from share_core import state as st
     from share_core.base import load_base
     from share_core.model import ShareModel
 
-    ws = Workspace(workspace)
+    state = st.load(ws.version_dir(version))
+    if task not in state.task_names:
+        raise CLIError(f"{version} has no task {task!r}; its tasks: {', '.join(state.task_names) or 'none'}", code=2)
     params = load_params(ws.params_path)
     model, _ = load_base(params.base, params.train.seed)
-    ShareModel(model, st.load(ws.version_dir(version))).export_task(task, out, params.base.family_impl().peft_task_type)
+    ShareModel(model, state).export_task(task, out, params.base.family_impl().peft_task_type)
     console.print(f"exported {version}/{task} → {out} (load with peft.PeftModel.from_pretrained)")
 
 
 @app.command()
-def info(version: str | None = typer.Argument(None), workspace: Path = WORKSPACE) -> None:
+def info(version: str | None = typer.Argument(None, help="v3, 3 or v0003 (default: HEAD)"), workspace: Path = WORKSPACE) -> None:
     """A version's manifest summary: tasks, k per layer, storage against one LoRA per task."""
-    from pipelines.workspace import Workspace
+    ws = open_workspace(workspace)
+    if version is None:
+        version = ws.head()
+        if version is None:
+            raise CLIError(f"the workspace {ws.root} has no versions yet", hint="versions appear when landings are processed (`share status`)")
+    else:
+        version = version_arg(ws, version)
     from share_core import state as st
     from share_core.metrics import accounting
 
-    ws = Workspace(workspace)
-    version = version or ws.head()
-    if version is None:
-        raise typer.BadParameter("the workspace has no versions yet")
     state = st.load(ws.version_dir(version))
     acct = accounting(state)
     table = Table(title=f"{version} (parent {state.parent}) on {state.base_model_id}")
@@ -200,77 +445,124 @@ def info(version: str | None = typer.Argument(None), workspace: Path = WORKSPACE
 
 @app.command()
 def serve(
-    storage: str = typer.Option(..., help="file:///path or s3://bucket/prefix[?endpoint_url=…]"),
+    storage: str | None = STORAGE,
     workspace: Path = WORKSPACE,
     model_name: str = MODEL_NAME,
-    tracking_uri: str | None = None,
+    tracking_uri: str | None = TRACKING_URI,
     poll_seconds: float = typer.Option(5.0, help="watcher polling interval"),
     sqs_queue_url: str | None = typer.Option(None, help="also consume S3 notifications from this SQS queue"),
     train_pool: str | None = typer.Option(None, help="run training as its own deployment on this work pool (e.g. share-gpu)"),
-    absorb_cron: str = "0 * * * *",
-    reeval_cron: str = "30 3 * * *",
+    absorb_cron: str = typer.Option("0 * * * *", help="cron schedule of the batch absorb"),
+    reeval_cron: str = typer.Option("30 3 * * *", help="cron schedule of the champion's re-evaluation"),
+    ephemeral: bool = typer.Option(False, "--ephemeral", help="no PREFECT_API_URL: run a temporary Prefect server inside this process (gone when it stops)"),
 ) -> None:
-    """Serve the deployments (event-triggered continual update, cron batch-absorb and
-    re-evaluation, rollback, evaluate-version) and run the storage watcher. Needs a Prefect
-    API (PREFECT_API_URL, e.g. from `share stack up`)."""
+    """Serve the deployments and run the storage watcher (needs a Prefect server).
+
+    Deployments: event-triggered continual update, cron batch-absorb and re-evaluation,
+    rollback, evaluate-version. The Prefect API comes from PREFECT_API_URL (e.g. `share stack
+    up`, then eval "$(share stack env)"); --ephemeral runs a temporary one instead."""
+    s = open_storage_arg(storage)
+    api = prefect_api_url()
+    if api and ephemeral:
+        raise CLIError(f"--ephemeral conflicts with PREFECT_API_URL={_shown(api)}: unset it, or drop --ephemeral to use that server", code=2)
+    if not api and not ephemeral:
+        raise CLIError('no Prefect server: set PREFECT_API_URL (`share stack up`, then eval "$(share stack env)"), or pass --ephemeral for a temporary one', code=2)
+    require_prefect(api)
+    from pipelines.workspace import Workspace
+
+    ws = Workspace(workspace)
+    uri = _tracking(ws, tracking_uri)
+    require_mlflow(uri)
+
     import threading
 
     from prefect import serve as prefect_serve
 
     from pipelines import lineage
-    from pipelines.storage import open_storage
-    from pipelines.workspace import Workspace
 
     from .continual import recover_updates
-    from .deployments import build_deployments, deploy_train_version
+    from .deployments import build_deployments, deploy_train_version, quiet_queueing
     from .watcher import Watcher
 
-    ws = Workspace(workspace)
     lineage.init_workspace(ws.root)
     train_deployment = None
     if train_pool:
         train_deployment = deploy_train_version(train_pool)
         console.print(f"training runs on work pool [bold]{train_pool}[/] (start a worker: prefect worker start --pool {train_pool})")
-    deployments = build_deployments(storage, str(ws.root), model_name=model_name, tracking_uri=_tracking(ws, tracking_uri), absorb_cron=absorb_cron, reeval_cron=reeval_cron, train_deployment=train_deployment)
+    deployments = build_deployments(storage, str(ws.root), model_name=model_name, tracking_uri=uri, absorb_cron=absorb_cron, reeval_cron=reeval_cron, train_deployment=train_deployment)
     stop = threading.Event()
     sqs = None
     if sqs_queue_url:
         import boto3
 
         sqs = boto3.client("sqs")
-    watcher = Watcher(open_storage(storage), storage, ws.root / "watcher-ledger.json")
+    watcher = Watcher(s, storage, ws.root / WATCHER_LEDGER)
     # updates a crash left half-done: stale ones are discarded, the others fire again and resume
-    for provenance in recover_updates(str(ws.root), model_name, _tracking(ws, tracking_uri)):
+    for provenance in recover_updates(str(ws.root), model_name, uri):
         landing = watcher.storage.landing(provenance["key"]) if "key" in provenance else None
         if landing is not None and landing.etag == provenance["etag"]:
             console.print(f"resuming the interrupted update of [bold]{landing.key}[/]")
             watcher.emit(landing)
     thread = threading.Thread(target=watcher.run, args=(poll_seconds, stop, sqs, sqs_queue_url), daemon=True)
     thread.start()
+    quiet_queueing()
     try:
         prefect_serve(*deployments)
     finally:
         stop.set()
 
 
-stack_app = typer.Typer(help="The local stack: moto S3, MLflow server, Prefect server on 127.0.0.1.")
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack: moto S3, MLflow server, Prefect server on 127.0.0.1.")
 app.add_typer(stack_app, name="stack")
 DATA_DIR = typer.Option(Path(".share-stack"), help="where the stack keeps its data, logs and pids")
 
 
-@stack_app.command("up")
-def stack_up(data_dir: Path = DATA_DIR) -> None:
+def _stack_table(cfg) -> Table:
     from infra import stack
 
-    stack.up(stack.StackConfig(data_dir=data_dir))
-    stack_status(data_dir)
-    console.print("# moto accepts any credentials: the AWS values below are its dummies, never real ones")
-    for k, v in stack.env(stack.StackConfig(data_dir=data_dir)).items():
-        console.print(f"export {k}={v}")
+    table = Table(title=f"local stack ({cfg.data_dir})")
+    for col in ("service", "pid", "running", "healthy", "url"):
+        table.add_column(col)
+    for name, s in stack.status(cfg).items():
+        table.add_row(name, str(s.get("pid") or ""), str(s.get("running")), str(s.get("healthy")), s.get("url", ""))
+    return table
+
+
+@stack_app.command("up")
+def stack_up(data_dir: Path = DATA_DIR) -> None:
+    """Start the stack (what is not running yet) and wait until it is healthy.
+
+    stdout gets only `export KEY=value` lines, so `eval "$(share stack up)"` configures the
+    shell; progress and the status table go to stderr."""
+    from infra import stack
+
+    cfg = stack.StackConfig(data_dir=data_dir)
+    err = Console(stderr=True)
+    err.print(f"starting the local stack in {cfg.data_dir} (up to a minute the first time) …")
+    stack.up(cfg)
+    err.print(_stack_table(cfg))
+    err.print("moto accepts any credentials: the AWS values exported are its dummies, never real ones")
+    typer.echo(stack.shell_exports(cfg), nl=False)
+
+
+@stack_app.command("env")
+def stack_env(data_dir: Path = DATA_DIR) -> None:
+    """Print `export KEY=value` lines for the stack's clients: eval "$(share stack env)".
+
+    MLflow, Prefect and S3 endpoints, SHARE_STORAGE and moto's dummy AWS credentials; values
+    are shell-quoted. A note on stderr says when the stack is not running."""
+    from infra import stack
+
+    cfg = stack.StackConfig(data_dir=data_dir)
+    typer.echo(stack.shell_exports(cfg), nl=False)
+    down = [name for name, s in stack.status(cfg).items() if not s["healthy"]]
+    if down:
+        typer.echo(f"note: not running: {', '.join(down)} (start the stack with `share stack up`)", err=True)
 
 
 @stack_app.command("down")
 def stack_down(data_dir: Path = DATA_DIR) -> None:
+    """Stop every service of the stack (moto's in-memory S3 contents are lost)."""
     from infra import stack
 
     stack.down(stack.StackConfig(data_dir=data_dir))
@@ -279,14 +571,10 @@ def stack_down(data_dir: Path = DATA_DIR) -> None:
 
 @stack_app.command("status")
 def stack_status(data_dir: Path = DATA_DIR) -> None:
+    """Each service's pid, whether it runs and answers its health check, and its URL."""
     from infra import stack
 
-    table = Table(title="local stack")
-    for col in ("service", "pid", "running", "healthy", "url"):
-        table.add_column(col)
-    for name, s in stack.status(stack.StackConfig(data_dir=data_dir)).items():
-        table.add_row(name, str(s.get("pid") or ""), str(s.get("running")), str(s.get("healthy")), s.get("url", ""))
-    console.print(table)
+    console.print(_stack_table(stack.StackConfig(data_dir=data_dir)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ train_version      the training step alone: the "GPU job" deployment on a work p
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from prefect.deployments import run_deployment
 from pipelines import evaluate as ev
 from pipelines import lineage, register
 from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, next_version
-from pipelines.storage import Landing, open_storage
+from pipelines.storage import Landing, open_storage, redact_url
 from pipelines.params import EvalParams, load_params
 from pipelines.update import build_version
 from pipelines.validate import LandingRejected, validate_landing
@@ -94,7 +95,25 @@ def ingest(workspace: str, landings: list[tuple[Landing, str]]) -> list[str]:
     return names
 
 
-@flow(name="train-version", log_prints=True)
+class _RunLogHandler(logging.Handler):
+    """Forwards share_core's training progress (loss every few steps) to the flow run's logs."""
+
+    def __init__(self, run_logger) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, record.getMessage())
+
+
+def _train_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"train {p.get('version')} ← {p.get('kind')} {', '.join(p.get('landings') or [])}"
+
+
+@flow(name="train-version", log_prints=True, flow_run_name=_train_run_name)
 def train_version(workspace: str, landings: list[str], kind: str, version: str, parent: str | None = None, provenance: dict | None = None) -> dict:
     """The training/absorb step. Runs in-process, or as its own deployment on a (GPU) work pool;
     share_core picks CUDA when the worker has it."""
@@ -102,7 +121,13 @@ def train_version(workspace: str, landings: list[str], kind: str, version: str, 
     if _built(ws, version, parent, provenance):
         return {"version": version, "reused": True}
     print(f"building {version} in process {os.getpid()} (parent {os.getppid()})")  # where training runs (a pool's worker)
-    build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.params_path), provenance)
+    progress, handler = logging.getLogger("share_core.train"), _RunLogHandler(get_run_logger())
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    try:
+        build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.params_path), provenance)
+    finally:
+        progress.removeHandler(handler)
     return {"version": version, "reused": False}
 
 
@@ -198,6 +223,45 @@ def _flow_run_id() -> str | None:
     return flow_run.id
 
 
+def _landing_run_name() -> str:
+    """A continual-update run's name before its version is planned: what landed."""
+    from prefect.runtime import flow_run
+
+    parts = str(flow_run.parameters.get("key", "")).split("/")
+    kind = parts[-3].rstrip("s") if len(parts) >= 3 else "landing"
+    return f"landing: {kind} {parts[-2] if len(parts) >= 2 else '?'}"
+
+
+def _rename_run(name: str) -> None:
+    """Once the version is planned the run says what it builds: `v0003 ← dataset tense`."""
+    run_id = _flow_run_id()
+    if run_id is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        c.update_flow_run(flow_run_id=run_id, name=name)
+
+
+def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: str | None) -> None:
+    """A markdown artifact of the run: the version, its gate, ACC/BWT and the tasks scored now
+    (certified ones are counted, not listed: the artifact stays O(changed tasks))."""
+    from prefect.artifacts import create_markdown_artifact
+
+    rec = ev.read_record(ws, out["version"])
+    gate = out.get("gate", {})
+    fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    rows = "\n".join(f"| {t} | {fmt(rec['scores'][t])} | {fmt(rec['majority'][t])} |" for t in rec["rescored"][:50])
+    uri = redact_url(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri)
+    link = f"{uri.rstrip('/')}/#/models/{model_name}/versions/{out['model_version']}" if uri.startswith("http") else f"model version {out['model_version']} in {uri}"
+    acc = "n/a" if rec["acc"] is None else f"{rec['acc']:.3f}"
+    md = (f"# {out['version']} ← {rec['task']}\n\nParent {rec['parent'] or '—'}; {len(rec['tasks'])} tasks: re-scored {len(rec['rescored'])}, certified unchanged {len(rec['certified'])}.\n\n"
+          f"**ACC {acc}, BWT {rec['bwt']:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} against {gate.get('against') or 'no champion'}"
+          f" (worst drop {gate.get('worst_drop', 0.0):+.3f}); champion moved: {out.get('promoted')}.\n\nMLflow: {link}\n\n"
+          f"| task scored now | score | baseline |\n|---|---|---|\n{rows}\n")
+    create_markdown_artifact(md, key=f"share-{out['version']}", description=f"{out['version']}: scores, gate, MLflow link")
+
+
 def _mark_crashed(run_ids: list[str]) -> None:
     """Flow runs of a crashed update that the server still shows Running end Crashed."""
     from prefect.client.orchestration import get_client
@@ -272,7 +336,12 @@ def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: 
     before = {} if j.done("alias") else register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri)  # what a discard restores
     j.step("alias", lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri), **before)
     marks["register"] = time.perf_counter()
-    j.step("head", lambda: ws.set_head(version))
+
+    def head() -> None:
+        ws.set_head(version)
+        ev.publish_head(ws, version)  # what `dvc metrics show` / `dvc plots show` report
+
+    j.step("head", head)
     j.step("push", lambda: push_lineage(workspace, [version] + [f"landings/{n}" for n in names]))
     marks["push"] = time.perf_counter()
     seconds, prev = {}, t0
@@ -312,7 +381,7 @@ def _publish_landings(ws: Workspace, j: Journal, storage_url: str, landings: lis
     j.close(PUBLISHED)
 
 
-@flow(name="continual-update", log_prints=True)
+@flow(name="continual-update", log_prints=True, flow_run_name=_landing_run_name)
 def continual_update(key: str, storage_url: str, workspace: str, etag: str | None = None, model_name: str = "share-subspace", tolerance: float = 0.01, tracking_uri: str | None = None, train_deployment: str | None = None) -> dict:
     """Process one landing, exactly once per (key, ETag), as a journaled transaction that a
     re-run resumes. `etag` is the one the event saw; the landing's current content is what gets
@@ -347,8 +416,11 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
                 j = Journal.open(ws, provenance, landing.kind, next_version(ws), ws.head(), _flow_run_id())
                 j.finish("validate")
             j.step("ingest", lambda: {"names": ingest(workspace, [(landing, local)])})
+    _rename_run(f"{j.version} ← {landing.kind} {landing.task}")
     out = _build_and_publish(ws, j, j.result("ingest")["names"], model_name, tolerance, tracking_uri, train_deployment)
     _publish_landings(ws, j, storage_url, [landing], out["version"])
+    _version_artifact(ws, out, model_name, tracking_uri)
+    log.info("%s ← %s %s: ACC %s, BWT %+.3f, champion moved: %s", out["version"], landing.kind, landing.task, "n/a" if out["acc"] is None else f"{out['acc']:.3f}", out["bwt"], out.get("promoted"))
     return out
 
 
@@ -401,8 +473,10 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
         j = _take_over(ws, provenance, model_name, tracking_uri) or Journal.open(ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id())
         j.step("validate", lambda: None)
         names = j.step("ingest", lambda: {"names": ingest(workspace, accepted)})["names"]
+    _rename_run(f"{j.version} ← {len(accepted)} adapter(s)")
     out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
     _publish_landings(ws, j, storage_url, [lnd for lnd, _ in accepted], out["version"])
+    _version_artifact(ws, out, model_name, tracking_uri)
     return {**out, "absorbed": names, "rejected": rejected}
 
 

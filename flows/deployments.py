@@ -5,6 +5,8 @@ pool (picked up by a `prefect worker`)."""
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 from prefect import flow
@@ -57,3 +59,19 @@ def build_deployments(storage_url: str, workspace: str, *, model_name: str = "sh
         rollback.to_deployment(name="rollback", parameters=common),
         evaluate_version.to_deployment(name="evaluate-version", parameters={"workspace": workspace}),
     ]
+
+
+class _QueueingIsNotNews(logging.Filter):
+    """A landing waiting for the chain's concurrency slot is offered to the runner again every
+    few seconds, and Prefect logs each offer as "Aborted submission … non-pending state
+    'SCHEDULED'": that is the queue working, not an event."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Aborted submission" in text and "non-pending" in text)
+
+
+def quiet_queueing() -> None:
+    """Drop the runner's per-poll queueing notices (called by `share serve`)."""
+    for name in ("prefect.runner.state_proposer", "prefect.runner"):
+        logging.getLogger(name).addFilter(_QueueingIsNotNews())

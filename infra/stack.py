@@ -2,7 +2,8 @@
 
 `up` starts what is not already running (detached, in its own session, so it outlives the CLI
 call), waits until each answers its health URL and creates the artifact bucket; `down` stops
-them; `status` reports them; `env` gives the variables a client exports to use them.
+them; `status` reports them; `env` gives the variables a client exports to use them (`shell_exports`:
+as `export` lines for `eval`).
 State lives in `data_dir`: `<name>.pid`, `logs/<name>.log`, the MLflow and Prefect sqlite files.
 moto keeps S3 in memory: restarting it loses the bucket's contents (it is a test double).
 """
@@ -10,6 +11,7 @@ moto keeps S3 in memory: restarting it loses the bucket's contents (it is a test
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -78,6 +80,11 @@ def env(cfg: StackConfig) -> dict[str, str]:
         "SHARE_STORAGE": f"s3://{cfg.bucket}/tasks?endpoint_url={s3}",
         **DUMMY_AWS,
     }
+
+
+def shell_exports(cfg: StackConfig) -> str:
+    """`export KEY=value` lines (values shell-quoted, nothing else) that `eval` turns into env(cfg)."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env(cfg).items())
 
 
 def _services(cfg: StackConfig) -> list[_Service]:

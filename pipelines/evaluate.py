@@ -171,6 +171,29 @@ def summarize(ws: Workspace, version: str, scored: list[dict], certified: dict[s
     return record
 
 
+HISTORY_COLUMNS = ("step", "version", "acc", "bwt", "tasks", "rescored", "certified")
+
+
+def publish_head(ws: Workspace, version: str) -> None:
+    """What DVC reports for the workspace (`dvc metrics show`, `dvc plots show`): HEAD's metrics,
+    one history row per HEAD move (appended once: a resumed step does not repeat it) and HEAD's
+    picture. O(1) per call."""
+    rec = read_record(ws, version)
+    if rec is None:
+        raise FileNotFoundError(f"{version} has no evaluation record")
+    summary = {"version": version, "acc": rec["acc"], "bwt": rec["bwt"], "tasks": len(rec["tasks"]), "rescored": len(rec.get("rescored", rec["tasks"])), "certified": len(rec.get("certified", []))}  # records before certificates re-scored everything
+    write_atomic(ws.head_metrics_path, json.dumps(summary, indent=1))
+    exists = ws.history_path.is_file()
+    lines = ws.history_path.read_text().splitlines() if exists else [",".join(HISTORY_COLUMNS)]
+    if lines[-1].split(",")[1:2] != [version]:
+        row = {**summary, "step": len(lines), "acc": "" if rec["acc"] is None else f"{rec['acc']:.6f}", "bwt": f"{rec['bwt']:.6f}"}
+        with open(ws.history_path, "a" if exists else "w") as f:
+            f.write(("" if exists else lines[0] + "\n") + ",".join(str(row[c]) for c in HISTORY_COLUMNS) + "\n")
+    picture_path = ws.evaluations / f"{version}.png"
+    if picture_path.is_file():
+        write_atomic(ws.heatmap_path, picture_path.read_bytes())
+
+
 def evaluate_version(ws: Workspace, version: str, full: bool = False) -> dict:
     """Score what `plan` says (in this process, one load) and summarize."""
     cfg = load_params(ws.params_path).evaluate

@@ -59,7 +59,7 @@ def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | No
     if not Workspace(root).params_path.exists():
         save_params(Workspace(root).params_path, params or Params())
     if not (root / "dvc.yaml").exists():
-        write_atomic(root / "dvc.yaml", yaml.safe_dump({"stages": {}}))
+        write_atomic(root / "dvc.yaml", yaml.safe_dump({"stages": {}, **reports(Workspace(root))}, sort_keys=False))
     ignore = root / ".gitignore"
     have = ignore.read_text().splitlines() if ignore.exists() else []
     write_atomic(ignore, "\n".join(have + [x for x in IGNORED if x not in have]) + "\n")
@@ -102,6 +102,14 @@ def stage(version: str, landings: list[str], kind: str, parent: str | None) -> d
     return {"cmd": " ".join(cmd), "deps": deps, "params": sorted(BUILD_SECTIONS), "outs": [f"versions/{version}"]}
 
 
+def reports(ws: Workspace) -> dict:
+    """dvc.yaml's top-level metrics and plots: HEAD's metrics, the history of HEAD moves (ACC and
+    BWT per step) and HEAD's heatmap (pipelines.evaluate.publish_head writes them)."""
+    rel = lambda p: p.relative_to(ws.root).as_posix()  # noqa: E731
+    return {"metrics": [rel(ws.head_metrics_path)],
+            "plots": [{rel(ws.history_path): {"x": "step", "y": ["acc", "bwt"], "title": "ACC and BWT of HEAD, per version"}}, rel(ws.heatmap_path)]}
+
+
 def add_version_stage(root: Path, version: str, landings: list[str], kind: str, parent: str | None) -> None:
     """Add the version's stage and record its hashes in dvc.lock (the version is already built)."""
     root = Path(root).resolve()
@@ -109,6 +117,8 @@ def add_version_stage(root: Path, version: str, landings: list[str], kind: str, 
     stages = spec.setdefault("stages", {}) or {}
     spec["stages"] = stages
     stages[version] = stage(version, landings, kind, parent)
+    for key, value in reports(Workspace(root)).items():  # workspaces made before the reports existed get them
+        spec.setdefault(key, value)
     write_atomic(root / "dvc.yaml", yaml.safe_dump(spec, sort_keys=False, width=1000))
     _dvc_cli(root, "commit", "-q", "-f", version)
 

@@ -4,7 +4,8 @@ Per version: one run in the experiment named like the registered model, with par
 knobs that built it), metrics (ACC, BWT, every task's score and majority baseline, storage
 against one LoRA per task, reconstruction errors), artifacts (the version's manifest and
 `dvc.json` — where DVC keeps its tensors, which are stored once, not again in MLflow — under
-`subspace/`, the evaluation record and its picture) and one model
+`subspace/`, which is also an MLflow pyfunc model of the version (pipelines.pyfunc), the
+evaluation record and its picture) and one model
 version whose tags carry the lineage (parent, landing key/ETag, data hashes, git revision and
 DVC hashes). Aliases: `candidate` = newest; `champion` moves only when the forgetting gate
 passes — no task the champion serves scores more than `tolerance` lower in the new version.
@@ -15,6 +16,7 @@ recorded as a run. Works the same on a sqlite store and an MLflow server.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import typer
 from share_core import state as st
 from share_core.metrics import accounting
 
+from .pyfunc import write_model
 from .workspace import Workspace, parse_version_id
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -166,6 +169,8 @@ def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, line
         # and where to get them, not a third and fourth copy
         c.log_artifact(rid, str(vdir / "manifest.json"), "subspace")
         c.log_text(rid, json.dumps({"path": f"versions/{version}", "dvc_stage": lineage.get("dvc_stage", ""), "dvc_hashes": lineage.get("dvc_hashes", {}), "git_rev": lineage.get("git_rev", ""), "chain": manifest["storage"]["chain"], "state_sha256": manifest["state_sha256"]}, indent=2, sort_keys=True), "subspace/dvc.json")
+        with tempfile.TemporaryDirectory() as tmp:  # subspace/ is also an MLflow model (pyfunc flavor) that loads this version
+            c.log_artifacts(rid, str(write_model(Path(tmp) / "model", ws, version)), "subspace")
         for f in (ws.evaluation_path(version), ws.evaluations / f"{version}.png"):
             if f.is_file():
                 c.log_artifact(rid, str(f), "evaluation")
@@ -298,6 +303,9 @@ def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", 
         c.set_registered_model_alias(model_name, CHAMPION, mv.version)
     c.set_model_version_tag(model_name, mv.version, "rollback.run_id", run.info.run_id)
     ws.set_head(version)
+    from .evaluate import publish_head
+
+    publish_head(ws, version)
     return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": run.info.run_id, "noop": False}
 
 

@@ -18,7 +18,7 @@ import typer
 from share_core.base import BaseSpec
 from share_core.families import family
 from share_core.model import check_adapter_fits
-from share_core.peft_io import AdapterError, read_adapter
+from share_core.peft_io import TASK_CARD, AdapterError, read_adapter
 from share_core.taskdata import EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
 
 from .storage import SAFE_NAME
@@ -26,7 +26,7 @@ from .workspace import MAX_REASON, bound_text
 
 ALLOWED = {
     "dataset": ({SPEC_FILE, "train.jsonl", EVAL_FILE}, {"README.md"}),
-    "adapter": ({SPEC_FILE, "adapter_config.json", "adapter_model.safetensors"}, {EVAL_FILE, "README.md"}),
+    "adapter": ({SPEC_FILE, "adapter_config.json", "adapter_model.safetensors"}, {EVAL_FILE, "README.md", TASK_CARD}),
 }
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MIN_TRAIN_ROWS = 8

@@ -58,12 +58,12 @@ def parse_version_id(text: str, existing: list[str] | None = None) -> str:
     return version
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Replace `path` with `text` so that readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -98,6 +98,21 @@ class Workspace:
     @property
     def evaluations(self) -> Path:
         return self.root / "evaluations"
+
+    @property
+    def head_metrics_path(self) -> Path:
+        """evaluations/metrics.json: HEAD's ACC/BWT (`dvc metrics show`)."""
+        return self.evaluations / "metrics.json"
+
+    @property
+    def history_path(self) -> Path:
+        """evaluations/history.csv: one row per HEAD move (`dvc plots show`)."""
+        return self.evaluations / "history.csv"
+
+    @property
+    def heatmap_path(self) -> Path:
+        """evaluations/heatmap.png: HEAD's picture (`dvc plots show`)."""
+        return self.evaluations / "heatmap.png"
 
     def evaluation_path(self, version: str) -> Path:
         """evaluations/<version>.json: the version's scores and certificates (pipelines.evaluate)."""

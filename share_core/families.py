@@ -88,6 +88,11 @@ class Family:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def predict(self, model: ShareModel, tok, tasks: list[str], inputs: list[str], *, max_length: int, batch_size: int = 64, max_new_tokens: int = 16) -> list:
+        """What serving returns for row i (input text of task tasks[i]), in mixed-task batches:
+        class probabilities (classification) or the greedy completion (causal LM)."""
+        raise NotImplementedError
+
     def score(self, model: nn.Module, tok, items: list[Item], *, max_length: int, batch_size: int = 64, max_new_tokens: int = 16, mixed: bool = True) -> dict[str, dict]:
         """{task: {"score", "margin"}} over `items`: rows of different tasks in one batch on a
         ShareModel (mixed), else every row through the model as it is (one activated task)."""
@@ -153,6 +158,16 @@ class SequenceClassification(Family):
     def loss(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return nn.functional.cross_entropy(logits, batch["labels"])
+
+    @torch.no_grad()
+    def predict(self, model, tok, tasks, inputs, *, max_length, batch_size=64, max_new_tokens=16):
+        device = next(model.parameters()).device
+        out = []
+        for start in range(0, len(inputs), batch_size):
+            enc = tok(inputs[start:start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            logits = model.forward_mixed(tasks[start:start + batch_size], **{k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
+            out += [row.float().softmax(-1).tolist() for row in logits]
+        return out
 
     @torch.no_grad()
     def score(self, model, tok, items, *, max_length, batch_size=64, max_new_tokens=16, mixed=True):
@@ -239,6 +254,18 @@ class CausalLM(Family):
 
     def loss(self, model, batch):
         return model(**batch).loss
+
+    @torch.no_grad()
+    def predict(self, model, tok, tasks, inputs, *, max_length, batch_size=64, max_new_tokens=16):
+        items = [(t, TaskSpec(name=t, type=CAUSAL_LM), {"prompt": x}) for t, x in zip(tasks, inputs)]
+        out = {}
+        groups = [[i for i, x in enumerate(items) if x[0] == t] for t in dict.fromkeys(tasks)] if model.state.head_modules else [list(range(len(items)))]
+        for group in groups:  # per-task heads: one task per generation
+            for start in range(0, len(group), batch_size):
+                idx = group[start:start + batch_size]
+                texts, _ = self._generate(model, tok, [items[i] for i in idx], max_length, max_new_tokens, True)
+                out.update(zip(idx, texts))
+        return [out[i] for i in range(len(items))]
 
     @torch.no_grad()
     def score(self, model, tok, items, *, max_length, batch_size=64, max_new_tokens=16, mixed=True):

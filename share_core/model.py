@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from . import subspace
 from .base import base_model_hash, head_tensors, last_linear
 from .layer import ShareLinear, in_out_features
-from .peft_io import AdapterError, LoraAdapter, write_adapter
+from .peft_io import TASK_CARD, AdapterError, LoraAdapter, write_adapter
 from .state import Delta, SubspaceState, TaskRecord, check_task_name
 
 
@@ -222,11 +223,16 @@ class ShareModel(nn.Module):
 
     def export_task(self, task: str, path, task_type: str | None = None) -> Path:
         """Write task t as a standard PEFT LoRA directory that PeftModel.from_pretrained loads
-        (task_type: PEFT's, e.g. CAUSAL_LM, from the base's family)."""
+        (task_type: PEFT's, e.g. CAUSAL_LM, from the base's family), with `share_task.json`:
+        what building the base model needs (num_labels, id2label, label2id) and where it came from."""
         conv = any(isinstance(layer.base, Conv1D) for layer in self.layers.values())
         adapter = self.task_adapter(task)
         adapter.task_type = task_type
-        return write_adapter(path, adapter, fan_in_fan_out=conv)
+        labels = list(self.state.task(task).info.get("labels", []))
+        card = {"task": task, "base_model": self.state.base_model_id, "base_model_hash": self.state.base_model_hash, "peft_task_type": task_type}
+        if labels:  # the head's size comes from the adapter (modules_to_save), whatever the checkpoint's head was
+            card["from_pretrained_kwargs"] = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)}, "ignore_mismatched_sizes": True}
+        return write_adapter(path, adapter, fan_in_fan_out=conv, extra={TASK_CARD: json.dumps(card, indent=1)})
 
     # ---- continual adaptation ----------------------------------------------------------------
     def begin_task(self, name: str, *, rank: int, scale: float, num_labels: int | None, seed: int = 0, info: dict | None = None) -> list[nn.Parameter]:

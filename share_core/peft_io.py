@@ -26,6 +26,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 PREFIX = "base_model.model."
+TASK_CARD = "share_task.json"  # written by an export next to the adapter: labels and provenance
 
 
 class AdapterError(ValueError):
@@ -154,7 +155,7 @@ def adapter_from_peft_model(peft_model, name: str, adapter_name: str = "default"
     return parse_state_dict(sd, cfg, name, f"PeftModel[{adapter_name}]")
 
 
-def write_adapter(path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out: bool = False) -> Path:
+def write_adapter(path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out: bool = False, extra: dict[str, str] | None = None) -> Path:
     """Write `adapter` as a standard PEFT LoRA directory (atomically: temp dir + rename); its
     task_type is recorded when known (PeftModel.from_pretrained then builds the right class)."""
     path = Path(path)
@@ -183,6 +184,8 @@ def write_adapter(path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out:
     try:
         config.save_pretrained(str(tmp))
         save_file(sd, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        for name, text in (extra or {}).items():  # files that travel with the adapter (e.g. TASK_CARD)
+            (tmp / name).write_text(text)
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)

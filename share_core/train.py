@@ -7,6 +7,7 @@ gives the loss and scores it, so nothing here depends on the kind of task.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from .families import family_of
 from .peft_io import LoraAdapter, adapter_from_peft_model
 from .subspace import KPolicy
 from .taskdata import TaskData
+
+log = logging.getLogger(__name__)  # progress when the rich bar is off (services: the orchestrator forwards it to its run logs)
+LOG_POINTS = 10  # loss lines per fit
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ def fit(model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData,
             opt.step()
             losses.append(loss.item())
             bar.update(job, advance=1, loss=losses[-1])
+            if not cfg.progress and (len(losses) % max(1, cfg.steps // LOG_POINTS) == 0 or len(losses) == cfg.steps):
+                log.info("%s: step %d/%d, loss %.4f", desc, len(losses), cfg.steps, losses[-1])
     model.eval()
     return losses
 
@@ -82,8 +88,9 @@ def train_lora(model: nn.Module, tokenizer, task: TaskData, cfg: TrainConfig, ta
     family_of(task.spec).prepare(model, task.spec, head_modules, cfg.seed)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=target_modules, modules_to_save=head_modules or None, lora_dropout=0.0, base_model_name_or_path=base_model_id)
     torch.manual_seed(cfg.seed)
-    with warnings.catch_warnings():  # PEFT swaps in the local path for the id; the id is restored below
+    with warnings.catch_warnings():  # PEFT swaps in the local path for the id (restored below); its transformers-5 deprecation notice is not ours
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*renamed")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lcfg)
     try:
         fit(peft_model, [p for p in peft_model.parameters() if p.requires_grad], tokenizer, task, cfg, f"LoRA {task.spec.name}")

@@ -267,8 +267,8 @@ def registered(tmp_path, adapters_dir, monkeypatch):
         share.state.extra = {"added": [share.state.task_names[-1]], "kind": "adapter"}
         st.save(share.state, ws.version_dir(version))
         scores = {t: 0.9 for t in share.state.task_names}
-        (ws.root / "evaluations").mkdir(parents=True, exist_ok=True)
-        (ws.root / "evaluations" / f"{version}.json").write_text(json.dumps({"version": version, "acc": 0.9, "bwt": 0.0, "scores": scores, "majority": {t: 0.5 for t in scores}, "tasks": list(scores)}))
+        ws.evaluations.mkdir(parents=True, exist_ok=True)
+        ws.evaluation_path(version).write_text(json.dumps({"version": version, "acc": 0.9, "bwt": 0.0, "scores": scores, "majority": {t: 0.5 for t in scores}, "tasks": list(scores)}))
         gate = register.gate_for(ws, version, model_name="m", tolerance=1.0)
         run_id = register.log_run(ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate)
         register.move_aliases(ws, register.register_model_version(ws, version, run_id, model_name="m", gate=gate), model_name="m", promote=gate["passed"])
@@ -287,9 +287,9 @@ def test_rollback_cli_lists_existing_versions_for_a_wrong_id(registered):
     ws = registered
     runs = _runs(ws)
     for bad, line in (
-        ("v0099", "rollback: version v0099 does not exist; existing versions: v0001, v0002"),
-        ("latest", "rollback: 'latest' is not a version id (use v3, 3 or v0003); existing versions: v0001, v0002"),
-        ("../v0001", "rollback: '../v0001' is not a version id (use v3, 3 or v0003); existing versions: v0001, v0002"),
+        ("v0099", "error: version v0099 does not exist; existing versions: v0001, v0002"),
+        ("latest", "error: 'latest' is not a version id (use v3, 3 or v0003); existing versions: v0001, v0002"),
+        ("../v0001", "error: '../v0001' is not a version id (use v3, 3 or v0003); existing versions: v0001, v0002"),
     ):
         out = CliRunner().invoke(app, ["rollback", bad, "-w", str(ws.root), "--model-name", "m"])
         assert out.exit_code == 2 and out.output.strip() == line, out.output

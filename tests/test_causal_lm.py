@@ -4,6 +4,7 @@ by greedy generation in mixed-task batches equals scoring each task alone; expor
 identical logits."""
 
 import json
+import logging
 
 import torch
 from peft import PeftModel
@@ -30,7 +31,8 @@ def test_completion_metrics():
     assert abs(completion_metric("rouge_l", "one two three", "one two three four") - 2 * 0.75 / 1.75) < 1e-9
 
 
-def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path):
+def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="share_core.train")
     path = tiny_causal_lm(tmp_path / "gpt2", "gpt2", seed=0)
     base = BaseSpec(family="causal-lm", model_id="tiny-gpt2", model_path=str(path))
     assert base.targets() == ["c_attn", "c_proj", "c_fc"] and base.heads() == []
@@ -44,6 +46,8 @@ def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path):
     score1 = evaluate(share, tok, first, cfg.max_length, max_new_tokens=6)
     train_task(share, tok, second, cfg)
     assert share.last_errors["capital"] < 1e-5  # k=32 holds the new task exactly
+    progress = [r.getMessage() for r in caplog.records if r.name == "share_core.train"]
+    assert len(progress) == 20 and progress[-1].startswith("Share capital: step 120/120, loss ")  # the bar is off: 10 loss lines per fit
     share.activate("capital")
     score2 = evaluate(share, tok, second, cfg.max_length, max_new_tokens=6)
     assert score2 > untrained + 0.4

@@ -76,7 +76,7 @@ def snapshot(chain) -> dict:
     }
 
 
-def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
+def test_landings_become_registered_versions_with_lineage_and_rollback(chain, monkeypatch):
     ws, t = chain["ws"], chain["tasks"]
 
     # two datasets, then an adapter trained elsewhere whose absorb fails an impossible gate
@@ -94,6 +94,16 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     m = evaluate.accuracy_matrix(ws, "v0003")
     assert m["versions"] == ["v0001", "v0002", "v0003"] and [sum(x is not None for x in r) for r in m["rows"]] == [1, 2, 3]
 
+    # Prefect: each run is named after what it built and leaves a markdown artifact of the version
+    from prefect.artifacts import Artifact
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        names = {r.name for r in pc.read_flow_runs(limit=200)}
+    assert {"v0001 ← dataset sentiment", "v0002 ← dataset topic", "v0003 ← adapter tense"} <= names
+    card = Artifact.get("share-v0003")
+    assert card is not None and "v0003 ← tense" in card.data and "Forgetting gate: failed" in card.data and "| tense |" in card.data
+
     # registry: three model versions; candidate = newest; champion stayed behind the gate
     versions = register.list_versions(MODEL, ws.tracking_uri)
     assert [v["version"] for v in versions] == ["v0001", "v0002", "v0003"]
@@ -110,6 +120,44 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     assert run.data.metrics["score.sentiment"] == rec3["scores"]["sentiment"] and "acc" in run.data.metrics
     assert not any("secret" in k.lower() or "testing" in str(v) for k, v in {**run.data.params, **run.data.tags}.items())
 
+    # every version is an MLflow model: pyfunc serves rows of different tasks in one batch,
+    # with the same answers as the version's own per-task forward
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ws.tracking_uri)  # models:/ resolves here; restored after the test
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
+    assert served.metadata.get_input_schema().input_names() == ["task", "text"]
+    rows = [(name, r["text"]) for name in ("tense", "sentiment", "topic") for r in load_task(t[name]).eval[:4]]
+    out = served.predict(pd.DataFrame({"task": [x[0] for x in rows], "text": [x[1] for x in rows]}))
+    share, tok, _ = evaluate.loaded(str(ws.root), "v0003", st.read_manifest(ws.version_dir("v0003"))["content_hash"])
+    for (name, text), label, probs in zip(rows, out["label"], out["probabilities"]):
+        share.activate(name)
+        with torch.no_grad():
+            logits = share(**{k: v for k, v in tok([text], return_tensors="pt").items() if k != "token_type_ids"}).logits[0]
+        labels = load_task(t[name]).spec.labels
+        assert label == labels[int(logits.argmax())] and len(probs) == len(labels) and abs(sum(probs) - 1) < 1e-5
+    share.activate(None)
+    with pytest.raises(Exception, match="unknown task"):
+        served.predict(pd.DataFrame({"task": ["nope"], "text": ["x"]}))
+
+    # a task exported to PEFT records what building its base needs: PeftModel loads it, no guessing
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = share.export_task("topic", chain["tmp"] / "export-topic")
+    card = json.loads((out / "share_task.json").read_text())
+    kwargs = card["from_pretrained_kwargs"]
+    assert kwargs["num_labels"] == 4 and kwargs["id2label"]["0"] == "food" and card["base_model"] == BASE_ID
+    base_model = AutoModelForSequenceClassification.from_pretrained(chain["model_dir"], **kwargs)
+    peft = PeftModel.from_pretrained(base_model, str(out)).eval()
+    enc = {k: v for k, v in tok([r["text"] for r in load_task(t["topic"]).eval[:4]], padding=True, return_tensors="pt").items()}
+    share.activate("topic")
+    with torch.no_grad():
+        assert torch.allclose(share(**enc).logits, peft(**enc).logits, atol=1e-5)
+    share.activate(None)
+
     # DVC: the dag shows each version's landing and parent; the remote holds what was pushed
     dag = lineage.dag(ws.root)
     for node in ("v0001", "v0002", "v0003", "landings/sentiment-", "landings/tense-"):
@@ -118,6 +166,14 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain):
     deps = [d["path"] for d in lock["v0002"]["deps"]]
     assert len(deps) == 2 and deps[0].startswith("landings/topic-") and deps[1] == "versions/v0001"
     assert chain["s3"].list_objects_v2(Bucket=chain["bucket"], Prefix="dvcstore/")["KeyCount"] > 0
+    # DVC reports the workspace: HEAD's metrics and the plots of every HEAD move
+    shown = json.loads(lineage._dvc_cli(ws.root, "metrics", "show", "--json"))[""]["data"]["evaluations/metrics.json"]["data"]
+    assert shown["version"] == "v0003" and shown["acc"] == rec3["acc"] and shown["bwt"] == rec3["bwt"] and shown["tasks"] == 3
+    history = ws.history_path.read_text().splitlines()
+    assert [r.split(",")[1] for r in history[1:]] == ["v0001", "v0002", "v0003"]
+    lineage._dvc_cli(ws.root, "plots", "show", "-o", str(chain["tmp"] / "plots"))
+    page = (chain["tmp"] / "plots" / "index.html").read_text()
+    assert "evaluations_history_csv" in page and "evaluations_heatmap.png" in page  # the ACC/BWT plot and the picture
 
     # the same landing again: a no-op
     before = snapshot(chain)

@@ -4,6 +4,7 @@ the storage watcher) as its own process. A task landed with `share land` becomes
 event, the event's trigger creates a `continual-update` run of the served deployment, and the
 registered version, its aliases and tags are visible through MLflow's and Prefect's REST APIs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from infra import stack
 from pipelines.params import edit_params
 from pipelines.workspace import Workspace
 from pipelines import lineage
+from share_core.taskdata import load_task
 from share_core.tasks import generate_tasks
 
 from .conftest import free_port, rest, wait_for
@@ -59,6 +61,27 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
         s3 = __import__("boto3").client("s3", endpoint_url=cfg.url(cfg.s3_port))
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlartifacts/").get("Contents", [])]
         assert any(k.endswith("subspace/manifest.json") for k in keys)  # the version itself is in the bucket
+
+        # the champion is an MLflow model: pyfunc loads it from the server, `mlflow models serve` answers
+        rows = [r["text"] for r in load_task(task_dir).eval[:3]]
+        probe = (f"import json, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{MODEL}@champion'); "
+                 f"print(json.dumps(m.predict(pd.DataFrame({{'task': ['sentiment'] * 3, 'text': {rows!r}}}))['label'].tolist()))")
+        py = subprocess.run([sys.executable, "-c", probe], env={**env, "MLFLOW_TRACKING_URI": cfg.url(cfg.mlflow_port), "MLFLOW_REGISTRY_URI": cfg.url(cfg.mlflow_port)}, capture_output=True, text=True, timeout=120)
+        assert py.returncode == 0, py.stderr[-2000:]
+        labels = json.loads(py.stdout.strip().splitlines()[-1])
+        assert len(labels) == 3 and set(labels) <= {"negative", "positive"}
+        port, serve_log = free_port(), tmp_path / "models-serve.log"
+        with open(serve_log, "w") as out:
+            model_server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                            env={**env, "MLFLOW_TRACKING_URI": cfg.url(cfg.mlflow_port), "MLFLOW_REGISTRY_URI": cfg.url(cfg.mlflow_port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"},  # it execs uvicorn
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            answer = wait_for("mlflow models serve /invocations", lambda: rest(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["task", "text"], "data": [["sentiment", x] for x in rows]}}), 120, {"`mlflow models serve`": (model_server, serve_log)}, poll=1)
+            assert [p["label"] for p in answer["predictions"]] == labels
+        finally:
+            if model_server.poll() is None:
+                os.killpg(model_server.pid, signal.SIGTERM)
+                model_server.wait(30)
     finally:
         if serve is not None and serve.poll() is None:
             os.killpg(serve.pid, signal.SIGINT)

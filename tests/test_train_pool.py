@@ -110,6 +110,7 @@ def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_ret
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root)
     edit_params(ws.params_path, base={"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}, train={"steps": STEPS, "batch_size": 16})
+    (tmp_path / "bucket").mkdir()  # `share serve` watches an existing directory
     storage_url = (tmp_path / "bucket").as_uri()
     storage = open_storage(storage_url)
     task_dir = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=32, n_eval=16)[0]

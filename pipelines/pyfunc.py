@@ -1,0 +1,103 @@
+"""A registered version is an MLflow model: the `python_function` flavor serves every task of
+the version from its one subspace, rows of different tasks in one mixed batch.
+
+`write_model` puts an `MLmodel` (loader module: this one; a signature) and `share_model.json`
+next to the manifest that `register.log_run` logs under the run's `subspace/`, the directory
+each model version points at. So `mlflow.pyfunc.load_model("models:/<name>@champion")` and
+`mlflow models serve -m models:/<name>@champion --env-manager local` work. The tensors are not
+copied into MLflow (DVC stores them once): the loader opens the version in its workspace
+(`$SHARE_WORKSPACE` overrides the recorded path), pulling the version's chain from the DVC
+remote when it is not there, and refuses a version whose bytes differ from the registered
+`state_sha256`. Nothing is unpickled: the flavor is a loader module, not a pickled object.
+
+Input rows: `task` and `text` (classification) or `task` and `prompt` (causal LM). Output:
+`label` and `probabilities` (in the order of the task's labels), or `completion`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from share_core import state as st
+from share_core.families import family
+from share_core.taskdata import CAUSAL_LM
+
+from .params import load_params
+from .workspace import Workspace
+
+CONFIG = "share_model.json"
+INPUT = {CAUSAL_LM: "prompt"}  # the text column per family; "text" otherwise
+
+
+def signature(family_name: str):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    column = INPUT.get(family_name, "text")
+    outputs = [ColSpec("string", "completion")] if family_name == CAUSAL_LM else [ColSpec("string", "label"), ColSpec(Array("double"), "probabilities")]
+    return ModelSignature(inputs=Schema([ColSpec("string", "task"), ColSpec("string", column)]), outputs=Schema(outputs))
+
+
+def write_model(out: Path, ws: Workspace, version: str) -> Path:
+    """MLmodel + share_model.json for `version` in directory `out` (created)."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = st.read_manifest(ws.version_dir(version))
+    fam = load_params(ws.params_path).base.family
+    config = {"workspace": str(ws.root), "version": version, "content_hash": manifest["content_hash"], "state_sha256": manifest["state_sha256"],
+              "family": fam, "tasks": [t["name"] for t in manifest["tasks"]]}
+    (out / CONFIG).write_text(json.dumps(config, indent=1))
+    model = Model(signature=signature(fam), metadata={"share_version": version})
+    mlflow.pyfunc.add_to_model(model, loader_module=__name__, data=CONFIG)
+    model.save(str(out / "MLmodel"))
+    return out
+
+
+class SubspaceModel:
+    """What `mlflow.pyfunc.load_model` returns inside its PyFuncModel: predict(DataFrame)."""
+
+    def __init__(self, config: dict, share, tok, params) -> None:
+        self.config, self.share, self.tok, self.params = config, share, tok, params
+        self.family = family(config["family"])
+        self.column = INPUT.get(config["family"], "text")
+        self.labels = {t.name: list(t.info.get("labels", [])) for t in share.state.tasks}
+
+    def predict(self, model_input, params=None):
+        import pandas as pd
+
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = [c for c in ("task", self.column) if c not in df.columns]
+        if missing:
+            raise ValueError(f"input rows need the columns ['task', '{self.column}']; missing {missing}")
+        tasks, inputs = [str(t) for t in df["task"]], [str(x) for x in df[self.column]]
+        unknown = sorted(set(tasks) - set(self.labels))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown[:5]} in version {self.config['version']}; it serves {sorted(self.labels)[:20]}")
+        cfg = self.params.evaluate
+        out = self.family.predict(self.share, self.tok, tasks, inputs, max_length=self.params.train.max_length, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+        if self.config["family"] == CAUSAL_LM:
+            return pd.DataFrame({"completion": out})
+        labels = [self.labels[t][max(range(len(p)), key=p.__getitem__)] for t, p in zip(tasks, out)]
+        return pd.DataFrame({"label": labels, "probabilities": out})
+
+
+def _load_pyfunc(data_path: str) -> SubspaceModel:
+    """MLflow's entry point for the flavor: `data_path` is share_model.json."""
+    from . import evaluate as ev
+    from . import lineage
+
+    config = json.loads(Path(data_path).read_text())
+    ws = Workspace(Path(os.environ.get("SHARE_WORKSPACE") or config["workspace"]))
+    version = config["version"]
+    if not (ws.version_dir(version) / "manifest.json").is_file():
+        lineage.checkout_version(ws.root, version)  # from the DVC remote, with its chain
+    manifest = st.read_manifest(ws.version_dir(version))
+    if manifest["state_sha256"] != config["state_sha256"]:
+        raise ValueError(f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model {config['state_sha256'][:12]}…: another chain")
+    share, tok, params = ev.loaded(str(ws.root), version, manifest["content_hash"])
+    return SubspaceModel(config, share, tok, params)
