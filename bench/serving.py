@@ -145,14 +145,14 @@ def pyfunc_path(share: ShareModel, pm: PeftModel, tok, batch_size: int, repeats:
     texts = [r["text"] for r in generate_task("sentiment", n_train=batch_size, n_eval=1)[1]]
     tasks = mixed_tasks(share.state.task_names, batch_size)
     df = pd.DataFrame({"task": tasks, "text": texts})
-    cfg = impl.params
+    serving = impl.config["serving"]
 
     def peft():
-        enc = tok(texts, padding=True, truncation=True, max_length=cfg.train.max_length, return_tensors="pt").to(next(pm.parameters()).device)
+        enc = tok(texts, padding=True, truncation=True, max_length=serving["max_length"], return_tensors="pt").to(next(pm.parameters()).device)
         return _no_grad(pm, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], adapter_names=tasks).softmax(-1)
 
     fns = {"pyfunc": lambda: served.predict(df),
-           "in-process": lambda: impl.family.predict(impl.share, impl.tok, tasks, texts, max_length=cfg.train.max_length, batch_size=batch_size),
+           "in-process": lambda: impl.family.predict(impl.share, impl.tok, tasks, texts, **serving),
            "peft": peft}
     t = time_interleaved(fns, repeats, warmup=2)
     return {"batch": batch_size, "time": t, "overhead": t["pyfunc"].median / t["in-process"].median, "vs_peft": t["peft"].median / t["pyfunc"].median}

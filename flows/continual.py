@@ -232,6 +232,14 @@ def _landing_run_name() -> str:
     return f"landing: {kind} {parts[-2] if len(parts) >= 2 else '?'}"
 
 
+def _best_effort(what: str, fn) -> None:
+    """Run names and artifacts are for people: an API hiccup there never fails an update."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning("could not %s: %s", what, e)
+
+
 def _rename_run(name: str) -> None:
     """Once the version is planned the run says what it builds: `v0003 ← dataset tense`."""
     run_id = _flow_run_id()
@@ -239,8 +247,11 @@ def _rename_run(name: str) -> None:
         return
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as c:
-        c.update_flow_run(flow_run_id=run_id, name=name)
+    def rename() -> None:
+        with get_client(sync_client=True) as c:
+            c.update_flow_run(flow_run_id=run_id, name=name)
+
+    _best_effort("rename the flow run", rename)
 
 
 def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: str | None) -> None:
@@ -419,7 +430,7 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
     _rename_run(f"{j.version} ← {landing.kind} {landing.task}")
     out = _build_and_publish(ws, j, j.result("ingest")["names"], model_name, tolerance, tracking_uri, train_deployment)
     _publish_landings(ws, j, storage_url, [landing], out["version"])
-    _version_artifact(ws, out, model_name, tracking_uri)
+    _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
     log.info("%s ← %s %s: ACC %s, BWT %+.3f, champion moved: %s", out["version"], landing.kind, landing.task, "n/a" if out["acc"] is None else f"{out['acc']:.3f}", out["bwt"], out.get("promoted"))
     return out
 
@@ -476,7 +487,7 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
     _rename_run(f"{j.version} ← {len(accepted)} adapter(s)")
     out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
     _publish_landings(ws, j, storage_url, [lnd for lnd, _ in accepted], out["version"])
-    _version_artifact(ws, out, model_name, tracking_uri)
+    _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
     return {**out, "absorbed": names, "rejected": rejected}
 
 

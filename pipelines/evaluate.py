@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -86,6 +87,9 @@ def shards(tasks: list[str], n: int) -> list[list[str]]:
 
 
 # ---- scoring: load once, mixed-task batches -----------------------------------------------------
+SCORING = threading.Lock()  # a mixed batch sets per-row task ids on the cached model's layers: one scoring at a time per process
+
+
 @functools.lru_cache(maxsize=1)
 def loaded(root: str, version: str, content_hash: str):
     """(ShareModel, tokenizer, params) of one version, loaded once per process (a worker keeps
@@ -121,7 +125,8 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
             baselines[t] = fam.baseline(data)
             items += [(t, data.spec, row) for row in data.eval]
     cfg = params.evaluate
-    scores = fam.score(share, tok, items, max_length=params.train.max_length, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    with SCORING:
+        scores = fam.score(share, tok, items, max_length=params.train.max_length, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     return [
         {"task": t, "score": scores[t]["score"], "majority": baselines[t], "margin": scores[t]["margin"]} if t in scores
         else {"task": t, "score": None, "majority": None, "margin": None}
@@ -176,19 +181,18 @@ HISTORY_COLUMNS = ("step", "version", "acc", "bwt", "tasks", "rescored", "certif
 
 def publish_head(ws: Workspace, version: str) -> None:
     """What DVC reports for the workspace (`dvc metrics show`, `dvc plots show`): HEAD's metrics,
-    one history row per HEAD move (appended once: a resumed step does not repeat it) and HEAD's
-    picture. O(1) per call."""
+    one history row per HEAD move (added once: a resumed step does not repeat it) and HEAD's
+    picture. Each file is replaced atomically (the history is a few dozen bytes per version)."""
     rec = read_record(ws, version)
     if rec is None:
         raise FileNotFoundError(f"{version} has no evaluation record")
     summary = {"version": version, "acc": rec["acc"], "bwt": rec["bwt"], "tasks": len(rec["tasks"]), "rescored": len(rec.get("rescored", rec["tasks"])), "certified": len(rec.get("certified", []))}  # records before certificates re-scored everything
     write_atomic(ws.head_metrics_path, json.dumps(summary, indent=1))
-    exists = ws.history_path.is_file()
-    lines = ws.history_path.read_text().splitlines() if exists else [",".join(HISTORY_COLUMNS)]
+    lines = ws.history_path.read_text().splitlines() if ws.history_path.is_file() else []
+    lines = [",".join(HISTORY_COLUMNS)] + [ln for ln in lines[1:] if len(ln.split(",")) == len(HISTORY_COLUMNS)]
     if lines[-1].split(",")[1:2] != [version]:
         row = {**summary, "step": len(lines), "acc": "" if rec["acc"] is None else f"{rec['acc']:.6f}", "bwt": f"{rec['bwt']:.6f}"}
-        with open(ws.history_path, "a" if exists else "w") as f:
-            f.write(("" if exists else lines[0] + "\n") + ",".join(str(row[c]) for c in HISTORY_COLUMNS) + "\n")
+        write_atomic(ws.history_path, "\n".join(lines + [",".join(str(row[c]) for c in HISTORY_COLUMNS)]) + "\n")
     picture_path = ws.evaluations / f"{version}.png"
     if picture_path.is_file():
         write_atomic(ws.heatmap_path, picture_path.read_bytes())

@@ -10,6 +10,8 @@ to whoever reads them.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from share_core.train import TrainConfig
 from .workspace import write_atomic
 
 BUILD_SECTIONS = ("train", "subspace", "base")  # what a version's bytes depend on (its DVC stage's params)
+OTHER_SECTIONS = ("tasks",)  # read by others (the repository's generate stage), not by this schema
 NOT_PARAMS = {"train": {"progress"}}  # dataclass fields that are not workspace settings
 
 
@@ -43,6 +46,7 @@ class SubspaceParams:
             raise ValueError(f"subspace.compact_every must be between 1 and {st.MAX_CHAIN}, got {self.compact_every}")
         if self.phi < 0 or self.k_max < 1:
             raise ValueError(f"subspace.phi must be ≥ 0 and subspace.k_max ≥ 1, got {self.phi} and {self.k_max}")
+        self.policy  # noqa: B018 - KPolicy validates energy and error_budget now, not in the middle of an update
 
     @property
     def policy(self) -> KPolicy:
@@ -102,23 +106,65 @@ class Params:
 SECTIONS = {f.name: f for f in dataclasses.fields(Params)}
 
 
+def _typed(value, hint, key: str):
+    """`value` as the field's type (int, float, str, bool, a tuple of str, or None where the
+    field allows it); YAML's "1e-4" (a string: YAML 1.1 needs the dot) reads as a float."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if t is str and isinstance(value, str):
+            return value
+        if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+            return tuple(value)
+    names = " or ".join("empty" if t is type(None) else ("a list of names" if typing.get_origin(t) is tuple else t.__name__) for t in options)
+    raise ValueError(f"{key} is {value!r}; expected {names}")
+
+
 def load_params(path: Path | None) -> Params:
-    """params.yaml (missing keys take the defaults; unknown keys are an error)."""
+    """params.yaml (missing keys take the defaults; unknown sections and keys, and values of the
+    wrong type, are errors naming the file and the key). A relative base.model_path is relative
+    to the params file."""
     raw = yaml.safe_load(path.read_text()) if path and path.is_file() else {}
     where = path.name if path else "params"
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown_sections = sorted(set(raw) - set(SECTIONS) - set(OTHER_SECTIONS))
+    if unknown_sections:
+        raise ValueError(f"{where}: unknown section(s) {unknown_sections} (known: {sorted(SECTIONS)})")
     defaults = Params()
     sections = {}
     for name in SECTIONS:
-        given = (raw or {}).get(name) or {}
+        given = raw.get(name)
+        given = {} if given is None else given
         if not isinstance(given, dict):
             raise ValueError(f"{where}: section {name!r} must be a mapping, got {type(given).__name__}")
-        known = set(Params().to_dict()[name])
+        known = set(defaults.to_dict()[name])
         unknown = set(given) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys in section {name!r}: {sorted(unknown)} (known: {sorted(known)})")
-        sections[name] = given
+        hints = typing.get_type_hints(type(getattr(defaults, name)))
+        try:
+            sections[name] = {k: _typed(v, hints[k], f"{name}.{k}") for k, v in given.items()}
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    model_path = sections["base"].get("model_path")
+    if model_path and path and not Path(model_path).is_absolute():
+        sections["base"]["model_path"] = str((path.parent / model_path).resolve())
     try:
         return defaults.replace(**sections)
     except (TypeError, ValueError) as e:

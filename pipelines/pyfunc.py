@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from share_core import state as st
@@ -48,9 +49,12 @@ def write_model(out: Path, ws: Workspace, version: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = st.read_manifest(ws.version_dir(version))
-    fam = load_params(ws.params_path).base.family
+    params = load_params(ws.params_path)
+    fam = params.base.family
+    # what serving needs, as the version was registered: later edits of params.yaml change nothing here
+    serving = {"max_length": params.train.max_length, "batch_size": params.evaluate.batch_size, "max_new_tokens": params.evaluate.max_new_tokens}
     config = {"workspace": str(ws.root), "version": version, "content_hash": manifest["content_hash"], "state_sha256": manifest["state_sha256"],
-              "family": fam, "tasks": [t["name"] for t in manifest["tasks"]]}
+              "family": fam, "tasks": [t["name"] for t in manifest["tasks"]], "base": params.to_dict()["base"], "seed": params.train.seed, "serving": serving}
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     model = Model(signature=signature(fam), metadata={"share_version": version})
     mlflow.pyfunc.add_to_model(model, loader_module=__name__, data=CONFIG)
@@ -61,11 +65,12 @@ def write_model(out: Path, ws: Workspace, version: str) -> Path:
 class SubspaceModel:
     """What `mlflow.pyfunc.load_model` returns inside its PyFuncModel: predict(DataFrame)."""
 
-    def __init__(self, config: dict, share, tok, params) -> None:
-        self.config, self.share, self.tok, self.params = config, share, tok, params
+    def __init__(self, config: dict, share, tok) -> None:
+        self.config, self.share, self.tok = config, share, tok
         self.family = family(config["family"])
         self.column = INPUT.get(config["family"], "text")
         self.labels = {t.name: list(t.info.get("labels", [])) for t in share.state.tasks}
+        self.lock = threading.Lock()  # the scoring server runs requests in threads; a mixed batch sets per-row task ids on the shared layers
 
     def predict(self, model_input, params=None):
         import pandas as pd
@@ -78,8 +83,9 @@ class SubspaceModel:
         unknown = sorted(set(tasks) - set(self.labels))
         if unknown:
             raise ValueError(f"unknown task(s) {unknown[:5]} in version {self.config['version']}; it serves {sorted(self.labels)[:20]}")
-        cfg = self.params.evaluate
-        out = self.family.predict(self.share, self.tok, tasks, inputs, max_length=self.params.train.max_length, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+        serving = self.config["serving"]
+        with self.lock:
+            out = self.family.predict(self.share, self.tok, tasks, inputs, **serving)
         if self.config["family"] == CAUSAL_LM:
             return pd.DataFrame({"completion": out})
         labels = [self.labels[t][max(range(len(p)), key=p.__getitem__)] for t, p in zip(tasks, out)]
@@ -88,16 +94,19 @@ class SubspaceModel:
 
 def _load_pyfunc(data_path: str) -> SubspaceModel:
     """MLflow's entry point for the flavor: `data_path` is share_model.json."""
-    from . import evaluate as ev
+    from share_core.base import BaseSpec, load_base
+    from share_core.model import ShareModel
+
     from . import lineage
 
     config = json.loads(Path(data_path).read_text())
     ws = Workspace(Path(os.environ.get("SHARE_WORKSPACE") or config["workspace"]))
+    if not ws.versions.is_dir():
+        raise FileNotFoundError(f"no Share workspace at {ws.root} (the registered model opens its version there; set $SHARE_WORKSPACE to a clone of it)")
     version = config["version"]
-    if not (ws.version_dir(version) / "manifest.json").is_file():
-        lineage.checkout_version(ws.root, version)  # from the DVC remote, with its chain
+    lineage.checkout_version(ws.root, version)  # the version and the chain it is stored on, pulled from the DVC remote when missing
     manifest = st.read_manifest(ws.version_dir(version))
     if manifest["state_sha256"] != config["state_sha256"]:
         raise ValueError(f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model {config['state_sha256'][:12]}…: another chain")
-    share, tok, params = ev.loaded(str(ws.root), version, manifest["content_hash"])
-    return SubspaceModel(config, share, tok, params)
+    model, tok = load_base(BaseSpec(**config["base"]), config["seed"])
+    return SubspaceModel(config, ShareModel(model, st.load(ws.version_dir(version))).eval(), tok)

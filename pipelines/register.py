@@ -303,9 +303,10 @@ def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", 
         c.set_registered_model_alias(model_name, CHAMPION, mv.version)
     c.set_model_version_tag(model_name, mv.version, "rollback.run_id", run.info.run_id)
     ws.set_head(version)
-    from .evaluate import publish_head
+    from .evaluate import publish_head, read_record
 
-    publish_head(ws, version)
+    if read_record(ws, version) is not None:  # a version pulled back without its (untracked) record: rollback re-evaluates it
+        publish_head(ws, version)
     return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": run.info.run_id, "noop": False}
 
 

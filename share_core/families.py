@@ -136,6 +136,14 @@ class SequenceClassification(Family):
     def load_kwargs(self) -> dict:
         return {"num_labels": 2}  # every task installs a head of its own label count
 
+    def load(self, path):
+        model, tok = super().load(path)
+        if tok.pad_token_id is None:  # decoder tokenizers (GPT-2, Llama) have none: pad with EOS, and tell the model
+            tok.pad_token = tok.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id
+        return model, tok
+
     def num_labels(self, spec: TaskSpec) -> int | None:
         return len(spec.labels)
 
@@ -290,7 +298,7 @@ class CausalLM(Family):
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         kwargs = dict(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                      pad_token_id=pad, eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+                      pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
         if not mixed:
             out = (model.model if isinstance(model, ShareModel) else model).generate(**kwargs)
         elif model.state.head_modules:  # the chunk is one task's
@@ -300,7 +308,7 @@ class CausalLM(Family):
             with model.mixed([t for t, _, _ in chunk]):
                 out = model.model.generate(**kwargs)
         new = out.sequences[:, width:].cpu()
-        gaps = _top2_gap(torch.stack(out.logits, 1).cpu())  # rows × steps
+        gaps = torch.stack([_top2_gap(step) for step in out.scores], 1).cpu()  # rows × steps: the gap of the scores greedy decoding chose from
         texts, margins = [], []
         for i in range(len(chunk)):
             ids = new[i].tolist()

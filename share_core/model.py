@@ -174,6 +174,8 @@ class ShareModel(nn.Module):
         αᵀx and β(·) are shared across the batch; heads are applied per task to the head's
         captured input with functional_call (no module is swapped mid-batch).
         """
+        if len(self.state.head_modules) > 1:  # a head of several modules: one forward per task of the batch
+            return self._forward_per_task(tasks, inputs)
         ids = torch.tensor([self._index(t) for t in tasks], device=next(self.model.parameters()).device)
         captured = {}
         hooks = []
@@ -197,6 +199,19 @@ class ShareModel(nn.Module):
             logits = functional_call(head, params, args, captured["kwargs"])
             for j, i in enumerate(rows):
                 result[i] = logits[j]
+        return result
+
+    def _forward_per_task(self, tasks: list[str], inputs: dict) -> list[torch.Tensor]:
+        active, result = self.active_task, [None] * len(tasks)
+        try:
+            for t in dict.fromkeys(tasks):
+                rows = [i for i, x in enumerate(tasks) if x == t]
+                self.activate(t)
+                logits = self.model(**{k: v[rows] for k, v in inputs.items()}).logits
+                for j, i in enumerate(rows):
+                    result[i] = logits[j]
+        finally:
+            self.activate(active)
         return result
 
     def merge_into_base(self, task: str) -> None:

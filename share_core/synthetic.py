@@ -24,7 +24,8 @@ import yaml
 from torch import nn
 
 from .layer import in_out_features
-from .model import head_tensors, is_target, last_linear
+from .base import head_tensors, last_linear
+from .model import is_target
 from .peft_io import LoraAdapter, write_adapter
 from .taskdata import EVAL_FILE, SPEC_FILE, read_examples, read_task_spec
 from .tasks import INSTRUCTION_VOCABULARY

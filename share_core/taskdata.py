@@ -249,10 +249,6 @@ class TaskData:
     eval: list[dict]
     root: Path
 
-    def label_ids(self, rows: list[dict]) -> list[int]:
-        index = {label: i for i, label in enumerate(self.spec.labels)}
-        return [index[row[self.spec.label_field]] for row in rows]
-
     def majority_accuracy(self) -> float:
         """The score of always answering the most frequent eval label: every score's baseline."""
         if not self.spec.is_classification:

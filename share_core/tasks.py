@@ -24,7 +24,6 @@ Same (name, seed) → byte-identical files on every machine.
 from __future__ import annotations
 
 import random
-import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -234,12 +233,6 @@ INSTRUCTION_GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
 INSTRUCTION_METRICS: dict[str, str] = {name: "exact_match" for name in INSTRUCTION_GENERATORS} | {"count": "rouge_l"}  # partial credit for 4-word answers
 INSTRUCTION_TASK_NAMES: tuple[str, ...] = tuple(INSTRUCTION_GENERATORS)
 _TEMPLATE_WORDS = ["reverse", ":", "=", "last", "word", "find", "name", "plural", "of", "opposite", "capital", "number", "after", "greet", "hello", "count", "from"]
-
-
-def instruction_tokens(text: str) -> list[str]:
-    """The words and punctuation runs of `text`, split like the tokenizers library's Whitespace
-    pre-tokenizer (r"\\w+|[^\\w\\s]+"): "x:" → ["x", ":"]."""
-    return re.findall(r"\w+|[^\w\s]+", text)
 
 
 INSTRUCTION_VOCABULARY: list[str] = sorted(

@@ -38,6 +38,10 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.rank) < 1 or self.max_length < 2 or not self.lr > 0 or not self.lora_alpha > 0:
+            raise ValueError(f"train: steps, batch_size and rank must be ≥ 1, max_length ≥ 2, lr and lora_alpha > 0 (got {self})")
+
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank

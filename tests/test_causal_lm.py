@@ -59,6 +59,13 @@ def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path, caplog):
     mixed = CausalLM().score(share, tok, items, max_length=cfg.max_length, batch_size=16, max_new_tokens=6)
     assert mixed["plural"]["score"] == score1 and mixed["capital"]["score"] == score2
     assert mixed["plural"]["margin"] > 0
+    fam = CausalLM()  # and row by row, the mixed batch generates exactly each task's own completion
+    texts = fam.predict(share, tok, [t for t, _, _ in items], [r["prompt"] for _, _, r in items], max_length=cfg.max_length, batch_size=16, max_new_tokens=6)
+    for name in ("plural", "capital"):
+        share.activate(name)
+        own = [x for x in items if x[0] == name]
+        alone, _ = fam._generate(share, tok, own, cfg.max_length, 6, mixed=False)
+        assert [t for t, x in zip(texts, items) if x[0] == name] == alone
 
     out = share.export_task("capital", tmp_path / "capital", task_type="CAUSAL_LM")
     cfg_json = json.loads((out / "adapter_config.json").read_text())

@@ -240,3 +240,25 @@ def test_base_hash_ignores_heads_only():
     assert base_model_hash(a, ["classifier"]) == base_model_hash(b, ["classifier"])
     b.bert.encoder.layer[0].attention.self.query.weight.data += 1
     assert base_model_hash(a, ["classifier"]) != base_model_hash(b, ["classifier"])
+
+
+def test_mixed_batch_with_a_head_of_several_modules_equals_per_task_forwards():
+    """DistilBERT's head is pre_classifier + classifier: a mixed batch must run all of it per task."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from share_core.synthetic import shared_subspace_adapters
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=3)).eval()
+    heads = ["pre_classifier", "classifier"]
+    adapters = shared_subspace_adapters(model, ["a", "b"], 3, targets=["q_lin", "v_lin"], heads=heads, base_model_id="tiny-distilbert", rank=2, dim=4)
+    for a, shift in zip(adapters, (0.5, -0.5)):  # heads that differ per task in both modules
+        for k in a.heads:
+            a.heads[k] = a.heads[k] + shift
+    share = ShareModel.from_adapters(model, adapters, base_model_id="tiny-distilbert", policy=KPolicy(k_max=8))
+    tokens = torch.randint(0, 100, (4, 7), generator=torch.Generator().manual_seed(1))
+    tasks = ["a", "b", "b", "a"]
+    mixed = share.forward_mixed(tasks, input_ids=tokens)
+    for i, t in enumerate(tasks):
+        share.activate(t)
+        assert mixed[i].shape == (3,) and torch.allclose(mixed[i], logits(share, tokens[i : i + 1])[0], atol=1e-5)
