@@ -122,12 +122,16 @@ def train_version(workspace: str, landings: list[str], kind: str, version: str, 
         return {"version": version, "reused": True}
     print(f"building {version} in process {os.getpid()} (parent {os.getppid()})")  # where training runs (a pool's worker)
     progress, handler = logging.getLogger("share_core.train"), _RunLogHandler(get_run_logger())
+    level, propagate = progress.level, progress.propagate
     progress.addHandler(handler)
     progress.setLevel(logging.INFO)
+    progress.propagate = False  # into the run's logs only, not once more on the console
     try:
         build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.params_path), provenance)
     finally:
         progress.removeHandler(handler)
+        progress.setLevel(level)
+        progress.propagate = propagate
     return {"version": version, "reused": False}
 
 
