@@ -21,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from pipelines.storage import kind_and_task, redact_url
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -152,13 +154,6 @@ def _tracking(ws, tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri
 
 
-def _shown(url: str) -> str:
-    """A URL fit for a message (user info and unknown option values redacted)."""
-    from pipelines.storage import redact_url
-
-    return redact_url(url)
-
-
 def unreachable(url: str, timeout: float | None = None) -> str | None:
     """None when an HTTP server answers `url` (any status: something is there), else why not.
     Loopback requests bypass proxies (a corporate HTTP_PROXY must not see them)."""
@@ -190,7 +185,7 @@ def require_server(what: str, url: str, probe: str, hint: str) -> None:
     """Fail within PROBE_TIMEOUT seconds, naming `url`, when nothing answers `probe`."""
     why = unreachable(probe)
     if why:
-        raise CLIError(f"{what} at {_shown(url)} is not reachable ({why})", hint=hint)
+        raise CLIError(f"{what} at {redact_url(url)} is not reachable ({why})", hint=hint)
 
 
 def require_mlflow(uri: str) -> None:
@@ -322,8 +317,7 @@ def status(workspace: Path = WORKSPACE) -> None:
         table.add_column(col, **kw)
     style = {"processed": "green", "rejected": "red"}
     for at, key, etag, state, detail in rows:
-        parts = key.split("/")
-        task, kind = (parts[-2], parts[-3].removesuffix("s")) if len(parts) >= 3 and parts[-1] == "task.yaml" else (key, "")
+        kind, task = kind_and_task(key) or ("", key)
         # Text, not markup: a reason may hold brackets ("expected one of ['a', 'b']")
         table.add_row(Text(task), Text(kind), Text(etag[:8]), Text(state, style=style.get(state, "yellow")), Text(str(detail)), Text(at[5:16].replace("T", " ")))
     out.print(table)
@@ -464,7 +458,7 @@ def serve(
     s = open_storage_arg(storage)
     api = prefect_api_url()
     if api and ephemeral:
-        raise CLIError(f"--ephemeral conflicts with PREFECT_API_URL={_shown(api)}: unset it, or drop --ephemeral to use that server", code=2)
+        raise CLIError(f"--ephemeral conflicts with PREFECT_API_URL={redact_url(api)}: unset it, or drop --ephemeral to use that server", code=2)
     if not api and not ephemeral:
         raise CLIError('no Prefect server: set PREFECT_API_URL (`share stack up`, then eval "$(share stack env)"), or pass --ephemeral for a temporary one', code=2)
     require_prefect(api)

@@ -26,7 +26,7 @@ from prefect.deployments import run_deployment
 from pipelines import evaluate as ev
 from pipelines import lineage, register
 from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, next_version
-from pipelines.storage import Landing, open_storage, redact_url
+from pipelines.storage import Landing, kind_and_task, open_storage, redact_url
 from pipelines.params import EvalParams, load_params
 from pipelines.update import build_version
 from pipelines.validate import LandingRejected, validate_landing
@@ -231,9 +231,9 @@ def _landing_run_name() -> str:
     """A continual-update run's name before its version is planned: what landed."""
     from prefect.runtime import flow_run
 
-    parts = str(flow_run.parameters.get("key", "")).split("/")
-    kind = parts[-3].rstrip("s") if len(parts) >= 3 else "landing"
-    return f"landing: {kind} {parts[-2] if len(parts) >= 2 else '?'}"
+    key = str(flow_run.parameters.get("key", ""))
+    kind, task = kind_and_task(key) or ("landing", key)
+    return f"landing: {kind} {task}"
 
 
 def _best_effort(what: str, fn) -> None:
@@ -338,7 +338,7 @@ def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: 
                 raise RuntimeError(f"training deployment {train_deployment} ended {run.state.name}")
         else:
             train_version(**params)
-        j.finish("build", content_hash=st.read_manifest(ws.version_dir(version))["content_hash"])
+        j.finish("build")
     marks = {"train": time.perf_counter()}
     j.step("stage", lambda: lineage.add_version_stage(ws.root, version, names, kind, parent))
     marks["stage"] = time.perf_counter()

@@ -62,7 +62,7 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
     parent = read_record(ws, manifest["parent"])
     if full or cfg.mode == "full" or parent is None:
         return {"score": tasks, "certified": {}}
-    added = set(manifest["extra"].get("added", [])) | {t["name"] for t in manifest["tasks"] if t["info"].get("finetuned")}
+    added = set(manifest["extra"].get("added", []))
     errors = manifest["extra"].get("reconstruction_error", {})
     score, certified = [], {}
     for t in tasks:

@@ -61,6 +61,15 @@ class Landing:
         return self.key[: -len(SPEC)]
 
 
+def kind_and_task(key: str) -> tuple[str, str] | None:
+    """(kind, task) of a landing's task.yaml key (…/incoming/<kind>s/<task>/task.yaml); None
+    for any other key."""
+    parts = key.split("/")
+    if len(parts) >= 4 and parts[-1] == SPEC and parts[-4] == "incoming" and parts[-3] in KINDS and parts[-2]:
+        return KINDS[parts[-3]], parts[-2]
+    return None
+
+
 def landing_etag(objects: dict[str, str]) -> str:
     """Digest of {relative name: object ETag}: changes when any object of the landing does."""
     h = hashlib.sha256()

@@ -66,9 +66,8 @@ class BaseSpec:
 
     def model_type(self) -> str:
         """The architecture named in the model's config.json (e.g. 'bert', 'llama', 'gpt2')."""
-        cfg = Path(self.path) / "config.json"
         try:
-            return json.loads(cfg.read_text())["model_type"]
+            return _model_type(self.path)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"base model {self.model_id!r}: no readable config.json with a model_type ({type(e).__name__})") from None
 
@@ -81,7 +80,12 @@ class BaseSpec:
         return list(self.target_modules) or self.family_impl().default_targets(self.model_type())
 
     def heads(self) -> list[str]:
-        return list(self.head_modules) if self.head_modules else self.family_impl().default_heads(self.model_type())
+        return list(self.head_modules) or self.family_impl().default_heads(self.model_type())
+
+
+@functools.lru_cache(maxsize=8)
+def _model_type(path: str) -> str:
+    return json.loads((Path(path) / "config.json").read_text())["model_type"]
 
 
 @functools.lru_cache(maxsize=2)

@@ -176,7 +176,7 @@ class ShareModel(nn.Module):
         """
         if len(self.state.head_modules) > 1:  # a head of several modules: one forward per task of the batch
             return self._forward_per_task(tasks, inputs)
-        ids = torch.tensor([self._index(t) for t in tasks], device=next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
         captured = {}
         hooks = []
         if self.state.head_modules:
@@ -194,7 +194,7 @@ class ShareModel(nn.Module):
         result: list[torch.Tensor | None] = [None] * len(tasks)
         for t in dict.fromkeys(tasks):
             rows = [i for i, x in enumerate(tasks) if x == t]
-            params = {k[len(head_name) + 1:]: v.to(ids.device) for k, v in self.state.task(t).heads.items() if k.startswith(head_name + ".")}
+            params = {k[len(head_name) + 1:]: v.to(device) for k, v in self.state.task(t).heads.items() if k.startswith(head_name + ".")}
             args = tuple(a[rows] for a in captured["args"])
             logits = functional_call(head, params, args, captured["kwargs"])
             for j, i in enumerate(rows):
@@ -301,7 +301,7 @@ class ShareModel(nn.Module):
                 TaskRecord(t.name, t.rank, t.scale, coefs, heads, {**t.info, "finetuned": True}) if t.name == name else t
                 for t in self.state.tasks
             ]
-            errors = {name: 0.0}
+            errors = {t.name: 0.0 for t in self.state.tasks if t.name != name}  # no entry for `name`: evaluation re-scores it
         else:
             factors = {}
             for ln, l in self.layers.items():

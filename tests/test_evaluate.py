@@ -110,3 +110,23 @@ def test_an_absorb_follows_the_current_params_k_policy_and_phi(ws, tiny_model_di
     state = st.load(ws.version_dir("v0002"))
     assert {b.shape[1] for b, _ in state.bases.values()} == {3} and {a.shape[1] for _, a in state.bases.values()} == {3}
     assert state.policy.k_max == 3 and state.phi == 1
+
+
+def test_a_finetuned_task_is_rescored_once_and_the_others_keep_their_certificates(ws, tiny_model_dir):
+    """Share-full rewrites one task's coefficients: that task is re-scored, the untouched ones
+    stay certified, and in later versions the fine-tuned task is certified like any other."""
+    from share_core.model import ShareModel
+
+    build(ws, "v0001", None, ["t0", "t1"])
+    ev.evaluate_version(ws, "v0001")
+    params = load_params(ws.params_path)
+    share = ShareModel(load_base(params.base)[0], st.load(ws.version_dir("v0001")))
+    share.begin_finetune("t0")
+    errors = share.finish_task()
+    share.state.parent, share.state.extra = "v0001", {"added": [], "kind": "finetune", "reconstruction_error": errors}
+    st.save(share.state, ws.version_dir("v0002"))
+    assert ev.plan(ws, "v0002", params.evaluate)["score"] == ["t0"]
+    ev.evaluate_version(ws, "v0002")
+    build(ws, "v0003", "v0002", ["t2"])  # inside the shared subspace: nothing old moves
+    p = ev.plan(ws, "v0003", params.evaluate)
+    assert p["score"] == ["t2"] and sorted(p["certified"]) == ["t0", "t1"]

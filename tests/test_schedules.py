@@ -6,17 +6,15 @@ carries the `FlowRun.state` hybrid), so batch-absorb and reevaluate-champion wou
 The deployments are the ones `share serve` applies (flows/deployments.py), with every-minute
 crons; nothing executes them here, the test only reads the runs the scheduler created."""
 
-import json
 import os
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import replace
 
 from infra import stack
 
-from .conftest import free_port
+from .conftest import free_port, rest
 
 BULK_DML_ERROR = "Can't evaluate bulk DML statement"
 APPLY = """
@@ -26,11 +24,6 @@ for d in build_deployments("s3://share/tasks", sys.argv[1], absorb_cron="* * * *
     d.apply()
 """
 
-
-def rest(url: str, body: dict | None = None):
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
 
 
 def test_cron_deployments_get_scheduled_runs(tmp_path):
