@@ -31,7 +31,14 @@ QUICK_RESULTS = RESULTS / "quick"
 
 
 # ---- command line ------------------------------------------------------------------------------
-def parse_args(description: str, argv: list[str] | None = None, threads: int | None = None, models: tuple[str, ...] = ("minilm",), model_note: str = "", extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str,
+    argv: list[str] | None = None,
+    threads: int | None = None,
+    models: tuple[str, ...] = ("minilm",),
+    model_note: str = "",
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """--quick: a seconds-long smoke run (tiny sizes) written to results/quick/ so it never
     overwrites the real results; --out: another results directory; --threads: torch intra-op
     threads (default `threads`, else every core this process may use); --device auto|cpu|cuda
@@ -43,20 +50,44 @@ def parse_args(description: str, argv: list[str] | None = None, threads: int | N
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default bench/results, or bench/results/quick with --quick; <that>/<model>-<device> for a model other than minilm)")
-    p.add_argument("--threads", type=int, default=threads, help="torch threads (default: %(default)s; None = every available core)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run (default: auto = cuda when available)")
-    p.add_argument("--model", choices=MODELS, default="minilm",
-                   help="base model: minilm = the packaged MiniLM classifier (default); llama-tiny / llama-0.5b / llama-1b = a randomly initialised "
-                        "Llama-shaped causal LM built from a config (no download; llama-tiny for CPU smoke runs)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default bench/results, or bench/results/quick with --quick; <that>/<model>-<device> for a model other than minilm)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=threads, help="torch threads (default: %(default)s; None = every available core)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where models run (default: auto = cuda when available)",
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="minilm",
+        help="base model: minilm = the packaged MiniLM classifier (default); llama-tiny / llama-0.5b / llama-1b = a randomly initialised "
+        "Llama-shaped causal LM built from a config (no download; llama-tiny for CPU smoke runs)",
+    )
     if extra:  # the benchmark's own options
         extra(p)
     args = p.parse_args(argv)
     if args.model not in models:
-        p.exit(2, f"{p.prog}: --model {args.model} is not supported by this benchmark (it runs on: {', '.join(models)}){'; ' + model_note if model_note else ''}\n")
+        p.exit(
+            2,
+            f"{p.prog}: --model {args.model} is not supported by this benchmark (it runs on: {', '.join(models)}){'; ' + model_note if model_note else ''}\n",
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.exit(2, f"{p.prog}: --device cuda: no CUDA device is available (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})\n")
-    args.device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+        p.exit(
+            2,
+            f"{p.prog}: --device cuda: no CUDA device is available (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})\n",
+        )
+    args.device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     args.out = args.out or results_dir(QUICK_RESULTS if args.quick else RESULTS, args.model, args.device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -105,7 +136,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             fns[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(_timed(fns[name]))
     return {name: Timing.of(s) for name, s in samples.items()}
 
@@ -170,7 +201,9 @@ def environment(device: torch.device | None = None) -> dict:
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
@@ -196,9 +229,11 @@ def _module_argv() -> list[str]:
 
 
 def env_line(env: dict) -> str:
-    return (f"{env['date']} · {env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads, "
-            f"1-min load {env['load_avg_1min']}) · device {env['device']} · torch {env['torch']}, "
-            f"transformers {env['transformers']}, peft {env['peft']} · commit {env['git_commit'] or '?'}")
+    return (
+        f"{env['date']} · {env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads, "
+        f"1-min load {env['load_avg_1min']}) · device {env['device']} · torch {env['torch']}, "
+        f"transformers {env['transformers']}, peft {env['peft']} · commit {env['git_commit'] or '?'}"
+    )
 
 
 # ---- reports -----------------------------------------------------------------------------------
@@ -244,19 +279,39 @@ class Target:
         return f"- {self.name}: **{'MET' if self.met else 'NOT MET'}** — {self.detail}"
 
 
-def write_report(out: Path, name: str, title: str, intro: str, sections: list[str], targets: list[Target], results: dict, env: dict, wall_s: float, quick: bool) -> Path:
+def write_report(
+    out: Path,
+    name: str,
+    title: str,
+    intro: str,
+    sections: list[str],
+    targets: list[Target],
+    results: dict,
+    env: dict,
+    wall_s: float,
+    quick: bool,
+) -> Path:
     """bench results: <out>/<name>.json (every number) and <out>/<name>.md (the tables, the
     verdict on each target, the machine). Returns the .md path."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "quick": quick, "wall_s": round(wall_s, 2), "environment": env,
-               "targets": [asdict(t) for t in targets], "results": results}
+    payload = {
+        "benchmark": name,
+        "quick": quick,
+        "wall_s": round(wall_s, 2),
+        "environment": env,
+        "targets": [asdict(t) for t in targets],
+        "results": results,
+    }
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     parts = [f"## {title}{' (quick smoke run)' if quick else ''}", "", intro, ""]
     for s in sections:
         parts += [s, ""]
     if targets:
         parts += ["**Targets**", "", *[t.line() for t in targets], ""]
-    parts += [f"_Wall time {wall_s:.0f} s. {env_line(env)}; 1-min load at the end {os.getloadavg()[0]:.2f}. Command: `{env['command']}`._", ""]
+    parts += [
+        f"_Wall time {wall_s:.0f} s. {env_line(env)}; 1-min load at the end {os.getloadavg()[0]:.2f}. Command: `{env['command']}`._",
+        "",
+    ]
     md = out / f"{name}.md"
     md.write_text("\n".join(parts))
     print("\n".join(parts))
@@ -277,7 +332,9 @@ def orthonormal(m: int, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
 
 
-def shared_factors(n: int, d: int, tasks: int, rank: int, dim: int, noise: float, seed: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def shared_factors(
+    n: int, d: int, tasks: int, rank: int, dim: int, noise: float, seed: int, dtype: torch.dtype = torch.float32
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`tasks` LoRA factor pairs (B n×r, Aᵀ d×r) whose updates live in shared `dim`-dim
     subspaces (one per side), each factor with relative Frobenius noise `noise` added.
 
@@ -314,14 +371,31 @@ def minilm_layers(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple
     }
 
 
-def synthetic_adapters(model: torch.nn.Module, tasks: int, *, targets: list[str], heads: list[str], base_model_id: str, rank: int = 8, lora_alpha: float = 16.0, dim: int = 24, noise: float = 0.05, num_labels: int = 2, rel_update: float = 0.05, seed: int = 0) -> list:
+def synthetic_adapters(
+    model: torch.nn.Module,
+    tasks: int,
+    *,
+    targets: list[str],
+    heads: list[str],
+    base_model_id: str,
+    rank: int = 8,
+    lora_alpha: float = 16.0,
+    dim: int = 24,
+    noise: float = 0.05,
+    num_labels: int = 2,
+    rel_update: float = 0.05,
+    seed: int = 0,
+) -> list:
     """`tasks` LoraAdapters for `model` without training: factors from `shared_factors` per
     layer, scaled so each ‖ΔW‖_F is `rel_update`·‖W0‖_F (a visible but plausible update), and a
     random classifier head per task (so tasks give different outputs)."""
     from share_core.peft_io import LoraAdapter
 
     layers = minilm_layers(model, targets)
-    per_layer = {ln: shared_factors(n, d, tasks, rank, dim, noise, seed + 101 * i) for i, (ln, (n, d)) in enumerate(sorted(layers.items()))}
+    per_layer = {
+        ln: shared_factors(n, d, tasks, rank, dim, noise, seed + 101 * i)
+        for i, (ln, (n, d)) in enumerate(sorted(layers.items()))
+    }
     g = torch.Generator().manual_seed(seed)
     hidden = model.get_submodule(heads[0]).in_features
     scale = lora_alpha / rank
@@ -333,7 +407,21 @@ def synthetic_adapters(model: torch.nn.Module, tasks: int, *, targets: list[str]
             w0 = model.get_submodule(ln).weight.detach().float().norm()
             c = math.sqrt(float(rel_update * w0 / (scale * (b @ a.T).norm())))
             factors[ln] = ((b * c).contiguous(), (a * c).T.contiguous())  # B n×r, A r×d
-        head = {f"{heads[0]}.weight": torch.randn(num_labels, hidden, generator=g) * 0.1, f"{heads[0]}.bias": torch.randn(num_labels, generator=g) * 0.1}
-        out.append(LoraAdapter(name=f"task{t:03d}", rank=rank, lora_alpha=lora_alpha, scale=scale, target_modules=list(targets),
-                               factors=factors, heads=head, modules_to_save=list(heads), base_model_name=base_model_id))
+        head = {
+            f"{heads[0]}.weight": torch.randn(num_labels, hidden, generator=g) * 0.1,
+            f"{heads[0]}.bias": torch.randn(num_labels, generator=g) * 0.1,
+        }
+        out.append(
+            LoraAdapter(
+                name=f"task{t:03d}",
+                rank=rank,
+                lora_alpha=lora_alpha,
+                scale=scale,
+                target_modules=list(targets),
+                factors=factors,
+                heads=head,
+                modules_to_save=list(heads),
+                base_model_name=base_model_id,
+            )
+        )
     return out

@@ -44,9 +44,8 @@ from share_core.families import family_of
 from share_core.metrics import AccuracyMatrix, accounting
 from share_core.peft_io import write_adapter
 from share_core.subspace import KPolicy
-from share_core.taskdata import TaskData
 from share_core.synthetic import tiny_causal_lm
-from share_core.taskdata import CAUSAL_LM, CLASSIFICATION
+from share_core.taskdata import CAUSAL_LM, CLASSIFICATION, TaskData
 from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES, generate_task
 from share_core.train import TrainConfig, evaluate, finetune_task, fit, train_lora
 
@@ -59,7 +58,14 @@ STEPS, FT_STEPS, LR = 40, 5, 5e-3
 METHODS = ("Share strict", "Share-full", "independent LoRA", "sequential LoRA", "joint LoRA")
 CAUSAL_METHODS = ("Share strict", "independent LoRA", "sequential LoRA")
 # the tiny random Llama learns an instruction task in ~150 steps at lr 5e-3 (tests/test_instruction_tasks.py)
-CAUSAL = {"steps": 150, "lr": 5e-3, "max_length": 24, "tasks": ("plural", "capital", "greet", "successor", "last_word"), "n_train": 256, "n_eval": 64}
+CAUSAL = {
+    "steps": 150,
+    "lr": 5e-3,
+    "max_length": 24,
+    "tasks": ("plural", "capital", "greet", "successor", "last_word"),
+    "n_train": 256,
+    "n_eval": 64,
+}
 MAX_NEW_TOKENS = 8
 
 
@@ -68,7 +74,9 @@ class BenchTask(TaskData):
     baseline: float = 0.0  # see baselines()
 
 
-def load_tasks(base: BaseSpec, names: tuple[str, ...], seed: int, n_train: int, n_eval: int, cfg: TrainConfig) -> list[BenchTask]:
+def load_tasks(
+    base: BaseSpec, names: tuple[str, ...], seed: int, n_train: int, n_eval: int, cfg: TrainConfig
+) -> list[BenchTask]:
     tasks = []
     for name in names:
         spec, train, eval_rows = generate_task(name, seed=seed, n_train=n_train, n_eval=n_eval)
@@ -96,11 +104,28 @@ def baselines(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig) -> list[f
     return out
 
 
-def result(method: str, tasks: list[TaskData], scores: AccuracyMatrix | None, final: list[float], trainable: int, stored: int, seconds: float) -> dict:
+def result(
+    method: str,
+    tasks: list[TaskData],
+    scores: AccuracyMatrix | None,
+    final: list[float],
+    trainable: int,
+    stored: int,
+    seconds: float,
+) -> dict:
     """One method on one seed: matrix R (None for joint), final scores, ACC/BWT (fractions)."""
-    return {"method": method, "matrix": scores.rows if scores else None, "final": final, "majority": [t.baseline for t in tasks],
-            "acc": sum(final) / len(final), "bwt": scores.bwt() if scores else None,
-            "trainable_per_task": trainable, "stored_params": stored, "stored_bytes": stored * BYTES, "seconds": seconds}
+    return {
+        "method": method,
+        "matrix": scores.rows if scores else None,
+        "final": final,
+        "majority": [t.baseline for t in tasks],
+        "acc": sum(final) / len(final),
+        "bwt": scores.bwt() if scores else None,
+        "trainable_per_task": trainable,
+        "stored_params": stored,
+        "stored_bytes": stored * BYTES,
+        "seconds": seconds,
+    }
 
 
 # ---- the methods --------------------------------------------------------------------------------
@@ -108,7 +133,15 @@ def share_strict(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_cfg
     t0 = time.perf_counter()
     run = run_continual(tasks, cfg, KPolicy(k_max=K), phi=PHI, base=base)
     acct = accounting(run.model.state)
-    return result("Share strict", tasks, run.scores, run.scores.rows[-1], acct["trainable_params_next_task"], acct["share_params"], time.perf_counter() - t0)
+    return result(
+        "Share strict",
+        tasks,
+        run.scores,
+        run.scores.rows[-1],
+        acct["trainable_params_next_task"],
+        acct["share_params"],
+        time.perf_counter() - t0,
+    )
 
 
 def share_full(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_cfg: TrainConfig) -> dict:
@@ -122,7 +155,15 @@ def share_full(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_cfg: 
             finetune_task(share, tok, old, ft_cfg)
         scores.add_row(task.spec.name, task.baseline, score_all(share, tok, tasks[: i + 1], cfg.max_length))
     acct = accounting(share.state)
-    return result("Share-full", tasks, scores, scores.rows[-1], acct["trainable_params_next_task"], acct["share_params"], time.perf_counter() - t0)
+    return result(
+        "Share-full",
+        tasks,
+        scores,
+        scores.rows[-1],
+        acct["trainable_params_next_task"],
+        acct["share_params"],
+        time.perf_counter() - t0,
+    )
 
 
 def independent_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_cfg: TrainConfig) -> dict:
@@ -136,13 +177,28 @@ def independent_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft
             path = write_adapter(Path(tmp) / task.spec.name, adapter)
             fresh, _ = load_base(base, cfg.seed)
             if base.heads():
-                set_head_outputs(fresh, base.heads(), len(task.spec.labels), cfg.seed)  # the shape PEFT loads the head into
-            final.append(evaluate(PeftModel.from_pretrained(fresh, str(path)), tok, task, cfg.max_length, max_new_tokens=MAX_NEW_TOKENS))
-            sizes.append(sum(b.numel() + a.numel() for b, a in adapter.factors.values()) + sum(h.numel() for h in adapter.heads.values()))
+                set_head_outputs(
+                    fresh, base.heads(), len(task.spec.labels), cfg.seed
+                )  # the shape PEFT loads the head into
+            final.append(
+                evaluate(
+                    PeftModel.from_pretrained(fresh, str(path)),
+                    tok,
+                    task,
+                    cfg.max_length,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                )
+            )
+            sizes.append(
+                sum(b.numel() + a.numel() for b, a in adapter.factors.values())
+                + sum(h.numel() for h in adapter.heads.values())
+            )
     scores = AccuracyMatrix()
     for i, task in enumerate(tasks):  # separate models: a task's score never changes
         scores.add_row(task.spec.name, task.baseline, final[: i + 1])
-    return result("independent LoRA", tasks, scores, final, round(sum(sizes) / len(sizes)), sum(sizes), time.perf_counter() - t0)
+    return result(
+        "independent LoRA", tasks, scores, final, round(sum(sizes) / len(sizes)), sum(sizes), time.perf_counter() - t0
+    )
 
 
 def _lora_with_heads(base: BaseSpec, cfg: TrainConfig):
@@ -150,7 +206,9 @@ def _lora_with_heads(base: BaseSpec, cfg: TrainConfig):
     (classification) are swapped in and out of the model by the caller, one nn.Linear per task."""
     model, tok = load_base(base, cfg.seed)
     torch.manual_seed(cfg.seed)
-    pm = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=base.targets(), lora_dropout=0.0))
+    pm = get_peft_model(
+        model, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=base.targets(), lora_dropout=0.0)
+    )
     lora = [p for n, p in pm.named_parameters() if "lora_" in n]
     return pm, lora, pm.base_model.model, tok
 
@@ -184,7 +242,15 @@ def sequential_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_
         scores.add_row(task.spec.name, task.baseline, row)
     n_lora = sum(p.numel() for p in lora)
     trainable = n_lora + round(sum(head_params(t) for t in tasks) / len(tasks))
-    return result("sequential LoRA", tasks, scores, scores.rows[-1], trainable, n_lora + sum(head_params(t) for t in tasks), time.perf_counter() - t0)
+    return result(
+        "sequential LoRA",
+        tasks,
+        scores,
+        scores.rows[-1],
+        trainable,
+        n_lora + sum(head_params(t) for t in tasks),
+        time.perf_counter() - t0,
+    )
 
 
 def joint_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_cfg: TrainConfig) -> dict:
@@ -223,7 +289,13 @@ def joint_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_cfg: 
     return result("joint LoRA", tasks, None, final, stored, stored, time.perf_counter() - t0)
 
 
-RUNNERS = {"Share strict": share_strict, "Share-full": share_full, "independent LoRA": independent_lora, "sequential LoRA": sequential_lora, "joint LoRA": joint_lora}
+RUNNERS = {
+    "Share strict": share_strict,
+    "Share-full": share_full,
+    "independent LoRA": independent_lora,
+    "sequential LoRA": sequential_lora,
+    "joint LoRA": joint_lora,
+}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -241,30 +313,78 @@ def summarize(runs: list[dict], tasks: list[str], methods: tuple[str, ...] = MET
     agg = {}
     for m, rs in by.items():
         agg[m] = {
-            "acc": mean([r["acc"] for r in rs]), "acc_min": min(r["acc"] for r in rs), "acc_max": max(r["acc"] for r in rs),
+            "acc": mean([r["acc"] for r in rs]),
+            "acc_min": min(r["acc"] for r in rs),
+            "acc_max": max(r["acc"] for r in rs),
             "bwt": None if rs[0]["bwt"] is None else mean([r["bwt"] for r in rs]),
             "bwt_min": None if rs[0]["bwt"] is None else min(r["bwt"] for r in rs),
             "final": [mean([r["final"][j] for r in rs]) for j in range(len(tasks))],
             "worst_margin": min(f - mj for r in rs for f, mj in zip(r["final"], r["majority"])),
-            "trainable": rs[0]["trainable_per_task"], "stored": rs[0]["stored_params"], "seconds": mean([r["seconds"] for r in rs]),
+            "trainable": rs[0]["trainable_per_task"],
+            "stored": rs[0]["stored_params"],
+            "seconds": mean([r["seconds"] for r in rs]),
         }
     majority = [mean([r["majority"][j] for r in by[methods[0]]]) for j in range(len(tasks))]
     ind = agg.get("independent LoRA")
     base_s = agg[methods[0]]["seconds"]
     summary = md_table(
-        ["method", "ACC (%)", "ACC range over seeds", "BWT (points)", "worst BWT", "worst task − baseline (points)", "trainable params / task", "stored params, all tasks", "stored MB", "storage vs independent LoRA", "wall s / seed", "time vs Share strict"],
-        [[m, pts(a["acc"]), f"{pts(a['acc_min'])}–{pts(a['acc_max'])}", pts(a["bwt"], True), pts(a["bwt_min"], True), pts(a["worst_margin"], True),
-          f"{a['trainable']:,}", f"{a['stored']:,}", f"{a['stored'] * BYTES / 2**20:.2f}", f"{a['stored'] / ind['stored']:.2f}×" if ind else "—",
-          f"{a['seconds']:.0f}", f"{a['seconds'] / base_s:.2f}×"] for m, a in agg.items()],
+        [
+            "method",
+            "ACC (%)",
+            "ACC range over seeds",
+            "BWT (points)",
+            "worst BWT",
+            "worst task − baseline (points)",
+            "trainable params / task",
+            "stored params, all tasks",
+            "stored MB",
+            "storage vs independent LoRA",
+            "wall s / seed",
+            "time vs Share strict",
+        ],
+        [
+            [
+                m,
+                pts(a["acc"]),
+                f"{pts(a['acc_min'])}–{pts(a['acc_max'])}",
+                pts(a["bwt"], True),
+                pts(a["bwt_min"], True),
+                pts(a["worst_margin"], True),
+                f"{a['trainable']:,}",
+                f"{a['stored']:,}",
+                f"{a['stored'] * BYTES / 2**20:.2f}",
+                f"{a['stored'] / ind['stored']:.2f}×" if ind else "—",
+                f"{a['seconds']:.0f}",
+                f"{a['seconds'] / base_s:.2f}×",
+            ]
+            for m, a in agg.items()
+        ],
     )
-    finals = md_table(["task", "baseline", *agg], [[t, pts(majority[j]), *[pts(a["final"][j]) for a in agg.values()]] for j, t in enumerate(tasks)])
-    sections = ["**Summary** (means over seeds; ACC = mean final score, BWT = mean over old tasks of final − just-learned score)", summary,
-                "**Final score per task (%)**, next to its baseline (majority class, or the untrained model for generation)", finals]
+    finals = md_table(
+        ["task", "baseline", *agg],
+        [[t, pts(majority[j]), *[pts(a["final"][j]) for a in agg.values()]] for j, t in enumerate(tasks)],
+    )
+    sections = [
+        "**Summary** (means over seeds; ACC = mean final score, BWT = mean over old tasks of final − just-learned score)",
+        summary,
+        "**Final score per task (%)**, next to its baseline (majority class, or the untrained model for generation)",
+        finals,
+    ]
     for m, rs in by.items():
         if rs[0]["matrix"] is None:
             continue
-        rows = [[f"after {tasks[i]}", *[pts(mean([r["matrix"][i][j] for r in rs])) for j in range(i + 1)], *[""] * (len(tasks) - i - 1)] for i in range(len(tasks))]
-        sections += [f"**Score matrix, {m}** (%, mean over seeds; row i = after learning task i)", md_table(["", *tasks], rows)]
+        rows = [
+            [
+                f"after {tasks[i]}",
+                *[pts(mean([r["matrix"][i][j] for r in rs])) for j in range(i + 1)],
+                *[""] * (len(tasks) - i - 1),
+            ]
+            for i in range(len(tasks))
+        ]
+        sections += [
+            f"**Score matrix, {m}** (%, mean over seeds; row i = after learning task i)",
+            md_table(["", *tasks], rows),
+        ]
     return sections, {"majority": majority, **agg}
 
 
@@ -273,60 +393,137 @@ def verdicts(agg: dict, causal: bool) -> list[Target]:
     gap = ind["acc"] - s["acc"]
     allowed = 0.05 if causal else 0.02  # a random tiny Llama's one-task subspace is a weaker start than MiniLM's
     return [
-        Target(f"Share strict ACC within {100 * allowed:.0f} points of independent LoRA", gap <= allowed, f"{pts(s['acc'])} vs {pts(ind['acc'])} (gap {100 * gap:.1f} points)"),
-        Target("Share strict BWT ≥ −0.5 points (−0.005 in score)", s["bwt"] >= -0.005, f"mean {pts(s['bwt'], True)}, worst seed {pts(s['bwt_min'], True)} points"),
-        Target("Share strict: every task ≥ baseline + 10 points (every seed)", s["worst_margin"] >= 0.10, f"worst task is {pts(s['worst_margin'], True)} points over its baseline"),
-        Target("sequential LoRA forgets visibly (BWT ≤ −2 points)", seq["bwt"] <= -0.02, f"BWT {pts(seq['bwt'], True)} points"),
+        Target(
+            f"Share strict ACC within {100 * allowed:.0f} points of independent LoRA",
+            gap <= allowed,
+            f"{pts(s['acc'])} vs {pts(ind['acc'])} (gap {100 * gap:.1f} points)",
+        ),
+        Target(
+            "Share strict BWT ≥ −0.5 points (−0.005 in score)",
+            s["bwt"] >= -0.005,
+            f"mean {pts(s['bwt'], True)}, worst seed {pts(s['bwt_min'], True)} points",
+        ),
+        Target(
+            "Share strict: every task ≥ baseline + 10 points (every seed)",
+            s["worst_margin"] >= 0.10,
+            f"worst task is {pts(s['worst_margin'], True)} points over its baseline",
+        ),
+        Target(
+            "sequential LoRA forgets visibly (BWT ≤ −2 points)",
+            seq["bwt"] <= -0.02,
+            f"BWT {pts(seq['bwt'], True)} points",
+        ),
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.split("\n")[0], argv, model_note="its base models are fixed per family (--family)",
-                      extra=lambda p: p.add_argument("--family", choices=(CLASSIFICATION, CAUSAL_LM), default=CLASSIFICATION, help="task family (default: %(default)s)"))
+    args = parse_args(
+        __doc__.split("\n")[0],
+        argv,
+        model_note="its base models are fixed per family (--family)",
+        extra=lambda p: p.add_argument(
+            "--family",
+            choices=(CLASSIFICATION, CAUSAL_LM),
+            default=CLASSIFICATION,
+            help="task family (default: %(default)s)",
+        ),
+    )
     t0 = time.perf_counter()
     env = environment(args.device)
     causal = args.family == CAUSAL_LM
     methods = CAUSAL_METHODS if causal else METHODS
     steps, lr, max_length = (CAUSAL["steps"], CAUSAL["lr"], CAUSAL["max_length"]) if causal else (STEPS, LR, 32)
     if args.quick:
-        names, seeds, steps, ft_steps, n_train, n_eval = (INSTRUCTION_TASK_NAMES if causal else TASK_NAMES)[:2], (0,), 4, 2, 32, 16
+        names, seeds, steps, ft_steps, n_train, n_eval = (
+            (INSTRUCTION_TASK_NAMES if causal else TASK_NAMES)[:2],
+            (0,),
+            4,
+            2,
+            32,
+            16,
+        )
     elif causal:
         names, seeds, ft_steps, n_train, n_eval = CAUSAL["tasks"], (0, 1), FT_STEPS, CAUSAL["n_train"], CAUSAL["n_eval"]
     else:
         names, seeds, ft_steps, n_train, n_eval = TASK_NAMES[:5], (0, 1), FT_STEPS, 256, 128
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = BaseSpec(family=CAUSAL_LM, model_id="tiny-llama", model_path=str(tiny_causal_lm(Path(tmp) / "tiny-llama", "llama", seed=0))) if causal else BaseSpec()
+        base = (
+            BaseSpec(
+                family=CAUSAL_LM,
+                model_id="tiny-llama",
+                model_path=str(tiny_causal_lm(Path(tmp) / "tiny-llama", "llama", seed=0)),
+            )
+            if causal
+            else BaseSpec()
+        )
         # every model of the run comes from load_base, whose default device is pick_device():
         # pointing that at --device moves every method (run_continual included) without touching share_core
         with mock.patch.object(share_core.model, "pick_device", lambda: args.device):
             for seed in seeds:
-                cfg = TrainConfig(steps=steps, batch_size=16, lr=lr, max_length=max_length, rank=8, lora_alpha=16.0, seed=seed, progress=False)
-                ft_cfg = TrainConfig(steps=ft_steps, batch_size=16, lr=lr, max_length=max_length, rank=8, lora_alpha=16.0, seed=seed + 1000, progress=False)
+                cfg = TrainConfig(
+                    steps=steps,
+                    batch_size=16,
+                    lr=lr,
+                    max_length=max_length,
+                    rank=8,
+                    lora_alpha=16.0,
+                    seed=seed,
+                    progress=False,
+                )
+                ft_cfg = TrainConfig(
+                    steps=ft_steps,
+                    batch_size=16,
+                    lr=lr,
+                    max_length=max_length,
+                    rank=8,
+                    lora_alpha=16.0,
+                    seed=seed + 1000,
+                    progress=False,
+                )
                 tasks = load_tasks(base, names, seed, n_train, n_eval, cfg)
                 for m in methods:
-                    torch.manual_seed(seed)  # dropout draws from the global generator: same start for every method, whatever ran before
+                    torch.manual_seed(
+                        seed
+                    )  # dropout draws from the global generator: same start for every method, whatever ran before
                     runs.append(RUNNERS[m](base, tasks, cfg, ft_cfg))
                     r = runs[-1]
-                    print(f"seed {seed} {m}: ACC {pts(r['acc'])} BWT {pts(r['bwt'], True)} final {[pts(x) for x in r['final']]} ({r['seconds']:.0f} s, total {time.perf_counter() - t0:.0f} s)", flush=True)
+                    print(
+                        f"seed {seed} {m}: ACC {pts(r['acc'])} BWT {pts(r['bwt'], True)} final {[pts(x) for x in r['final']]} ({r['seconds']:.0f} s, total {time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
     sections, agg = summarize(runs, list(names), methods)
     if causal:
-        intro = (f"A tiny Llama with random weights (share_core.synthetic.tiny_causal_lm: hidden 64, 2 layers, word-level tokenizer; no download), "
-                 f"instruction tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)}; every method: LoRA rank 8, lora_alpha 16 on "
-                 f"q/k/v/o/gate/up/down, {steps} AdamW steps per task (lr {lr:g}, batch 16, max {max_length} tokens), loss on the completion only; "
-                 f"{n_train} training / {n_eval} held-out rows per task, scored by greedy generation (≤ {MAX_NEW_TOKENS} new tokens; exact match, ROUGE-L for count). "
-                 f"Share: k ≤ {K}, φ = {PHI}. Baseline = the untrained model. Device {args.device}.")
+        intro = (
+            f"A tiny Llama with random weights (share_core.synthetic.tiny_causal_lm: hidden 64, 2 layers, word-level tokenizer; no download), "
+            f"instruction tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)}; every method: LoRA rank 8, lora_alpha 16 on "
+            f"q/k/v/o/gate/up/down, {steps} AdamW steps per task (lr {lr:g}, batch 16, max {max_length} tokens), loss on the completion only; "
+            f"{n_train} training / {n_eval} held-out rows per task, scored by greedy generation (≤ {MAX_NEW_TOKENS} new tokens; exact match, ROUGE-L for count). "
+            f"Share: k ≤ {K}, φ = {PHI}. Baseline = the untrained model. Device {args.device}."
+        )
         name, title = "continual-causal-lm", "Continual learning, causal LM: Share against LoRA baselines"
     else:
-        intro = (f"MiniLM, tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)} (data and training); every method: LoRA rank 8, "
-                 f"lora_alpha 16, {steps} AdamW steps per task (lr {LR:g}, batch 16, max 32 tokens; joint LoRA: the same steps in one run, lr decaying linearly to 0), "
-                 f"{n_train} training / {n_eval} held-out rows per task; the global torch seed is reset before each method. "
-                 f"Share: k ≤ {K}, φ = {PHI}; Share-full finetunes each old task {ft_steps} steps after every merge. "
-                 "Params: Share = basis + coefficients + heads (share_core.metrics.accounting; its trainable count is for the next task, the first task trains a full LoRA); "
-                 f"LoRA methods = LoRA factors + heads; bytes at float32. Device {args.device}.")
+        intro = (
+            f"MiniLM, tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)} (data and training); every method: LoRA rank 8, "
+            f"lora_alpha 16, {steps} AdamW steps per task (lr {LR:g}, batch 16, max 32 tokens; joint LoRA: the same steps in one run, lr decaying linearly to 0), "
+            f"{n_train} training / {n_eval} held-out rows per task; the global torch seed is reset before each method. "
+            f"Share: k ≤ {K}, φ = {PHI}; Share-full finetunes each old task {ft_steps} steps after every merge. "
+            "Params: Share = basis + coefficients + heads (share_core.metrics.accounting; its trainable count is for the next task, the first task trains a full LoRA); "
+            f"LoRA methods = LoRA factors + heads; bytes at float32. Device {args.device}."
+        )
         name, title = "continual", "Continual learning: Share against LoRA baselines"
-    write_report(args.out, name, title, intro, sections, verdicts(agg, causal), {"runs": runs, "aggregate": agg},
-                 env, time.perf_counter() - t0, args.quick)
+    write_report(
+        args.out,
+        name,
+        title,
+        intro,
+        sections,
+        verdicts(agg, causal),
+        {"runs": runs, "aggregate": agg},
+        env,
+        time.perf_counter() - t0,
+        args.quick,
+    )
 
 
 if __name__ == "__main__":

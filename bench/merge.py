@@ -38,7 +38,20 @@ import torch
 
 from share_core import subspace as S
 
-from .common import Target, Timing, dur, environment, fmt, md_table, parse_args, rss_bytes, shared_factors, time_adaptive, time_interleaved, write_report
+from .common import (
+    Target,
+    Timing,
+    dur,
+    environment,
+    fmt,
+    md_table,
+    parse_args,
+    rss_bytes,
+    shared_factors,
+    time_adaptive,
+    time_interleaved,
+    write_report,
+)
 
 R, K, PHI, DIM, NOISE, D_IN = 8, 32, 2, 24, 0.05, 384
 EIGH_ALL_T_MAX_N = 1024  # above this n the n×n eigh (minutes, independent of T) runs at the largest T only
@@ -125,8 +138,12 @@ def cell(fs: Factors, n: int, t: int, with_eigh: bool) -> tuple[dict, dict]:
     state = S.build([b for b, _ in old], [a for _, a in old], policy)
     (nb, na), (db, da, tb, ta) = new, trained_task(state, n, seed=t)
     updates = {
-        "absorb": lambda: S.merge(state.basis_b, state.basis_a, state.coefs_b, state.coefs_a, nb, na, [nb], [na], policy),
-        "merge": lambda: S.merge(state.basis_b, state.basis_a, state.coefs_b, state.coefs_a, db, da, [tb], [ta], policy),
+        "absorb": lambda: S.merge(
+            state.basis_b, state.basis_a, state.coefs_b, state.coefs_a, nb, na, [nb], [na], policy
+        ),
+        "merge": lambda: S.merge(
+            state.basis_b, state.basis_a, state.coefs_b, state.coefs_a, db, da, [tb], [ta], policy
+        ),
     }
     res["absorb"] = {"error": fold_error(everything, updates["absorb"]())}
     res["merge"] = {"new_task_error": updates["merge"]().errors[-1]}
@@ -134,7 +151,11 @@ def cell(fs: Factors, n: int, t: int, with_eigh: bool) -> tuple[dict, dict]:
         if run:
             tm, (b, eb, a, ea) = time_adaptive(lambda: recompute(method, everything))
             res[name] = {"time": tm, "error": rel(*delta_errors(everything, b, eb, a, ea))}
-    print(f"n={n} T={t}: " + ", ".join(f"{k} {v['time'].median:.4f}s" for k, v in res.items() if isinstance(v, dict) and "time" in v), flush=True)
+    print(
+        f"n={n} T={t}: "
+        + ", ".join(f"{k} {v['time'].median:.4f}s" for k, v in res.items() if isinstance(v, dict) and "time" in v),
+        flush=True,
+    )
     return res, updates
 
 
@@ -163,7 +184,7 @@ def cpu_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, tuple
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0, c0 = time.perf_counter(), time.thread_time()
             fns[name]()
             cpu[name].append(time.thread_time() - c0)
@@ -190,21 +211,38 @@ def many_modules(n: int, tasks: int, modules: int, k: int, batch: int) -> dict:
     res = {"n": n, "tasks": tasks, "modules": modules, "k": k, "batch": batch}
     for name, count in (("one", 1), ("batch", batch)):
         everything = [fs[: tasks + count] for fs in layers]
-        times = cpu_interleaved({"side_by_side": lambda: absorb(tasks, count, True), "lists": lambda: absorb(tasks, count, False)},
-                                repeats=15 if count == 1 else 3, warmup=2 if count == 1 else 1)
+        times = cpu_interleaved(
+            {"side_by_side": lambda: absorb(tasks, count, True), "lists": lambda: absorb(tasks, count, False)},
+            repeats=15 if count == 1 else 3,
+            warmup=2 if count == 1 else 1,
+        )
         folds = absorb(tasks, count, True)
         t_full, full = time_adaptive(lambda: [recompute(top_k_svd, fs, k) for fs in everything], budget_s=0.0)
         e_ours = [delta_errors(fs, f.basis_b, f.stacked_b, f.basis_a, f.stacked_a) for fs, f in zip(everything, folds)]
         e_full = [delta_errors(fs, *bases) for fs, bases in zip(everything, full)]
-        res[name] = {"ours": times["side_by_side"][1], "ours_wall": times["side_by_side"][0], "ours_lists": times["lists"][1], "full_svd": t_full,
-                     "error_ours": _aggregate(e_ours), "error_full": _aggregate(e_full), "adapters": count}
+        res[name] = {
+            "ours": times["side_by_side"][1],
+            "ours_wall": times["side_by_side"][0],
+            "ours_lists": times["lists"][1],
+            "full_svd": t_full,
+            "error_ours": _aggregate(e_ours),
+            "error_full": _aggregate(e_full),
+            "adapters": count,
+        }
     # the batch against absorbing the same adapters one merge at a time (a version each)
     t0, current = time.perf_counter(), states
     for j in range(tasks, tasks + batch):
-        current = S.merge_layers([(f.basis_b, f.basis_a, f.side_by_side_b, f.side_by_side_a, fs[j][0], fs[j][1], [fs[j][0]], [fs[j][1]])
-                                  for f, fs in zip(current, layers)], policy)
+        current = S.merge_layers(
+            [
+                (f.basis_b, f.basis_a, f.side_by_side_b, f.side_by_side_a, fs[j][0], fs[j][1], [fs[j][0]], [fs[j][1]])
+                for f, fs in zip(current, layers)
+            ],
+            policy,
+        )
     res["batch"]["one_at_a_time_s"] = time.perf_counter() - t0
-    res["batch"]["error_one_at_a_time"] = _aggregate([delta_errors(fs, f.basis_b, f.stacked_b, f.basis_a, f.stacked_a) for fs, f in zip(layers, current)])
+    res["batch"]["error_one_at_a_time"] = _aggregate(
+        [delta_errors(fs, f.basis_b, f.stacked_b, f.basis_a, f.stacked_a) for fs, f in zip(layers, current)]
+    )
     return res
 
 
@@ -267,7 +305,17 @@ def _build_child(name: str, n: int, tasks: int, modules: int, k: int, threads: i
         elif len(times) == 2 and reset:
             warm = (_status_kib("VmHWM") or 0) * 1024 - rss_warm
     errors = [delta_errors(fs, *b) for fs, b in zip(layers, built)]
-    conn.send({"times": times, "cpu": cpu, "rss_before": rss_before, "peak_rss": peak, "warm_adds": warm, "peak_reset": reset, "error": _aggregate(errors)})
+    conn.send(
+        {
+            "times": times,
+            "cpu": cpu,
+            "rss_before": rss_before,
+            "peak_rss": peak,
+            "warm_adds": warm,
+            "peak_reset": reset,
+            "error": _aggregate(errors),
+        }
+    )
     conn.close()
 
 
@@ -278,14 +326,17 @@ def build_contest(n: int, tasks: int, modules: int, k: int, threads: int, rounds
     ctx = multiprocessing.get_context("spawn")
     names, samples = list(BUILDERS), {name: [] for name in BUILDERS}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_build_child, args=(name, n, tasks, modules, k, threads, runs, send))
             proc.start()
             send.close()
             samples[name].append(recv.recv())
             proc.join()
-            print(f"build {name}: {statistics.median(samples[name][-1]['times']):.3f} s (CPU {statistics.median(samples[name][-1]['cpu']):.3f} s), peak RSS {samples[name][-1]['peak_rss'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"build {name}: {statistics.median(samples[name][-1]['times']):.3f} s (CPU {statistics.median(samples[name][-1]['cpu']):.3f} s), peak RSS {samples[name][-1]['peak_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
     out = {}
     for name, rows in samples.items():
         out[name] = {
@@ -295,7 +346,9 @@ def build_contest(n: int, tasks: int, modules: int, k: int, threads: int, rounds
             "peak_rss": statistics.median(x["peak_rss"] for x in rows),
             "rss_before": statistics.median(x["rss_before"] for x in rows),
             "peak_reset": all(x["peak_reset"] for x in rows),
-            "warm_adds": statistics.median(x["warm_adds"] for x in rows) if all(x["warm_adds"] is not None for x in rows) else None,
+            "warm_adds": statistics.median(x["warm_adds"] for x in rows)
+            if all(x["warm_adds"] is not None for x in rows)
+            else None,
             "error": rows[0]["error"],
         }
     return {"n": n, "tasks": tasks, "modules": modules, "k": k, "threads": threads, "contenders": out}
@@ -321,20 +374,65 @@ def fit_line(ts: list[int], secs: list[float]) -> tuple[float, float]:
 def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, wall: float) -> None:
     get = lambda c, k: c.get(k, {}).get("time")  # noqa: E731
     t_abs = md_table(
-        ["n", "T", "ours absorb", "SVD recompute", "eigh recompute", "SVD / ours", "eigh / ours", "error ours", "error SVD", "error eigh", "ours / SVD error"],
-        [[c["n"], c["T"], ms(c["absorb"]["time"]), ms(c["svd"]["time"]), ms(c["eigh"]["time"]) if "eigh" in c else "—",
-          ratio(get(c, "svd"), get(c, "absorb")), ratio(get(c, "eigh"), get(c, "absorb")),
-          fmt(c["absorb"]["error"]), fmt(c["svd"]["error"]), fmt(c["eigh"]["error"]) if "eigh" in c else "—",
-          fmt(c["absorb"]["error"] / c["svd"]["error"], 4)] for c in cells],
+        [
+            "n",
+            "T",
+            "ours absorb",
+            "SVD recompute",
+            "eigh recompute",
+            "SVD / ours",
+            "eigh / ours",
+            "error ours",
+            "error SVD",
+            "error eigh",
+            "ours / SVD error",
+        ],
+        [
+            [
+                c["n"],
+                c["T"],
+                ms(c["absorb"]["time"]),
+                ms(c["svd"]["time"]),
+                ms(c["eigh"]["time"]) if "eigh" in c else "—",
+                ratio(get(c, "svd"), get(c, "absorb")),
+                ratio(get(c, "eigh"), get(c, "absorb")),
+                fmt(c["absorb"]["error"]),
+                fmt(c["svd"]["error"]),
+                fmt(c["eigh"]["error"]) if "eigh" in c else "—",
+                fmt(c["absorb"]["error"] / c["svd"]["error"], 4),
+            ]
+            for c in cells
+        ],
     )
     t_build = md_table(
         ["n", "T+1", "ours build", "SVD", "eigh", "ours / SVD", "ours / eigh", "error ours", "error SVD"],
-        [[c["n"], c["T"] + 1, ms(c["build"]["time"]), ms(c["svd"]["time"]), ms(c["eigh"]["time"]) if "eigh" in c else "—",
-          ratio(get(c, "build"), get(c, "svd")), ratio(get(c, "build"), get(c, "eigh")), fmt(c["build"]["error"]), fmt(c["svd"]["error"])] for c in cells],
+        [
+            [
+                c["n"],
+                c["T"] + 1,
+                ms(c["build"]["time"]),
+                ms(c["svd"]["time"]),
+                ms(c["eigh"]["time"]) if "eigh" in c else "—",
+                ratio(get(c, "build"), get(c, "svd")),
+                ratio(get(c, "build"), get(c, "eigh")),
+                fmt(c["build"]["error"]),
+                fmt(c["svd"]["error"]),
+            ]
+            for c in cells
+        ],
     )
     t_merge = md_table(
         ["n", "T", "ours merge", "SVD recompute / ours", "new task's ΔW error"],
-        [[c["n"], c["T"], ms(c["merge"]["time"]), ratio(get(c, "svd"), get(c, "merge")), fmt(c["merge"]["new_task_error"])] for c in cells],
+        [
+            [
+                c["n"],
+                c["T"],
+                ms(c["merge"]["time"]),
+                ratio(get(c, "svd"), get(c, "merge")),
+                fmt(c["merge"]["new_task_error"]),
+            ]
+            for c in cells
+        ],
     )
     ns, ts = sorted({c["n"] for c in cells}), sorted({c["T"] for c in cells})
     fits, rows = {}, []
@@ -345,16 +443,69 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
     t_flat = md_table(["n", *[f"T={t}" for t in ts], "fit: fixed part", "fit: per task"], rows)
     slope_ratio = fits[ns[-1]][1] / fits[ns[0]][1]
     t_mods = md_table(
-        ["k", "adapters absorbed", "modules", "n", "tasks", "ours, all modules (CPU)", "ours (wall)", "ours, old coefficients as per-task lists (CPU)", "full SVD recompute (wall)", "recompute / ours", "error ours", "error recompute", "ours / recompute error"],
-        [[m["k"], m[c]["adapters"], m["modules"], m["n"], m["tasks"], ms(m[c]["ours"]), ms(m[c]["ours_wall"]), ms(m[c]["ours_lists"]), ms(m[c]["full_svd"]), ratio(m[c]["full_svd"], m[c]["ours"]),
-          fmt(m[c]["error_ours"]), fmt(m[c]["error_full"]), fmt(m[c]["error_ours"] / m[c]["error_full"], 4)] for m in mods for c in ("one", "batch")],
+        [
+            "k",
+            "adapters absorbed",
+            "modules",
+            "n",
+            "tasks",
+            "ours, all modules (CPU)",
+            "ours (wall)",
+            "ours, old coefficients as per-task lists (CPU)",
+            "full SVD recompute (wall)",
+            "recompute / ours",
+            "error ours",
+            "error recompute",
+            "ours / recompute error",
+        ],
+        [
+            [
+                m["k"],
+                m[c]["adapters"],
+                m["modules"],
+                m["n"],
+                m["tasks"],
+                ms(m[c]["ours"]),
+                ms(m[c]["ours_wall"]),
+                ms(m[c]["ours_lists"]),
+                ms(m[c]["full_svd"]),
+                ratio(m[c]["full_svd"], m[c]["ours"]),
+                fmt(m[c]["error_ours"]),
+                fmt(m[c]["error_full"]),
+                fmt(m[c]["error_ours"] / m[c]["error_full"], 4),
+            ]
+            for m in mods
+            for c in ("one", "batch")
+        ],
     )
     contenders = builds["contenders"]
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     t_builds = md_table(
-        ["builder", "CPU time (median)", "wall time (median)", "first (cold) build, wall", "peak RSS during the first build", "RSS before (factors loaded)", "first build adds", "a later build adds", "ΔW error"],
-        [[name, ms(c["cpu"]), ms(c["time"]), dur(c["cold_time"]), mib(c["peak_rss"]), mib(c["rss_before"]), mib(c["peak_rss"] - c["rss_before"]),
-          mib(c["warm_adds"]) if c["warm_adds"] is not None else "—", fmt(c["error"])] for name, c in contenders.items()],
+        [
+            "builder",
+            "CPU time (median)",
+            "wall time (median)",
+            "first (cold) build, wall",
+            "peak RSS during the first build",
+            "RSS before (factors loaded)",
+            "first build adds",
+            "a later build adds",
+            "ΔW error",
+        ],
+        [
+            [
+                name,
+                ms(c["cpu"]),
+                ms(c["time"]),
+                dur(c["cold_time"]),
+                mib(c["peak_rss"]),
+                mib(c["rss_before"]),
+                mib(c["peak_rss"] - c["rss_before"]),
+                mib(c["warm_adds"]) if c["warm_adds"] is not None else "—",
+                fmt(c["error"]),
+            ]
+            for name, c in contenders.items()
+        ],
     )
     ours = contenders["ours"]
     peers = {name: c for name, c in contenders.items() if name != "ours"}
@@ -365,50 +516,100 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
         one, batch = m["one"], m["batch"]
         err_ratio = one["error_ours"] / one["error_full"]
         targets += [
-            Target(f"k = {m['k']}: absorb one adapter into {m['tasks']} tasks × {m['modules']} modules at n = {m['n']} in ≤ 0.02 s", one["ours"].median <= 0.02,
-                   f"CPU {one['ours'].median:.4f} s (wall {one['ours_wall'].median:.4f} s) with the old coefficients side by side as a fold returns them, CPU {one['ours_lists'].median:.4f} s from per-task lists "
-                   f"(full SVD recompute {one['full_svd'].median:.2f} s, {ratio(one['full_svd'], one['ours'])} ours)"),
-            Target(f"k = {m['k']}: … with ΔW error ≤ 1.01× a full recompute", err_ratio <= 1.01, f"{fmt(one['error_ours'])} vs {fmt(one['error_full'])} = {err_ratio:.4f}×"),
-            Target(f"k = {m['k']}: batch absorb of {batch['adapters']} adapters into one version, ΔW error ≤ absorbing them one version at a time",
-                   batch["error_ours"] <= batch["error_one_at_a_time"] * (1 + 1e-9),
-                   f"{batch['ours'].median:.3f} s for the batch vs {batch['one_at_a_time_s']:.2f} s one at a time; error {fmt(batch['error_ours'])} vs "
-                   f"{fmt(batch['error_one_at_a_time'])} one at a time; a full recompute from every original factor reaches {fmt(batch['error_full'])} "
-                   f"({batch['error_ours'] / batch['error_full']:.4f}×: the {m['tasks']} tasks were truncated to k before the batch arrived)"),
+            Target(
+                f"k = {m['k']}: absorb one adapter into {m['tasks']} tasks × {m['modules']} modules at n = {m['n']} in ≤ 0.02 s",
+                one["ours"].median <= 0.02,
+                f"CPU {one['ours'].median:.4f} s (wall {one['ours_wall'].median:.4f} s) with the old coefficients side by side as a fold returns them, CPU {one['ours_lists'].median:.4f} s from per-task lists "
+                f"(full SVD recompute {one['full_svd'].median:.2f} s, {ratio(one['full_svd'], one['ours'])} ours)",
+            ),
+            Target(
+                f"k = {m['k']}: … with ΔW error ≤ 1.01× a full recompute",
+                err_ratio <= 1.01,
+                f"{fmt(one['error_ours'])} vs {fmt(one['error_full'])} = {err_ratio:.4f}×",
+            ),
+            Target(
+                f"k = {m['k']}: batch absorb of {batch['adapters']} adapters into one version, ΔW error ≤ absorbing them one version at a time",
+                batch["error_ours"] <= batch["error_one_at_a_time"] * (1 + 1e-9),
+                f"{batch['ours'].median:.3f} s for the batch vs {batch['one_at_a_time_s']:.2f} s one at a time; error {fmt(batch['error_ours'])} vs "
+                f"{fmt(batch['error_one_at_a_time'])} one at a time; a full recompute from every original factor reaches {fmt(batch['error_full'])} "
+                f"({batch['error_ours'] / batch['error_full']:.4f}×: the {m['tasks']} tasks were truncated to k before the batch arrived)",
+            ),
         ]
     targets += [
-        Target(f"build from {builds['tasks']} adapters × {builds['modules']} modules (n = {builds['n']}, k = {builds['k']}) in ≤ the fastest peer's time",
-               ours["cpu"].median <= peers[fastest]["cpu"].median,
-               f"CPU time (one thread each, so the work itself, whatever else shares the cores): ours {ms(ours['cpu'])}, fastest peer {fastest} {ms(peers[fastest]['cpu'])} "
-               f"({ours['cpu'].median / peers[fastest]['cpu'].median:.2f}×); wall {ms(ours['time'])} vs {ms(peers[fastest]['time'])}"),
-        Target("… at ≤ the leanest peer's peak memory (whole-process peak RSS over the first build in a fresh process)", ours["peak_rss"] <= peers[leanest]["peak_rss"],
-               f"ours {mib(ours['peak_rss'])} (+{mib(ours['peak_rss'] - ours['rss_before'])} over the loaded factors), leanest peer {leanest} {mib(peers[leanest]['peak_rss'])} "
-               f"(+{mib(peers[leanest]['peak_rss'] - peers[leanest]['rss_before'])}); a later build in the same process adds "
-               + (f"{mib(ours['warm_adds'])} (ours) vs {mib(peers[leanest]['warm_adds'])}" if ours["warm_adds"] is not None and peers[leanest]["warm_adds"] is not None else "—")),
-        Target("merge cost flat in T apart from the coefficient update (per-task cost independent of n: slope at the largest n ≤ 1.5× slope at the smallest)",
-               0 < slope_ratio <= 1.5, f"per-task slope {fmt(fits[ns[0]][1] * 1e6)} µs at n={ns[0]}, {fmt(fits[ns[-1]][1] * 1e6)} µs at n={ns[-1]} ({slope_ratio:.2f}×)"),
+        Target(
+            f"build from {builds['tasks']} adapters × {builds['modules']} modules (n = {builds['n']}, k = {builds['k']}) in ≤ the fastest peer's time",
+            ours["cpu"].median <= peers[fastest]["cpu"].median,
+            f"CPU time (one thread each, so the work itself, whatever else shares the cores): ours {ms(ours['cpu'])}, fastest peer {fastest} {ms(peers[fastest]['cpu'])} "
+            f"({ours['cpu'].median / peers[fastest]['cpu'].median:.2f}×); wall {ms(ours['time'])} vs {ms(peers[fastest]['time'])}",
+        ),
+        Target(
+            "… at ≤ the leanest peer's peak memory (whole-process peak RSS over the first build in a fresh process)",
+            ours["peak_rss"] <= peers[leanest]["peak_rss"],
+            f"ours {mib(ours['peak_rss'])} (+{mib(ours['peak_rss'] - ours['rss_before'])} over the loaded factors), leanest peer {leanest} {mib(peers[leanest]['peak_rss'])} "
+            f"(+{mib(peers[leanest]['peak_rss'] - peers[leanest]['rss_before'])}); a later build in the same process adds "
+            + (
+                f"{mib(ours['warm_adds'])} (ours) vs {mib(peers[leanest]['warm_adds'])}"
+                if ours["warm_adds"] is not None and peers[leanest]["warm_adds"] is not None
+                else "—"
+            ),
+        ),
+        Target(
+            "merge cost flat in T apart from the coefficient update (per-task cost independent of n: slope at the largest n ≤ 1.5× slope at the smallest)",
+            0 < slope_ratio <= 1.5,
+            f"per-task slope {fmt(fits[ns[0]][1] * 1e6)} µs at n={ns[0]}, {fmt(fits[ns[-1]][1] * 1e6)} µs at n={ns[-1]} ({slope_ratio:.2f}×)",
+        ),
     ]
-    intro = (f"r = {R}, k = {K}, φ = {PHI}; B side n×(T·r), A side d = {D_IN}; factors from shared {DIM}-dim subspaces + {NOISE:.0%} noise, random gauges; "
-             f"float64 compute, {env['torch_threads']} torch thread(s). Ours = `share_core.subspace.build` / `merge`. Times are medians "
-             "(absorb and merge: 9 rounds interleaved across T after 2 warm-ups; other fast calls repeated up to 9×, calls over 0.5 s run once); "
-             "compare them within this run only: small-op code like a merge slows down far more than big LAPACK calls when other jobs share the cores. "
-             f"The eigh recompute (n×n covariance) runs at every T for n ≤ {EIGH_ALL_T_MAX_N} and at the largest T otherwise (its n×n eigendecomposition does not depend on T). "
-             "Errors: relative ΔW error over all tasks against the original factors.")
-    build_intro = (f"**Build from {builds['tasks']} adapters × {builds['modules']} modules** (n = d = {builds['n']}, r = {R}, k = {builds['k']}; {builds['threads']} torch thread(s)): "
-                   "each builder in a fresh process (rounds with the order rotating); times = median over processes of each one's median build "
-                   "(CPU time of the process: with one thread that is the build's own work, unlike wall time on cores shared with other jobs); "
-                   "peak RSS = VmHWM over the process's first build, reset just before it (the first build also pays each library routine's first use); "
-                   "'a later build adds' = VmHWM over the second build minus the RSS before it (its results from the first build dropped)" + ("" if all(c["peak_reset"] for c in contenders.values()) else " (reset refused here: whole-process peak)")
-                   + ". lorashare centres the stack, so its ΔW error is its own; the others are the same truncated SVD.")
-    sections = ["**Absorb one adapter into T tasks (T → T+1), against recomputing the subspace from all T+1 factors**", t_abs,
-                "**Build from T+1 adapters** (the recompute baselines are exactly this computation)", t_build,
-                f"**Merge after training a task** (new task in [basis, φ = {PHI} temporary directions]; the recompute costs as in the absorb table)", t_merge,
-                "**Absorb time against T** (ours): a fixed part that grows with n, plus a per-task coefficient update that should not", t_flat,
-                f"**The target case: {mods[0]['modules']} independent modules**, n = d = {mods[0]['n']}, {mods[0]['tasks']} tasks; one adapter, then {mods[0]['batch']['adapters']} at once, "
-                "absorbed into every module by one `merge_layers` call (modules of equal shapes batched). Medians of 15 interleaved rounds (3 for the batch); "
-                "CPU time of the one torch thread is the call's own work, wall time adds what other jobs on these shared cores take", t_mods,
-                build_intro, t_builds]
-    results = {"cells": cells, "modules": mods, "builds": builds, "fits_s": {str(n): {"fixed": a, "per_task": b} for n, (a, b) in fits.items()}}
-    write_report(args.out, "merge", "Merge: build, absorb and merge against full recomputes", intro, sections, targets, results, env, wall, args.quick)
+    intro = (
+        f"r = {R}, k = {K}, φ = {PHI}; B side n×(T·r), A side d = {D_IN}; factors from shared {DIM}-dim subspaces + {NOISE:.0%} noise, random gauges; "
+        f"float64 compute, {env['torch_threads']} torch thread(s). Ours = `share_core.subspace.build` / `merge`. Times are medians "
+        "(absorb and merge: 9 rounds interleaved across T after 2 warm-ups; other fast calls repeated up to 9×, calls over 0.5 s run once); "
+        "compare them within this run only: small-op code like a merge slows down far more than big LAPACK calls when other jobs share the cores. "
+        f"The eigh recompute (n×n covariance) runs at every T for n ≤ {EIGH_ALL_T_MAX_N} and at the largest T otherwise (its n×n eigendecomposition does not depend on T). "
+        "Errors: relative ΔW error over all tasks against the original factors."
+    )
+    build_intro = (
+        f"**Build from {builds['tasks']} adapters × {builds['modules']} modules** (n = d = {builds['n']}, r = {R}, k = {builds['k']}; {builds['threads']} torch thread(s)): "
+        "each builder in a fresh process (rounds with the order rotating); times = median over processes of each one's median build "
+        "(CPU time of the process: with one thread that is the build's own work, unlike wall time on cores shared with other jobs); "
+        "peak RSS = VmHWM over the process's first build, reset just before it (the first build also pays each library routine's first use); "
+        "'a later build adds' = VmHWM over the second build minus the RSS before it (its results from the first build dropped)"
+        + ("" if all(c["peak_reset"] for c in contenders.values()) else " (reset refused here: whole-process peak)")
+        + ". lorashare centres the stack, so its ΔW error is its own; the others are the same truncated SVD."
+    )
+    sections = [
+        "**Absorb one adapter into T tasks (T → T+1), against recomputing the subspace from all T+1 factors**",
+        t_abs,
+        "**Build from T+1 adapters** (the recompute baselines are exactly this computation)",
+        t_build,
+        f"**Merge after training a task** (new task in [basis, φ = {PHI} temporary directions]; the recompute costs as in the absorb table)",
+        t_merge,
+        "**Absorb time against T** (ours): a fixed part that grows with n, plus a per-task coefficient update that should not",
+        t_flat,
+        f"**The target case: {mods[0]['modules']} independent modules**, n = d = {mods[0]['n']}, {mods[0]['tasks']} tasks; one adapter, then {mods[0]['batch']['adapters']} at once, "
+        "absorbed into every module by one `merge_layers` call (modules of equal shapes batched). Medians of 15 interleaved rounds (3 for the batch); "
+        "CPU time of the one torch thread is the call's own work, wall time adds what other jobs on these shared cores take",
+        t_mods,
+        build_intro,
+        t_builds,
+    ]
+    results = {
+        "cells": cells,
+        "modules": mods,
+        "builds": builds,
+        "fits_s": {str(n): {"fixed": a, "per_task": b} for n, (a, b) in fits.items()},
+    }
+    write_report(
+        args.out,
+        "merge",
+        "Merge: build, absorb and merge against full recomputes",
+        intro,
+        sections,
+        targets,
+        results,
+        env,
+        wall,
+        args.quick,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

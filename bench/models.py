@@ -26,9 +26,33 @@ from torch import nn
 
 # name -> LlamaConfig arguments (hidden_act silu, RoPE, RMSNorm: the LlamaConfig defaults)
 LLAMA: dict[str, dict] = {
-    "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
-    "llama-0.5b": dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=20, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=True),
+    "llama-tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),
+    "llama-0.5b": dict(
+        hidden_size=1280,
+        intermediate_size=3584,
+        num_hidden_layers=24,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    ),
 }
 MODELS = ("minilm", *LLAMA)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -100,9 +124,11 @@ def describe(name: str, bm: BenchModel) -> str:
     if name == "minilm":
         return f"MiniLM (all-MiniLM-L6-v2, 6 layers, hidden 384, {n / 1e6:.1f} M params) with a 2-label classifier head per task"
     c = LLAMA[name]
-    return (f"{name}: a randomly initialised LlamaForCausalLM (seed {SEED}, built from a LlamaConfig, no download; {c['num_hidden_layers']} layers, "
-            f"hidden {c['hidden_size']}, MLP {c['intermediate_size']}, {c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, "
-            f"vocabulary {c['vocab_size']}, {n / 1e6:,.1f} M params, {next(bm.model.parameters()).dtype}); causal-LM loss / logits on random token ids, no task heads")
+    return (
+        f"{name}: a randomly initialised LlamaForCausalLM (seed {SEED}, built from a LlamaConfig, no download; {c['num_hidden_layers']} layers, "
+        f"hidden {c['hidden_size']}, MLP {c['intermediate_size']}, {c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, "
+        f"vocabulary {c['vocab_size']}, {n / 1e6:,.1f} M params, {next(bm.model.parameters()).dtype}); causal-LM loss / logits on random token ids, no task heads"
+    )
 
 
 def results_dir(base: Path, model: str, device: torch.device) -> Path:
@@ -111,7 +137,9 @@ def results_dir(base: Path, model: str, device: torch.device) -> Path:
     return base if model == "minilm" else base / f"{model}-{device.type}"
 
 
-def random_adapters(bm: BenchModel, tasks: int, *, base_model_id: str, rank: int = 8, lora_alpha: float = 16.0, seed: int = 0) -> list:
+def random_adapters(
+    bm: BenchModel, tasks: int, *, base_model_id: str, rank: int = 8, lora_alpha: float = 16.0, seed: int = 0
+) -> list:
     """`tasks` synthetic LoraAdapters for bm.model (no training): with heads, bench.common's
     synthetic_adapters; without (a causal LM), the same factors in shared subspaces
     (bench.common.shared_factors), each ‖ΔW‖_F scaled to 5 % of ‖W0‖_F, and no heads."""
@@ -120,7 +148,16 @@ def random_adapters(bm: BenchModel, tasks: int, *, base_model_id: str, rank: int
     from .common import minilm_layers, shared_factors, synthetic_adapters
 
     if bm.heads:
-        return synthetic_adapters(bm.model, tasks, targets=bm.targets, heads=bm.heads, base_model_id=base_model_id, rank=rank, lora_alpha=lora_alpha, seed=seed)
+        return synthetic_adapters(
+            bm.model,
+            tasks,
+            targets=bm.targets,
+            heads=bm.heads,
+            base_model_id=base_model_id,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            seed=seed,
+        )
     layers = minilm_layers(bm.model, bm.targets)
     scale = lora_alpha / rank
     factors: list[dict] = [{} for _ in range(tasks)]
@@ -130,5 +167,17 @@ def random_adapters(bm: BenchModel, tasks: int, *, base_model_id: str, rank: int
             dw = math.sqrt(float(((b.T @ b) * (a.T @ a)).sum()))  # ‖B Aᵀ‖_F without forming n×d
             c = math.sqrt(0.05 * w0 / (scale * dw))
             factors[t][ln] = ((b * c).contiguous(), (a * c).T.contiguous())  # B n×r, A r×d
-    return [LoraAdapter(name=f"task{t:03d}", rank=rank, lora_alpha=lora_alpha, scale=scale, target_modules=list(bm.targets),
-                        factors=factors[t], heads={}, modules_to_save=[], base_model_name=base_model_id) for t in range(tasks)]
+    return [
+        LoraAdapter(
+            name=f"task{t:03d}",
+            rank=rank,
+            lora_alpha=lora_alpha,
+            scale=scale,
+            target_modules=list(bm.targets),
+            factors=factors[t],
+            heads={},
+            modules_to_save=[],
+            base_model_name=base_model_id,
+        )
+        for t in range(tasks)
+    ]

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from .common import Target, environment, fmt, md_table, parse_args, write_report
 
 TASKS = ["sentiment", "topic", "tense"]
@@ -48,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     from flows.continual import continual_update
     from pipelines import evaluate as ev
     from pipelines import lineage
-    from pipelines.storage import LocalStorage
     from pipelines.params import load_params
+    from pipelines.storage import LocalStorage
     from pipelines.update import build_version
     from pipelines.workspace import Workspace
     from share_core.tasks import generate_tasks
@@ -80,7 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         if not landing_copy.exists():
             os.symlink(d, landing_copy)
         t0 = time.perf_counter()
-        build_version([landing_copy], "dataset", bare.version_dir(version), bare.version_dir(parent) if parent else None, load_params(bare.params_path))
+        build_version(
+            [landing_copy],
+            "dataset",
+            bare.version_dir(version),
+            bare.version_dir(parent) if parent else None,
+            load_params(bare.params_path),
+        )
         t1 = time.perf_counter()
         ev.evaluate_version(bare, version)
         t2 = time.perf_counter()
@@ -90,24 +95,68 @@ def main(argv: list[str] | None = None) -> None:
         out = continual_update(key=key, storage_url=storage.describe(), workspace=str(orch.root))
         t4 = time.perf_counter()
         assert out["status"] == "processed" and out["version"] == version, out
-        r = {"task": d.name, "version": version, "bare_train_s": t1 - t0, "bare_eval_s": t2 - t1, "orchestrated_s": t4 - t3,
-             "flow_train_s": out["seconds"]["train"], "flow_eval_s": out["seconds"]["evaluate"]}
+        r = {
+            "task": d.name,
+            "version": version,
+            "bare_train_s": t1 - t0,
+            "bare_eval_s": t2 - t1,
+            "orchestrated_s": t4 - t3,
+            "flow_train_s": out["seconds"]["train"],
+            "flow_eval_s": out["seconds"]["evaluate"],
+        }
         r["overhead_s"] = r["orchestrated_s"] - r["bare_train_s"] - r["bare_eval_s"]
         r["ratio"] = r["orchestrated_s"] / (r["bare_train_s"] + r["bare_eval_s"])
         per.append(r)
-        rows.append([d.name, version, fmt(r["bare_train_s"], 1), fmt(r["bare_eval_s"], 1), fmt(r["orchestrated_s"], 1), fmt(r["overhead_s"], 1), f"{r['ratio']:.2f}×"])
+        rows.append(
+            [
+                d.name,
+                version,
+                fmt(r["bare_train_s"], 1),
+                fmt(r["bare_eval_s"], 1),
+                fmt(r["orchestrated_s"], 1),
+                fmt(r["overhead_s"], 1),
+                f"{r['ratio']:.2f}×",
+            ]
+        )
 
     worst = max(r["overhead_s"] for r in per)
     mean = sum(r["overhead_s"] for r in per) / len(per)
-    table = md_table(["landing", "version", "bare train s", "bare evaluate s", "orchestrated s", "overhead s", "orchestrated / bare"], rows)
-    targets = [Target("orchestration overhead ≤ 15 s per landing", worst <= TARGET_OVERHEAD_S, f"worst {worst:.1f} s, mean {mean:.1f} s over {len(per)} landings (MiniLM, {steps} steps)")]
+    table = md_table(
+        [
+            "landing",
+            "version",
+            "bare train s",
+            "bare evaluate s",
+            "orchestrated s",
+            "overhead s",
+            "orchestrated / bare",
+        ],
+        rows,
+    )
+    targets = [
+        Target(
+            "orchestration overhead ≤ 15 s per landing",
+            worst <= TARGET_OVERHEAD_S,
+            f"worst {worst:.1f} s, mean {mean:.1f} s over {len(per)} landings (MiniLM, {steps} steps)",
+        )
+    ]
     intro = (
         f"{len(per)} generated dataset landings on MiniLM ({steps} training steps each, {n_eval} eval rows per task). "
         f"Overhead = orchestrated wall − bare (train + evaluate) for the same landing. Prefect's ephemeral server "
         f"started once in {server_start:.1f} s before the first landing (not counted)."
     )
-    write_report(args.out, "pipeline", "Pipeline: landing → registered version", intro, [table], targets,
-                 {"landings": per, "server_start_s": server_start, "steps": steps}, environment(), time.perf_counter() - t_start, args.quick)
+    write_report(
+        args.out,
+        "pipeline",
+        "Pipeline: landing → registered version",
+        intro,
+        [table],
+        targets,
+        {"landings": per, "server_start_s": server_start, "steps": steps},
+        environment(),
+        time.perf_counter() - t_start,
+        args.quick,
+    )
 
 
 if __name__ == "__main__":

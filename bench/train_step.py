@@ -26,11 +26,17 @@ from .models import MODELS, describe, load_model, model_id, random_adapters, voc
 
 RANK, ALPHA, K, PHI, INIT_ADAPTERS = 8, 16.0, 32, 2, 4
 # (batch, tokens, repeats, warm-ups) by (quick?, model kind)
-SIZES = {(True, "classifier"): (4, 16, 3, 1), (False, "classifier"): (16, 32, 15, 3),
-         (True, "causal-lm"): (2, 16, 3, 1), (False, "causal-lm"): (8, 256, 10, 3)}
+SIZES = {
+    (True, "classifier"): (4, 16, 3, 1),
+    (False, "classifier"): (16, 32, 15, 3),
+    (True, "causal-lm"): (2, 16, 3, 1),
+    (False, "causal-lm"): (8, 256, 10, 3),
+}
 
 
-def make_batch(vocab: int, batch: int, length: int, device: torch.device, seed: int = 0, causal: bool = False) -> dict[str, torch.Tensor]:
+def make_batch(
+    vocab: int, batch: int, length: int, device: torch.device, seed: int = 0, causal: bool = False
+) -> dict[str, torch.Tensor]:
     """input_ids/attention_mask (batch×length) of ordinary vocabulary tokens (ids ≥ 1000 in a
     large vocabulary: no special tokens); labels: (batch,) in {0, 1} for a classifier, the input
     ids for a causal LM (the model shifts them)."""
@@ -57,7 +63,9 @@ def share_contender(name: str, device: torch.device) -> tuple[nn.Module, list[nn
 def peft_contender(name: str, device: torch.device) -> tuple[nn.Module, list[nn.Parameter]]:
     """PEFT LoRA r = 8 on the model's targets with the head (if any) in modules_to_save (no dropout: Share has none)."""
     bm = load_model(name, device)
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=bm.targets, modules_to_save=bm.heads or None, lora_dropout=0.0)
+    cfg = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=bm.targets, modules_to_save=bm.heads or None, lora_dropout=0.0
+    )
     pm = get_peft_model(bm.model, cfg)
     return pm, [p for p in pm.parameters() if p.requires_grad]
 
@@ -93,29 +101,79 @@ def main(argv: list[str] | None = None) -> None:
     batch_size, length, repeats, warmup = SIZES[(args.quick, info["kind"])]
     batch = make_batch(info["vocab"], batch_size, length, device, causal=causal)
     opts = {"share": torch.optim.AdamW(share_params, lr=1e-3), "peft": torch.optim.AdamW(peft_params, lr=1e-3)}
-    train = time_interleaved({"share": lambda: train_step(share, opts["share"], batch, causal), "peft": lambda: train_step(peft_model, opts["peft"], batch, causal)}, repeats, warmup)
-    fwd = time_interleaved({"share": lambda: forward_only(share, batch), "peft": lambda: forward_only(peft_model, batch)}, repeats, warmup)
+    train = time_interleaved(
+        {
+            "share": lambda: train_step(share, opts["share"], batch, causal),
+            "peft": lambda: train_step(peft_model, opts["peft"], batch, causal),
+        },
+        repeats,
+        warmup,
+    )
+    fwd = time_interleaved(
+        {"share": lambda: forward_only(share, batch), "peft": lambda: forward_only(peft_model, batch)}, repeats, warmup
+    )
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     n_share, n_peft = sum(p.numel() for p in share_params), sum(p.numel() for p in peft_params)
     r_train, r_fwd = train["share"].median / train["peft"].median, fwd["share"].median / fwd["peft"].median
     table = md_table(
         ["step", "Share (ms)", "PEFT LoRA (ms)", "Share / PEFT", "Share p25–p75 (ms)", "PEFT p25–p75 (ms)"],
-        [[name, fmt(t["share"].median * 1e3), fmt(t["peft"].median * 1e3), f"{t['share'].median / t['peft'].median:.3f}×",
-          f"{fmt(t['share'].p25 * 1e3)}–{fmt(t['share'].p75 * 1e3)}", f"{fmt(t['peft'].p25 * 1e3)}–{fmt(t['peft'].p75 * 1e3)}"]
-         for name, t in (("forward + backward + AdamW", train), ("forward only (no grad)", fwd))],
+        [
+            [
+                name,
+                fmt(t["share"].median * 1e3),
+                fmt(t["peft"].median * 1e3),
+                f"{t['share'].median / t['peft'].median:.3f}×",
+                f"{fmt(t['share'].p25 * 1e3)}–{fmt(t['share'].p75 * 1e3)}",
+                f"{fmt(t['peft'].p25 * 1e3)}–{fmt(t['peft'].p75 * 1e3)}",
+            ]
+            for name, t in (("forward + backward + AdamW", train), ("forward only (no grad)", fwd))
+        ],
     )
-    params = md_table(["", "Share", "PEFT LoRA"], [[f"trainable parameters{' (incl. head)' if not causal else ''}", f"{n_share:,}", f"{n_peft:,}"]])
-    targets = [Target("Share training step ≤ 1.1× a PEFT LoRA step", r_train <= 1.1, f"{r_train:.3f}× (medians {fmt(train['share'].median * 1e3)} vs {fmt(train['peft'].median * 1e3)} ms)"),
-               Target("Share forward ≤ 1.1× a PEFT LoRA forward", r_fwd <= 1.1, f"{r_fwd:.3f}×")]
-    intro = (f"{info['model']}; LoRA targets {info['targets']} ({info['layers']} modules), r = {RANK}, lora_alpha = {ALPHA:g}; "
-             f"Share basis k = {K} per side built from {INIT_ADAPTERS} synthetic r = {RANK} adapters (k_B, k_A per layer: {info['k']}), φ = {PHI}. "
-             f"Same batch {batch_size} × {length} tokens for both{' (loss: next-token cross-entropy over the vocabulary)' if causal else ''}; "
-             f"device {device}; {repeats} interleaved repeats after {warmup} warm-up(s); medians."
-             + (f" Peak device memory over both contenders: {peak / 2**30:.2f} GiB." if peak is not None else ""))
-    results = {"model": args.model, "device": str(device), "batch": [batch_size, length], "repeats": repeats, "train": train, "forward": fwd,
-               "ratio_train": r_train, "ratio_forward": r_fwd, "trainable_share": n_share, "trainable_peft": n_peft, "k": info["k"],
-               "peak_device_bytes": peak}
-    write_report(args.out, "train_step", "Training step: Share against PEFT LoRA", intro, [table, params], targets, results, env, time.perf_counter() - t0, args.quick)
+    params = md_table(
+        ["", "Share", "PEFT LoRA"],
+        [[f"trainable parameters{' (incl. head)' if not causal else ''}", f"{n_share:,}", f"{n_peft:,}"]],
+    )
+    targets = [
+        Target(
+            "Share training step ≤ 1.1× a PEFT LoRA step",
+            r_train <= 1.1,
+            f"{r_train:.3f}× (medians {fmt(train['share'].median * 1e3)} vs {fmt(train['peft'].median * 1e3)} ms)",
+        ),
+        Target("Share forward ≤ 1.1× a PEFT LoRA forward", r_fwd <= 1.1, f"{r_fwd:.3f}×"),
+    ]
+    intro = (
+        f"{info['model']}; LoRA targets {info['targets']} ({info['layers']} modules), r = {RANK}, lora_alpha = {ALPHA:g}; "
+        f"Share basis k = {K} per side built from {INIT_ADAPTERS} synthetic r = {RANK} adapters (k_B, k_A per layer: {info['k']}), φ = {PHI}. "
+        f"Same batch {batch_size} × {length} tokens for both{' (loss: next-token cross-entropy over the vocabulary)' if causal else ''}; "
+        f"device {device}; {repeats} interleaved repeats after {warmup} warm-up(s); medians."
+        + (f" Peak device memory over both contenders: {peak / 2**30:.2f} GiB." if peak is not None else "")
+    )
+    results = {
+        "model": args.model,
+        "device": str(device),
+        "batch": [batch_size, length],
+        "repeats": repeats,
+        "train": train,
+        "forward": fwd,
+        "ratio_train": r_train,
+        "ratio_forward": r_fwd,
+        "trainable_share": n_share,
+        "trainable_peft": n_peft,
+        "k": info["k"],
+        "peak_device_bytes": peak,
+    }
+    write_report(
+        args.out,
+        "train_step",
+        "Training step: Share against PEFT LoRA",
+        intro,
+        [table, params],
+        targets,
+        results,
+        env,
+        time.perf_counter() - t0,
+        args.quick,
+    )
 
 
 if __name__ == "__main__":

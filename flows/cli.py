@@ -26,7 +26,9 @@ from pipelines.storage import kind_and_task, redact_url
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 busy cores: the default 20 s is too tight
+os.environ.setdefault(
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+)  # 2 busy cores: the default 20 s is too tight
 
 PROBE_TIMEOUT = 3.0  # seconds: a server that does not answer by then is reported as down
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -81,12 +83,16 @@ class ShareGroup(TyperGroup):
             raise typer.Exit(code) from None
 
 
-app = typer.Typer(cls=ShareGroup, add_completion=False, no_args_is_help=True, help="Continual learning in one shared LoRA subspace.")
+app = typer.Typer(
+    cls=ShareGroup, add_completion=False, no_args_is_help=True, help="Continual learning in one shared LoRA subspace."
+)
 console = Console()
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", envvar="SHARE_DEBUG", help="show the traceback when a command fails")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", envvar="SHARE_DEBUG", help="show the traceback when a command fails"),
+) -> None:
     """Continual learning in one shared LoRA subspace."""
 
 
@@ -125,7 +131,14 @@ def core_demo(
         data = [load_task(d) for d in dirs]
         cfg = TrainConfig(steps=steps, seed=seed)
         t0 = time.perf_counter()
-        run = run_continual(data, cfg, KPolicy(k_max=k_max), on_step=lambda i, s: console.print(f"[green]learned[/] {s.tasks[i]}: score {s.rows[i][i]:.3f} (majority {s.majority[i]:.3f}), ACC {s.acc(i):.3f}, BWT {s.bwt(i):+.3f}"))
+        run = run_continual(
+            data,
+            cfg,
+            KPolicy(k_max=k_max),
+            on_step=lambda i, s: console.print(
+                f"[green]learned[/] {s.tasks[i]}: score {s.rows[i][i]:.3f} (majority {s.majority[i]:.3f}), ACC {s.acc(i):.3f}, BWT {s.bwt(i):+.3f}"
+            ),
+        )
         wall = time.perf_counter() - t0
     console.print(matrix_table(run.scores, "Accuracy matrix R[i][j] (Share, strict: no replay)"))
     acct = accounting(run.model.state)
@@ -146,8 +159,16 @@ def core_demo(
 # ---- the pipeline --------------------------------------------------------------------------
 WORKSPACE = typer.Option(Path("share-workspace"), "--workspace", "-w", help="workspace directory (git + DVC repo)")
 MODEL_NAME = typer.Option("share-subspace", help="MLflow registered model name")
-TRACKING_URI = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workspace's sqlite store)")
-STORAGE = typer.Option(None, "--storage", envvar="SHARE_STORAGE", show_envvar=True, help="where landings arrive: file:///path or s3://bucket/prefix[?endpoint_url=…]")
+TRACKING_URI = typer.Option(
+    None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workspace's sqlite store)"
+)
+STORAGE = typer.Option(
+    None,
+    "--storage",
+    envvar="SHARE_STORAGE",
+    show_envvar=True,
+    help="where landings arrive: file:///path or s3://bucket/prefix[?endpoint_url=…]",
+)
 
 
 def _tracking(ws, tracking_uri: str | None) -> str:
@@ -190,8 +211,12 @@ def require_server(what: str, url: str, probe: str, hint: str) -> None:
 
 def require_mlflow(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
-        require_server("the MLflow tracking server", uri, uri.rstrip("/") + "/health",
-                       f"{STACK_HINT}; or point --tracking-uri / MLFLOW_TRACKING_URI at a running server")
+        require_server(
+            "the MLflow tracking server",
+            uri,
+            uri.rstrip("/") + "/health",
+            f"{STACK_HINT}; or point --tracking-uri / MLFLOW_TRACKING_URI at a running server",
+        )
 
 
 def prefect_api_url(profile: bool = True) -> str | None:
@@ -207,8 +232,12 @@ def prefect_api_url(profile: bool = True) -> str | None:
 
 def require_prefect(url: str | None) -> None:
     if url:
-        require_server("the Prefect API", url, url.rstrip("/") + "/health",
-                       f"{STACK_HINT}; or point PREFECT_API_URL at a running Prefect server")
+        require_server(
+            "the Prefect API",
+            url,
+            url.rstrip("/") + "/health",
+            f"{STACK_HINT}; or point PREFECT_API_URL at a running Prefect server",
+        )
 
 
 def open_workspace(path: Path):
@@ -218,7 +247,11 @@ def open_workspace(path: Path):
     ws = Workspace(path)
     marks = (ws.params_path, ws.versions, ws.ledger_path, ws.root / "HEAD")
     if not ws.root.is_dir() or not any(m.exists() for m in marks):
-        raise CLIError(f"no workspace at {ws.root}", hint="pass --workspace/-w DIR: the directory `share serve` or `share demo` works in", code=2)
+        raise CLIError(
+            f"no workspace at {ws.root}",
+            hint="pass --workspace/-w DIR: the directory `share serve` or `share demo` works in",
+            code=2,
+        )
     return ws
 
 
@@ -244,17 +277,30 @@ def open_storage_arg(url: str | None):
     if isinstance(storage, LocalStorage) and not storage.root.is_dir():
         raise CLIError(f"storage directory {storage.root} does not exist; {STORAGE_FORMS}", code=2)
     if isinstance(storage, S3Storage) and storage.endpoint_url:
-        require_server("the S3 endpoint", storage.endpoint_url, storage.endpoint_url, f"{STACK_HINT}; or fix endpoint_url in the storage URL")
+        require_server(
+            "the S3 endpoint",
+            storage.endpoint_url,
+            storage.endpoint_url,
+            f"{STACK_HINT}; or fix endpoint_url in the storage URL",
+        )
     return storage
 
 
 @app.command()
 def demo(
-    workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", "-w", help="a new directory, or one an earlier demo created (it is replaced)"),
+    workspace: Path = typer.Option(
+        Path("demo-workspace"),
+        "--workspace",
+        "-w",
+        help="a new directory, or one an earlier demo created (it is replaced)",
+    ),
     tasks: int = typer.Option(4, help="generated dataset tasks landing one by one"),
     steps: int | None = typer.Option(None, help="training steps per task (default: 60 classification, 150 causal-lm)"),
     seed: int = typer.Option(0, help="random seed of the generated tasks and the training"),
-    family: str = typer.Option("sequence-classification", help="sequence-classification (MiniLM) | causal-lm (a tiny random Llama, instruction tasks)"),
+    family: str = typer.Option(
+        "sequence-classification",
+        help="sequence-classification (MiniLM) | causal-lm (a tiny random Llama, instruction tasks)",
+    ),
 ) -> None:
     """The embedded offline demo: landings become registered, evaluated versions; then a rollback.
 
@@ -298,7 +344,9 @@ def status(workspace: Path = WORKSPACE) -> None:
     for j in Journal.open_journals(ws):  # an update under way (or interrupted: `share serve` resumes it)
         prov = j.data.get("provenance", {})
         if "key" in prov and (prov["key"], prov.get("etag")) not in done:
-            later.append((j.data.get("opened", ""), prov["key"], str(prov.get("etag", "")), "in progress", f"→ {j.version}"))
+            later.append(
+                (j.data.get("opened", ""), prov["key"], str(prov.get("etag", "")), "in progress", f"→ {j.version}")
+            )
             done.add((prov["key"], prov.get("etag")))
     try:
         announced = json.loads((ws.root / WATCHER_LEDGER).read_text())
@@ -313,20 +361,36 @@ def status(workspace: Path = WORKSPACE) -> None:
         out.print(f"no landings recorded in {ws.root} yet")
         return
     table = Table(title=f"landings of {ws.root} (HEAD: {ws.head() or 'none'})", box=box.MINIMAL_HEAVY_HEAD)
-    for col, kw in (("landing", {"overflow": "fold"}), ("kind", {}), ("etag", {"no_wrap": True}), ("status", {"no_wrap": True}), ("version / reason", {"overflow": "fold", "ratio": 1}), ("at (UTC)", {"no_wrap": True})):
+    for col, kw in (
+        ("landing", {"overflow": "fold"}),
+        ("kind", {}),
+        ("etag", {"no_wrap": True}),
+        ("status", {"no_wrap": True}),
+        ("version / reason", {"overflow": "fold", "ratio": 1}),
+        ("at (UTC)", {"no_wrap": True}),
+    ):
         table.add_column(col, **kw)
     style = {"processed": "green", "rejected": "red"}
     for at, key, etag, state, detail in rows:
         kind, task = kind_and_task(key) or ("", key)
         # Text, not markup: a reason may hold brackets ("expected one of ['a', 'b']")
-        table.add_row(Text(task), Text(kind), Text(etag[:8]), Text(state, style=style.get(state, "yellow")), Text(str(detail)), Text(at[5:16].replace("T", " ")))
+        table.add_row(
+            Text(task),
+            Text(kind),
+            Text(etag[:8]),
+            Text(state, style=style.get(state, "yellow")),
+            Text(str(detail)),
+            Text(at[5:16].replace("T", " ")),
+        )
     out.print(table)
     order = dict.fromkeys(["processed", "rejected", "in progress", "pending", *(r[3] for r in rows)])
     out.print(", ".join(f"{n} {s}" for s in order if (n := sum(r[3] == s for r in rows))))
 
 
 @app.command()
-def versions(workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking_uri: str | None = TRACKING_URI) -> None:
+def versions(
+    workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking_uri: str | None = TRACKING_URI
+) -> None:
     """The registered versions with their aliases, scores and parents."""
     from pipelines.workspace import Workspace
 
@@ -343,7 +407,15 @@ def versions(workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking
         table.add_column(col)
     for r in rows:
         fmt = lambda v: "" if v is None else f"{float(v):.3f}"  # noqa: E731
-        table.add_row(r["version"], str(r["model_version"]), ",".join(r["aliases"]), r.get("task") or "", r.get("parent") or "", fmt(r.get("acc")), fmt(r.get("bwt")))
+        table.add_row(
+            r["version"],
+            str(r["model_version"]),
+            ",".join(r["aliases"]),
+            r.get("task") or "",
+            r.get("parent") or "",
+            fmt(r.get("acc")),
+            fmt(r.get("bwt")),
+        )
     console.print(table)
 
 
@@ -381,7 +453,10 @@ def eval_cmd(version: str = typer.Argument(..., help="v3, 3 or v0003"), workspac
     ws = open_workspace(workspace)
     version = version_arg(ws, version)
     if not ws.evaluation_path(version).is_file():
-        raise CLIError(f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})", hint="only versions the pipeline built and evaluated can be re-scored")
+        raise CLIError(
+            f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})",
+            hint="only versions the pipeline built and evaluated can be re-scored",
+        )
     require_prefect(prefect_api_url())
     from .continual import evaluate_version
 
@@ -413,13 +488,18 @@ def export(
 
 
 @app.command()
-def info(version: str | None = typer.Argument(None, help="v3, 3 or v0003 (default: HEAD)"), workspace: Path = WORKSPACE) -> None:
+def info(
+    version: str | None = typer.Argument(None, help="v3, 3 or v0003 (default: HEAD)"), workspace: Path = WORKSPACE
+) -> None:
     """A version's manifest summary: tasks, k per layer, storage against one LoRA per task."""
     ws = open_workspace(workspace)
     if version is None:
         version = ws.head()
         if version is None:
-            raise CLIError(f"the workspace {ws.root} has no versions yet", hint="versions appear when landings are processed (`share status`)")
+            raise CLIError(
+                f"the workspace {ws.root} has no versions yet",
+                hint="versions appear when landings are processed (`share status`)",
+            )
     else:
         version = version_arg(ws, version)
     from share_core import state as st
@@ -434,7 +514,9 @@ def info(version: str | None = typer.Argument(None, help="v3, 3 or v0003 (defaul
         table.add_row(t.name, str(t.rank), f"{t.scale:g}", t.info.get("source", ""))
     console.print(table)
     ks = sorted({tuple(v) for v in acct["k"].values()})
-    console.print(f"layers {len(state.bases)}, (k_B, k_A) {ks}, φ {state.phi}; stored {acct['share_params']:,} params vs one LoRA per task {acct['lora_per_task_params']:,} (×{acct['ratio_vs_lora']:.2f})")
+    console.print(
+        f"layers {len(state.bases)}, (k_B, k_A) {ks}, φ {state.phi}; stored {acct['share_params']:,} params vs one LoRA per task {acct['lora_per_task_params']:,} (×{acct['ratio_vs_lora']:.2f})"
+    )
 
 
 @app.command()
@@ -445,10 +527,16 @@ def serve(
     tracking_uri: str | None = TRACKING_URI,
     poll_seconds: float = typer.Option(5.0, help="watcher polling interval"),
     sqs_queue_url: str | None = typer.Option(None, help="also consume S3 notifications from this SQS queue"),
-    train_pool: str | None = typer.Option(None, help="run training as its own deployment on this work pool (e.g. share-gpu)"),
+    train_pool: str | None = typer.Option(
+        None, help="run training as its own deployment on this work pool (e.g. share-gpu)"
+    ),
     absorb_cron: str = typer.Option("0 * * * *", help="cron schedule of the batch absorb"),
     reeval_cron: str = typer.Option("30 3 * * *", help="cron schedule of the champion's re-evaluation"),
-    ephemeral: bool = typer.Option(False, "--ephemeral", help="no PREFECT_API_URL: run a temporary Prefect server inside this process (gone when it stops)"),
+    ephemeral: bool = typer.Option(
+        False,
+        "--ephemeral",
+        help="no PREFECT_API_URL: run a temporary Prefect server inside this process (gone when it stops)",
+    ),
 ) -> None:
     """Serve the deployments and run the storage watcher (needs a Prefect server).
 
@@ -458,9 +546,15 @@ def serve(
     s = open_storage_arg(storage)
     api = prefect_api_url()
     if api and ephemeral:
-        raise CLIError(f"--ephemeral conflicts with PREFECT_API_URL={redact_url(api)}: unset it, or drop --ephemeral to use that server", code=2)
+        raise CLIError(
+            f"--ephemeral conflicts with PREFECT_API_URL={redact_url(api)}: unset it, or drop --ephemeral to use that server",
+            code=2,
+        )
     if not api and not ephemeral:
-        raise CLIError('no Prefect server: set PREFECT_API_URL (`share stack up`, then eval "$(share stack env)"), or pass --ephemeral for a temporary one', code=2)
+        raise CLIError(
+            'no Prefect server: set PREFECT_API_URL (`share stack up`, then eval "$(share stack env)"), or pass --ephemeral for a temporary one',
+            code=2,
+        )
     require_prefect(api)
     from pipelines.workspace import Workspace
 
@@ -482,8 +576,18 @@ def serve(
     train_deployment = None
     if train_pool:
         train_deployment = deploy_train_version(train_pool)
-        console.print(f"training runs on work pool [bold]{train_pool}[/] (start a worker: prefect worker start --pool {train_pool})")
-    deployments = build_deployments(storage, str(ws.root), model_name=model_name, tracking_uri=uri, absorb_cron=absorb_cron, reeval_cron=reeval_cron, train_deployment=train_deployment)
+        console.print(
+            f"training runs on work pool [bold]{train_pool}[/] (start a worker: prefect worker start --pool {train_pool})"
+        )
+    deployments = build_deployments(
+        storage,
+        str(ws.root),
+        model_name=model_name,
+        tracking_uri=uri,
+        absorb_cron=absorb_cron,
+        reeval_cron=reeval_cron,
+        train_deployment=train_deployment,
+    )
     stop = threading.Event()
     sqs = None
     if sqs_queue_url:
@@ -506,7 +610,9 @@ def serve(
         stop.set()
 
 
-stack_app = typer.Typer(no_args_is_help=True, help="The local stack: moto S3, MLflow server, Prefect server on 127.0.0.1.")
+stack_app = typer.Typer(
+    no_args_is_help=True, help="The local stack: moto S3, MLflow server, Prefect server on 127.0.0.1."
+)
 app.add_typer(stack_app, name="stack")
 DATA_DIR = typer.Option(Path(".share-stack"), help="where the stack keeps its data, logs and pids")
 

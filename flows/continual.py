@@ -26,8 +26,8 @@ from prefect.deployments import run_deployment
 from pipelines import evaluate as ev
 from pipelines import lineage, register
 from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, next_version
-from pipelines.storage import Landing, kind_and_task, open_storage, redact_url
 from pipelines.params import EvalParams, load_params
+from pipelines.storage import Landing, kind_and_task, open_storage, redact_url
 from pipelines.update import build_version
 from pipelines.validate import LandingRejected, validate_landing
 from pipelines.workspace import Workspace
@@ -62,7 +62,9 @@ def validate(workspace: str, landing: Landing, local: str) -> str | None:
     head = ws.head()
     manifest = st.read_manifest(ws.version_dir(head)) if head else None
     try:
-        validate_landing(Path(local), landing.kind, landing.task, manifest, load_params(ws.params_path).base, list(landing.files))
+        validate_landing(
+            Path(local), landing.kind, landing.task, manifest, load_params(ws.params_path).base, list(landing.files)
+        )
     except LandingRejected as e:
         return e.reason
     return None
@@ -114,20 +116,36 @@ def _train_run_name() -> str:
 
 
 @flow(name="train-version", log_prints=True, flow_run_name=_train_run_name)
-def train_version(workspace: str, landings: list[str], kind: str, version: str, parent: str | None = None, provenance: dict | None = None) -> dict:
+def train_version(
+    workspace: str,
+    landings: list[str],
+    kind: str,
+    version: str,
+    parent: str | None = None,
+    provenance: dict | None = None,
+) -> dict:
     """The training/absorb step. Runs in-process, or as its own deployment on a (GPU) work pool;
     share_core picks CUDA when the worker has it."""
     ws = Workspace(workspace)
     if _built(ws, version, parent, provenance):
         return {"version": version, "reused": True}
-    print(f"building {version} in process {os.getpid()} (parent {os.getppid()})")  # where training runs (a pool's worker)
+    print(
+        f"building {version} in process {os.getpid()} (parent {os.getppid()})"
+    )  # where training runs (a pool's worker)
     progress, handler = logging.getLogger("share_core.train"), _RunLogHandler(get_run_logger())
     level, propagate = progress.level, progress.propagate
     progress.addHandler(handler)
     progress.setLevel(logging.INFO)
     progress.propagate = False  # into the run's logs only, not once more on the console
     try:
-        build_version([ws.landings / n for n in landings], kind, ws.version_dir(version), ws.version_dir(parent) if parent else None, load_params(ws.params_path), provenance)
+        build_version(
+            [ws.landings / n for n in landings],
+            kind,
+            ws.version_dir(version),
+            ws.version_dir(parent) if parent else None,
+            load_params(ws.params_path),
+            provenance,
+        )
     finally:
         progress.removeHandler(handler)
         progress.setLevel(level)
@@ -143,7 +161,9 @@ def _built(ws: Workspace, version: str, parent: str | None, provenance: dict | N
         return False
     m = st.read_manifest(vdir)
     if m["extra"].get("provenance") != provenance or m["parent"] != parent:
-        raise FileExistsError(f"versions/{version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not this update")
+        raise FileExistsError(
+            f"versions/{version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not this update"
+        )
     return True
 
 
@@ -175,7 +195,9 @@ def score(workspace: str, version: str, tasks: list[str], cfg: EvalParams) -> li
     if address:
         from prefect_dask import DaskTaskRunner
 
-        return score_shards.with_options(task_runner=DaskTaskRunner(address=address))(workspace, version, tasks, cfg.workers)
+        return score_shards.with_options(task_runner=DaskTaskRunner(address=address))(
+            workspace, version, tasks, cfg.workers
+        )
     return score_shard(workspace, version, tasks)
 
 
@@ -190,7 +212,9 @@ def evaluate_all(workspace: str, version: str) -> dict:
     cfg = load_params(ws.params_path).evaluate
     p = ev.plan(ws, version, cfg)
     record = summarize(workspace, version, score(workspace, version, p["score"], cfg), p["certified"], cfg.mode)
-    get_run_logger().info("%s: re-scored %d task(s), %d certified unchanged", version, len(record["rescored"]), len(record["certified"]))
+    get_run_logger().info(
+        "%s: re-scored %d task(s), %d certified unchanged", version, len(record["rescored"]), len(record["certified"])
+    )
     return record
 
 
@@ -200,20 +224,35 @@ def record_lineage(workspace: str, version: str, message: str) -> dict:
 
 
 @task(**TRANSIENT)
-def log_run(workspace: str, version: str, model_name: str, landing: dict, lin: dict, tolerance: float, tracking_uri: str | None) -> dict:
+def log_run(
+    workspace: str, version: str, model_name: str, landing: dict, lin: dict, tolerance: float, tracking_uri: str | None
+) -> dict:
     ws = Workspace(workspace)
     gate = register.gate_for(ws, version, model_name=model_name, tolerance=tolerance, tracking_uri=tracking_uri)
-    return {"gate": gate, "run_id": register.log_run(ws, version, model_name=model_name, landing=landing, lineage=lin, gate=gate, tracking_uri=tracking_uri)}
+    return {
+        "gate": gate,
+        "run_id": register.log_run(
+            ws, version, model_name=model_name, landing=landing, lineage=lin, gate=gate, tracking_uri=tracking_uri
+        ),
+    }
 
 
 @task(**TRANSIENT)
-def register_model_version(workspace: str, version: str, run_id: str, model_name: str, gate: dict, tracking_uri: str | None) -> dict:
-    return {"model_version": register.register_model_version(Workspace(workspace), version, run_id, model_name=model_name, gate=gate, tracking_uri=tracking_uri)}
+def register_model_version(
+    workspace: str, version: str, run_id: str, model_name: str, gate: dict, tracking_uri: str | None
+) -> dict:
+    return {
+        "model_version": register.register_model_version(
+            Workspace(workspace), version, run_id, model_name=model_name, gate=gate, tracking_uri=tracking_uri
+        )
+    }
 
 
 @task(**TRANSIENT)
 def move_aliases(workspace: str, model_version: str, model_name: str, promote: bool, tracking_uri: str | None) -> None:
-    register.move_aliases(Workspace(workspace), model_version, model_name=model_name, promote=promote, tracking_uri=tracking_uri)
+    register.move_aliases(
+        Workspace(workspace), model_version, model_name=model_name, promote=promote, tracking_uri=tracking_uri
+    )
 
 
 @task(**TRANSIENT)
@@ -268,13 +307,21 @@ def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: s
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     rows = "\n".join(f"| {t} | {fmt(rec['scores'][t])} | {fmt(rec['majority'][t])} |" for t in rec["rescored"][:50])
     uri = redact_url(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri)
-    link = f"{uri.rstrip('/')}/#/models/{model_name}/versions/{out['model_version']}" if uri.startswith("http") else f"model version {out['model_version']} in {uri}"
+    link = (
+        f"{uri.rstrip('/')}/#/models/{model_name}/versions/{out['model_version']}"
+        if uri.startswith("http")
+        else f"model version {out['model_version']} in {uri}"
+    )
     acc = "n/a" if rec["acc"] is None else f"{rec['acc']:.3f}"
-    md = (f"# {out['version']} ← {rec['task']}\n\nParent {rec['parent'] or '—'}; {len(rec['tasks'])} tasks: re-scored {len(rec['rescored'])}, certified unchanged {len(rec['certified'])}.\n\n"
-          f"**ACC {acc}, BWT {rec['bwt']:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} against {gate.get('against') or 'no champion'}"
-          f" (worst drop {gate.get('worst_drop', 0.0):+.3f}); champion moved: {out.get('promoted')}.\n\nMLflow: {link}\n\n"
-          f"| task scored now | score | baseline |\n|---|---|---|\n{rows}\n")
-    create_markdown_artifact(md, key=f"share-{out['version']}", description=f"{out['version']}: scores, gate, MLflow link")
+    md = (
+        f"# {out['version']} ← {rec['task']}\n\nParent {rec['parent'] or '—'}; {len(rec['tasks'])} tasks: re-scored {len(rec['rescored'])}, certified unchanged {len(rec['certified'])}.\n\n"
+        f"**ACC {acc}, BWT {rec['bwt']:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} against {gate.get('against') or 'no champion'}"
+        f" (worst drop {gate.get('worst_drop', 0.0):+.3f}); champion moved: {out.get('promoted')}.\n\nMLflow: {link}\n\n"
+        f"| task scored now | score | baseline |\n|---|---|---|\n{rows}\n"
+    )
+    create_markdown_artifact(
+        md, key=f"share-{out['version']}", description=f"{out['version']}: scores, gate, MLflow link"
+    )
 
 
 def _mark_crashed(run_ids: list[str]) -> None:
@@ -289,7 +336,11 @@ def _mark_crashed(run_ids: list[str]) -> None:
             except Exception:  # noqa: BLE001 - a run the server no longer knows needs no marking
                 continue
             if state is not None and state.is_running():
-                client.set_flow_run_state(rid, Crashed(message="the process running this update died; a later run took the update over"), force=True)
+                client.set_flow_run_state(
+                    rid,
+                    Crashed(message="the process running this update died; a later run took the update over"),
+                    force=True,
+                )
 
 
 def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | None, reason: str) -> None:
@@ -300,9 +351,27 @@ def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | N
     built = st.read_manifest(vdir) if (vdir / "manifest.json").is_file() else None
     # only what this update built (its provenance on its parent; also when the crash came between
     # the build and its journal entry), never another update's version of the same id
-    children = [v for v in ws.version_ids() if v != j.version and st.read_manifest(ws.version_dir(v))["parent"] == j.version] if built else []
-    if built and built["extra"].get("provenance") == j.data["provenance"] and built["parent"] == j.parent and ws.head() != j.version and not children:
-        register.discard_version(ws, j.version, built["content_hash"], model_name=model_name, aliases_before=j.data.get("before", {}).get("alias"), reason=reason, tracking_uri=tracking_uri)
+    children = (
+        [v for v in ws.version_ids() if v != j.version and st.read_manifest(ws.version_dir(v))["parent"] == j.version]
+        if built
+        else []
+    )
+    if (
+        built
+        and built["extra"].get("provenance") == j.data["provenance"]
+        and built["parent"] == j.parent
+        and ws.head() != j.version
+        and not children
+    ):
+        register.discard_version(
+            ws,
+            j.version,
+            built["content_hash"],
+            model_name=model_name,
+            aliases_before=j.data.get("before", {}).get("alias"),
+            reason=reason,
+            tracking_uri=tracking_uri,
+        )
         lineage.remove_version_stage(ws.root, j.version)
         shutil.rmtree(vdir)
         ws.evaluation_path(j.version).unlink(missing_ok=True)
@@ -320,18 +389,40 @@ def recover_updates(workspace: str, model_name: str = "share-subspace", tracking
             if j.resumable(ws.head()):
                 resumable.append(j.data["provenance"])
             else:
-                discard(ws, j, model_name=model_name, tracking_uri=tracking_uri, reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})")
+                discard(
+                    ws,
+                    j,
+                    model_name=model_name,
+                    tracking_uri=tracking_uri,
+                    reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})",
+                )
     return resumable
 
 
-def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: str, tolerance: float, tracking_uri: str | None, train_deployment: str | None) -> dict:
+def _build_and_publish(
+    ws: Workspace,
+    j: Journal,
+    names: list[str],
+    model_name: str,
+    tolerance: float,
+    tracking_uri: str | None,
+    train_deployment: str | None,
+) -> dict:
     """Shared tail of every update, one journaled step at a time: train/absorb → DVC stage →
     evaluate → git → MLflow run → model version → aliases → HEAD → push."""
-    workspace, version, parent, kind, provenance = str(ws.root), j.version, j.parent, j.data["kind"], j.data["provenance"]
+    workspace, version, parent, kind, provenance = (
+        str(ws.root),
+        j.version,
+        j.parent,
+        j.data["kind"],
+        j.data["provenance"],
+    )
     t0 = time.perf_counter()
     if not j.done("build"):
         j.begin("build")
-        params = dict(workspace=workspace, landings=names, kind=kind, version=version, parent=parent, provenance=provenance)
+        params = dict(
+            workspace=workspace, landings=names, kind=kind, version=version, parent=parent, provenance=provenance
+        )
         if train_deployment:
             run = run_deployment(train_deployment, parameters=params, timeout=3600)
             if not run.state.is_completed():
@@ -342,14 +433,36 @@ def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: 
     marks = {"train": time.perf_counter()}
     j.step("stage", lambda: lineage.add_version_stage(ws.root, version, names, kind, parent))
     marks["stage"] = time.perf_counter()
-    scores = j.step("evaluate", lambda: {k: v for k, v in evaluate_all(workspace, version).items() if k in ("acc", "bwt")})
+    scores = j.step(
+        "evaluate", lambda: {k: v for k, v in evaluate_all(workspace, version).items() if k in ("acc", "bwt")}
+    )
     marks["evaluate"] = time.perf_counter()
     landing = {**provenance, "task": ",".join(names)}
     lin = j.step("lineage", lambda: record_lineage(workspace, version, f"{version}: {landing['task']}"))
-    run = j.step("run", lambda: log_run(workspace, version, model_name, landing, {k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")}, tolerance, tracking_uri))
-    mv = j.step("model_version", lambda: register_model_version(workspace, version, run["run_id"], model_name, run["gate"], tracking_uri))
-    before = {} if j.done("alias") else register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri)  # what a discard restores
-    j.step("alias", lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri), **before)
+    run = j.step(
+        "run",
+        lambda: log_run(
+            workspace,
+            version,
+            model_name,
+            landing,
+            {k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")},
+            tolerance,
+            tracking_uri,
+        ),
+    )
+    mv = j.step(
+        "model_version",
+        lambda: register_model_version(workspace, version, run["run_id"], model_name, run["gate"], tracking_uri),
+    )
+    before = (
+        {} if j.done("alias") else register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri)
+    )  # what a discard restores
+    j.step(
+        "alias",
+        lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri),
+        **before,
+    )
     marks["register"] = time.perf_counter()
 
     def head() -> None:
@@ -363,7 +476,14 @@ def _build_and_publish(ws: Workspace, j: Journal, names: list[str], model_name: 
     for part, t in marks.items():
         seconds[part], prev = t - prev, t
     seconds["total"] = prev - t0
-    return {"status": "processed", "version": version, "acc": scores["acc"], "bwt": scores["bwt"], "seconds": seconds, **register.registration(version, mv["model_version"], run["run_id"], run["gate"])}
+    return {
+        "status": "processed",
+        "version": version,
+        "acc": scores["acc"],
+        "bwt": scores["bwt"],
+        "seconds": seconds,
+        **register.registration(version, mv["model_version"], run["run_id"], run["gate"]),
+    }
 
 
 def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: str | None) -> Journal | None:
@@ -373,9 +493,20 @@ def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: s
     if j is None or j.status != OPEN:
         return None
     if not j.resumable(ws.head()):
-        discard(ws, j, model_name=model_name, tracking_uri=tracking_uri, reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})")
+        discard(
+            ws,
+            j,
+            model_name=model_name,
+            tracking_uri=tracking_uri,
+            reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})",
+        )
         return None
-    get_run_logger().info("resuming the update of %s to %s after %s", provenance, j.version, max(j.data["steps"], key=lambda s: j.data["steps"][s]["at"], default="nothing"))
+    get_run_logger().info(
+        "resuming the update of %s to %s after %s",
+        provenance,
+        j.version,
+        max(j.data["steps"], key=lambda s: j.data["steps"][s]["at"], default="nothing"),
+    )
     _mark_crashed(j.join(_flow_run_id()))
     return j
 
@@ -397,12 +528,23 @@ def _publish_landings(ws: Workspace, j: Journal, storage_url: str, landings: lis
 
 
 @flow(name="continual-update", log_prints=True, flow_run_name=_landing_run_name)
-def continual_update(key: str, storage_url: str, workspace: str, etag: str | None = None, model_name: str = "share-subspace", tolerance: float = 0.01, tracking_uri: str | None = None, train_deployment: str | None = None) -> dict:
+def continual_update(
+    key: str,
+    storage_url: str,
+    workspace: str,
+    etag: str | None = None,
+    model_name: str = "share-subspace",
+    tolerance: float = 0.01,
+    tracking_uri: str | None = None,
+    train_deployment: str | None = None,
+) -> dict:
     """Process one landing, exactly once per (key, ETag), as a journaled transaction that a
     re-run resumes. `etag` is the one the event saw; the landing's current content is what gets
     processed (an overwrite has its own event)."""
     with chain_lock(Workspace(workspace)):
-        return _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment)
+        return _continual_update(
+            key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment
+        )
 
 
 def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment) -> dict:
@@ -412,7 +554,12 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
     if landing is None:
         raise ValueError(f"no complete landing with task.yaml key {key!r} in {open_storage(storage_url).describe()}")
     if etag and etag != landing.etag:
-        log.info("landing %s changed since its event (etag %s → %s): processing the current one", key, etag[:8], landing.etag[:8])
+        log.info(
+            "landing %s changed since its event (etag %s → %s): processing the current one",
+            key,
+            etag[:8],
+            landing.etag[:8],
+        )
     provenance = {"key": key, "etag": landing.etag}
     j = _take_over(ws, provenance, model_name, tracking_uri)
     seen = ws.seen(key, landing.etag)  # a processed record wins over any later rejection of the same content
@@ -435,18 +582,34 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
     out = _build_and_publish(ws, j, j.result("ingest")["names"], model_name, tolerance, tracking_uri, train_deployment)
     _publish_landings(ws, j, storage_url, [landing], out["version"])
     _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
-    log.info("%s ← %s %s: ACC %s, BWT %+.3f, champion moved: %s", out["version"], landing.kind, landing.task, "n/a" if out["acc"] is None else f"{out['acc']:.3f}", out["bwt"], out.get("promoted"))
+    log.info(
+        "%s ← %s %s: ACC %s, BWT %+.3f, champion moved: %s",
+        out["version"],
+        landing.kind,
+        landing.task,
+        "n/a" if out["acc"] is None else f"{out['acc']:.3f}",
+        out["bwt"],
+        out.get("promoted"),
+    )
     return out
 
 
 @flow(name="batch-absorb", log_prints=True)
-def batch_absorb(storage_url: str, workspace: str, model_name: str = "share-subspace", tolerance: float = 0.01, tracking_uri: str | None = None) -> dict:
+def batch_absorb(
+    storage_url: str,
+    workspace: str,
+    model_name: str = "share-subspace",
+    tolerance: float = 0.01,
+    tracking_uri: str | None = None,
+) -> dict:
     """Absorb every pending adapter landing in one merge (asynchronous learning)."""
     with chain_lock(Workspace(workspace)):
         return _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri)
 
 
-def _resume_batch(ws: Workspace, storage_url: str, model_name: str, tolerance: float, tracking_uri: str | None) -> dict | None:
+def _resume_batch(
+    ws: Workspace, storage_url: str, model_name: str, tolerance: float, tracking_uri: str | None
+) -> dict | None:
     """A batch absorb a crash left half-done is finished (or discarded) before anything new is
     taken: its landings are the ones it recorded, whatever is pending now."""
     for open_j in [x for x in Journal.open_journals(ws) if "batch" in x.data["provenance"]]:
@@ -472,7 +635,11 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
     resumed = _resume_batch(ws, storage_url, model_name, tolerance, tracking_uri)
     if resumed is not None:
         return resumed
-    pending = [lnd for lnd in open_storage(storage_url).list_landings() if lnd.kind == "adapter" and ws.seen(lnd.key, lnd.etag) is None]
+    pending = [
+        lnd
+        for lnd in open_storage(storage_url).list_landings()
+        if lnd.kind == "adapter" and ws.seen(lnd.key, lnd.etag) is None
+    ]
     accepted, rejected = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for lnd in pending:
@@ -485,7 +652,9 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
         if not accepted:
             return {"status": "nothing-to-absorb", "rejected": rejected}
         provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted)}
-        j = _take_over(ws, provenance, model_name, tracking_uri) or Journal.open(ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id())
+        j = _take_over(ws, provenance, model_name, tracking_uri) or Journal.open(
+            ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id()
+        )
         j.step("validate", lambda: None)
         names = j.step("ingest", lambda: {"names": ingest(workspace, accepted)})["names"]
     _rename_run(f"{j.version} ← {len(accepted)} adapter(s)")
@@ -502,15 +671,23 @@ def evaluate_version(workspace: str, version: str, tolerance: float = 1e-6) -> d
     ws = Workspace(workspace)
     recorded = ev.read_record(ws, version)
     if recorded is None:
-        raise FileNotFoundError(f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})")
-    result = ev.compare(recorded, score(workspace, version, recorded["tasks"], load_params(ws.params_path).evaluate), tolerance)
+        raise FileNotFoundError(
+            f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})"
+        )
+    result = ev.compare(
+        recorded, score(workspace, version, recorded["tasks"], load_params(ws.params_path).evaluate), tolerance
+    )
     if result["certificates_wrong"]:
-        get_run_logger().warning("%s: tasks certified unchanged now score differently: %s", version, result["certificates_wrong"])
+        get_run_logger().warning(
+            "%s: tasks certified unchanged now score differently: %s", version, result["certificates_wrong"]
+        )
     return result
 
 
 @flow(name="rollback", log_prints=True)
-def rollback(workspace: str, version: str, model_name: str = "share-subspace", reason: str = "", tracking_uri: str | None = None) -> dict:
+def rollback(
+    workspace: str, version: str, model_name: str = "share-subspace", reason: str = "", tracking_uri: str | None = None
+) -> dict:
     """Champion and HEAD move to `version` (recorded in MLflow), then it is re-evaluated."""
     ws = Workspace(workspace)
     version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=tracking_uri)

@@ -87,11 +87,15 @@ def demo_params(root: Path, family: str, steps: int | None, seed: int):
     params = Params()
     if family == CAUSAL_LM:
         path = tiny_causal_lm(root / "base-model", "llama", seed=seed)
-        params = params.replace(base={"family": CAUSAL_LM, "model_id": "tiny-llama", "model_path": str(path)}, train=CAUSAL_TRAIN)
+        params = params.replace(
+            base={"family": CAUSAL_LM, "model_id": "tiny-llama", "model_path": str(path)}, train=CAUSAL_TRAIN
+        )
     return params.replace(train={"steps": steps or DEMO_STEPS[family], "seed": seed})
 
 
-def run_demo(workspace: Path, tasks: int, steps: int | None, seed: int, console: Console, family: str = "sequence-classification") -> dict:
+def run_demo(
+    workspace: Path, tasks: int, steps: int | None, seed: int, console: Console, family: str = "sequence-classification"
+) -> dict:
     from share_core.families import FAMILIES
     from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES
 
@@ -131,7 +135,9 @@ def run_demo(workspace: Path, tasks: int, steps: int | None, seed: int, console:
                 timings[k] = timings.get(k, 0.0) + v
             results.append({"landing": landing.task, "kind": kind, **out})
             if out["status"] == "processed":
-                console.print(f"[green]{out['version']}[/] ← {kind} [bold]{landing.task}[/]: ACC {out['acc']:.3f}, BWT {out['bwt']:+.3f}, champion moved: {out['promoted']} ({took:.0f}s)")
+                console.print(
+                    f"[green]{out['version']}[/] ← {kind} [bold]{landing.task}[/]: ACC {out['acc']:.3f}, BWT {out['bwt']:+.3f}, champion moved: {out['promoted']} ({took:.0f}s)"
+                )
             else:
                 console.print(f"[yellow]{out['status']}[/] {kind} [bold]{landing.task}[/]: {out.get('reason', '')}")
 
@@ -148,14 +154,22 @@ def run_demo(workspace: Path, tasks: int, steps: int | None, seed: int, console:
     console.print(_matrix(ev.accuracy_matrix(ws, ws.head()), last))
     versions = register.list_versions("share-subspace", tracking_uri=ws.tracking_uri)
     champion = next((v["version"] for v in versions if "champion" in v["aliases"]), None)
-    console.print(f"champion: [bold]{champion}[/]   candidate: [bold]{versions[-1]['version']}[/]   versions registered: {len(versions)}")
+    console.print(
+        f"champion: [bold]{champion}[/]   candidate: [bold]{versions[-1]['version']}[/]   versions registered: {len(versions)}"
+    )
     target = ws.version_ids()[-2]
     rb = rollback(str(root), target, reason="demo: roll back the adapter absorb")
-    console.print(f"rollback → [bold]{target}[/]: champion {rb.get('previous')} → {rb.get('champion')}, HEAD {ws.head()}, re-evaluation matches the recorded metrics: {rb['verified']}")
+    console.print(
+        f"rollback → [bold]{target}[/]: champion {rb.get('previous')} → {rb.get('champion')}, HEAD {ws.head()}, re-evaluation matches the recorded metrics: {rb['verified']}"
+    )
     timings["total_demo"] = time.perf_counter() - t_start
     orchestration = timings["total"] - timings["train"] - timings["evaluate"]
-    console.print(f"wall {timings['total_demo']:.0f}s; updates {timings['total']:.0f}s = training {timings['train']:.0f}s + evaluation {timings['evaluate']:.0f}s + orchestration {orchestration:.0f}s")
-    console.print(f"\nBrowse the versions: [bold]mlflow ui --backend-store-uri {ws.tracking_uri} --host 127.0.0.1 --port 5000[/]")
+    console.print(
+        f"wall {timings['total_demo']:.0f}s; updates {timings['total']:.0f}s = training {timings['train']:.0f}s + evaluation {timings['evaluate']:.0f}s + orchestration {orchestration:.0f}s"
+    )
+    console.print(
+        f"\nBrowse the versions: [bold]mlflow ui --backend-store-uri {ws.tracking_uri} --host 127.0.0.1 --port 5000[/]"
+    )
     console.print(f"Lineage: [bold]cd {root} && dvc dag[/]")
     return {"results": results, "matrix": last, "timings": timings, "rollback": rb}
 
@@ -169,5 +183,9 @@ def _matrix(matrix: dict, record: dict) -> Table:
     for v, r in zip(versions, rows):
         table.add_row(v, *[("—" if x is None else f"{x:.3f}") for x in r] + [""] * (len(tasks) - len(r)))
     if any(record["majority"][t] is not None for t in tasks):
-        table.add_row("majority", *[("" if record["majority"][t] is None else f"{record['majority'][t]:.3f}") for t in tasks], style="dim")
+        table.add_row(
+            "majority",
+            *[("" if record["majority"][t] is None else f"{record['majority'][t]:.3f}") for t in tasks],
+            style="dim",
+        )
     return table

@@ -6,7 +6,6 @@ pool (picked up by a `prefect worker`)."""
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 from prefect import flow
@@ -35,7 +34,9 @@ def deploy_train_version(work_pool: str, *, name: str = "train", source: str | P
     The deployment points at this checkout's source (`source`, default the repository root):
     the worker must see the same path and the same workspace path (same image, shared volume)."""
     root = Path(source) if source else Path(__file__).resolve().parents[1]
-    train_version.from_source(source=str(root), entrypoint="flows/continual.py:train_version").deploy(name=name, work_pool_name=work_pool, print_next_steps=False, ignore_warnings=True)
+    train_version.from_source(source=str(root), entrypoint="flows/continual.py:train_version").deploy(
+        name=name, work_pool_name=work_pool, print_next_steps=False, ignore_warnings=True
+    )
     return f"{train_version.name}/{name}"
 
 
@@ -47,14 +48,36 @@ def landing_trigger() -> DeploymentEventTrigger:
     )
 
 
-def build_deployments(storage_url: str, workspace: str, *, model_name: str = "share-subspace", tracking_uri: str | None = None, tolerance: float = 0.01, absorb_cron: str = "0 * * * *", reeval_cron: str = "30 3 * * *", train_deployment: str | None = None) -> list:
+def build_deployments(
+    storage_url: str,
+    workspace: str,
+    *,
+    model_name: str = "share-subspace",
+    tracking_uri: str | None = None,
+    tolerance: float = 0.01,
+    absorb_cron: str = "0 * * * *",
+    reeval_cron: str = "30 3 * * *",
+    train_deployment: str | None = None,
+) -> list:
     common = {"workspace": workspace, "model_name": model_name, "tracking_uri": tracking_uri}
     return [
         continual_update.to_deployment(
-            name="continual-update", triggers=[landing_trigger()], concurrency_limit=1,
-            parameters={**common, "storage_url": storage_url, "tolerance": tolerance, "train_deployment": train_deployment},
+            name="continual-update",
+            triggers=[landing_trigger()],
+            concurrency_limit=1,
+            parameters={
+                **common,
+                "storage_url": storage_url,
+                "tolerance": tolerance,
+                "train_deployment": train_deployment,
+            },
         ),
-        batch_absorb.to_deployment(name="batch-absorb", cron=absorb_cron, concurrency_limit=1, parameters={**common, "storage_url": storage_url, "tolerance": tolerance}),
+        batch_absorb.to_deployment(
+            name="batch-absorb",
+            cron=absorb_cron,
+            concurrency_limit=1,
+            parameters={**common, "storage_url": storage_url, "tolerance": tolerance},
+        ),
         reevaluate_champion.to_deployment(name="reevaluate-champion", cron=reeval_cron, parameters=common),
         rollback.to_deployment(name="rollback", parameters=common),
         evaluate_version.to_deployment(name="evaluate-version", parameters={"workspace": workspace}),

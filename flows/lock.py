@@ -50,7 +50,6 @@ def chain_lock(ws: Workspace):
             yield
 
 
-
 def _ensure_limit(name: str) -> None:
     """The chain's limit (1 slot) exists on the Prefect server; two first workers may race to
     create it, and the loser's conflict is the outcome both wanted."""

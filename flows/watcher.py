@@ -39,7 +39,9 @@ class Watcher:
         for lnd in new:
             self.emit(lnd)
             seen[lnd.key] = lnd.etag
-            write_atomic(self.ledger, json.dumps(seen, indent=2, sort_keys=True))  # after each emit: a crash re-emits at most one
+            write_atomic(
+                self.ledger, json.dumps(seen, indent=2, sort_keys=True)
+            )  # after each emit: a crash re-emits at most one
         return new
 
     def emit(self, lnd: Landing) -> None:
@@ -47,7 +49,13 @@ class Watcher:
         emit_event(
             event=EVENT,
             resource={"prefect.resource.id": resource_id(lnd), "share.key": lnd.key},
-            payload={"key": lnd.key, "etag": lnd.etag, "kind": lnd.kind, "task": lnd.task, "storage": self.storage.describe()},
+            payload={
+                "key": lnd.key,
+                "etag": lnd.etag,
+                "kind": lnd.kind,
+                "task": lnd.task,
+                "storage": self.storage.describe(),
+            },
         )
 
     def poll_once(self) -> list[Landing]:

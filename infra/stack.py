@@ -101,14 +101,35 @@ def _services(cfg: StackConfig) -> list[_Service]:
     }
     return [
         _Service("s3", cfg.s3_port, "/", [str(bin_ / "moto_server"), "-H", HOST, "-p", str(cfg.s3_port)], base, "moto"),
-        _Service("prefect", cfg.prefect_port, "/api/health",
-                 [str(bin_ / "prefect"), "server", "start", "--host", HOST, "--port", str(cfg.prefect_port)],
-                 {**base, **prefect_env}, "prefect"),
-        _Service("mlflow", cfg.mlflow_port, "/health",
-                 [str(bin_ / "mlflow"), "server", "--host", HOST, "--port", str(cfg.mlflow_port), "--workers", "1",
-                  "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                  "--artifacts-destination", f"s3://{cfg.bucket}/mlartifacts"],
-                 {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, "mlflow"),
+        _Service(
+            "prefect",
+            cfg.prefect_port,
+            "/api/health",
+            [str(bin_ / "prefect"), "server", "start", "--host", HOST, "--port", str(cfg.prefect_port)],
+            {**base, **prefect_env},
+            "prefect",
+        ),
+        _Service(
+            "mlflow",
+            cfg.mlflow_port,
+            "/health",
+            [
+                str(bin_ / "mlflow"),
+                "server",
+                "--host",
+                HOST,
+                "--port",
+                str(cfg.mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{d / 'mlflow.db'}",
+                "--artifacts-destination",
+                f"s3://{cfg.bucket}/mlartifacts",
+            ],
+            {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            "mlflow",
+        ),
     ]
 
 
@@ -171,8 +192,15 @@ def _start(cfg: StackConfig, svc: _Service) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         # cwd = data_dir: Prefect reads .env/prefect.toml from its cwd; MLflow may write ./mlruns
-        proc = subprocess.Popen(svc.argv, cwd=cfg.data_dir, env=svc.env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            svc.argv,
+            cwd=cfg.data_dir,
+            env=svc.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     cfg.pidfile(svc.name).write_text(f"{proc.pid}\n")
     return proc.pid
 
@@ -200,8 +228,12 @@ def _ensure_bucket(cfg: StackConfig) -> None:
     import boto3
     from botocore.exceptions import ClientError
 
-    s3 = boto3.client("s3", endpoint_url=cfg.url(cfg.s3_port), region_name=DUMMY_AWS["AWS_DEFAULT_REGION"],
-                      **{k.lower(): DUMMY_AWS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=cfg.url(cfg.s3_port),
+        region_name=DUMMY_AWS["AWS_DEFAULT_REGION"],
+        **{k.lower(): DUMMY_AWS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+    )
     try:
         s3.head_bucket(Bucket=cfg.bucket)
     except ClientError:

@@ -72,7 +72,9 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
             continue
         drift = prev["drift"] + errors[t] + FLOAT32_ROUNDING
         margin = prev.get("margin")
-        if prev["score"] is None or (drift <= cfg.certify_tolerance and margin is not None and margin >= cfg.margin_floor):
+        if prev["score"] is None or (
+            drift <= cfg.certify_tolerance and margin is not None and margin >= cfg.margin_floor
+        ):
             certified[t] = {**prev, "drift": drift, "certified": True}
         else:
             score.append(t)
@@ -83,11 +85,13 @@ def shards(tasks: list[str], n: int) -> list[list[str]]:
     """`tasks` in at most n contiguous shards of near-equal size."""
     n = max(1, min(n, len(tasks)))
     size = math.ceil(len(tasks) / n) if tasks else 0
-    return [tasks[i:i + size] for i in range(0, len(tasks), size)] if tasks else []
+    return [tasks[i : i + size] for i in range(0, len(tasks), size)] if tasks else []
 
 
 # ---- scoring: load once, mixed-task batches -----------------------------------------------------
-SCORING = threading.Lock()  # a mixed batch sets per-row task ids on the cached model's layers: one scoring at a time per process
+SCORING = (
+    threading.Lock()
+)  # a mixed batch sets per-row task ids on the cached model's layers: one scoring at a time per process
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,9 +130,17 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
             items += [(t, data.spec, row) for row in data.eval]
     cfg = params.evaluate
     with SCORING:
-        scores = fam.score(share, tok, items, max_length=params.train.max_length, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+        scores = fam.score(
+            share,
+            tok,
+            items,
+            max_length=params.train.max_length,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
     return [
-        {"task": t, "score": scores[t]["score"], "majority": baselines[t], "margin": scores[t]["margin"]} if t in scores
+        {"task": t, "score": scores[t]["score"], "majority": baselines[t], "margin": scores[t]["margin"]}
+        if t in scores
         else {"task": t, "score": None, "majority": None, "margin": None}
         for t in tasks
     ]
@@ -140,11 +152,27 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(ws: Workspace, version: str, scored: list[dict], certified: dict[str, dict] | None = None, mode: str = "changed-only") -> dict:
+def summarize(
+    ws: Workspace,
+    version: str,
+    scored: list[dict],
+    certified: dict[str, dict] | None = None,
+    mode: str = "changed-only",
+) -> dict:
     """Write the version's evaluation record (O(T)) and picture; return the record."""
     manifest = st.read_manifest(ws.version_dir(version))
     tasks = [t["name"] for t in manifest["tasks"]]
-    results = {r["task"]: {"score": r["score"], "majority": r["majority"], "margin": r.get("margin"), "drift": 0.0, "certified": False, "scored_in": version} for r in scored}
+    results = {
+        r["task"]: {
+            "score": r["score"],
+            "majority": r["majority"],
+            "margin": r.get("margin"),
+            "drift": 0.0,
+            "certified": False,
+            "scored_in": version,
+        }
+        for r in scored
+    }
     results.update(certified or {})
     missing = set(tasks) - set(results)
     if missing:
@@ -154,7 +182,11 @@ def summarize(ws: Workspace, version: str, scored: list[dict], certified: dict[s
     for t in tasks:
         first.setdefault(t, results[t]["score"])
     added = manifest["extra"].get("added", [])
-    drops = [results[t]["score"] - first[t] for t in tasks if t not in added and results[t]["score"] is not None and first.get(t) is not None]
+    drops = [
+        results[t]["score"] - first[t]
+        for t in tasks
+        if t not in added and results[t]["score"] is not None and first.get(t) is not None
+    ]
     record = {
         "version": version,
         "parent": manifest["parent"],
@@ -186,12 +218,24 @@ def publish_head(ws: Workspace, version: str) -> None:
     rec = read_record(ws, version)
     if rec is None:
         raise FileNotFoundError(f"{version} has no evaluation record")
-    summary = {"version": version, "acc": rec["acc"], "bwt": rec["bwt"], "tasks": len(rec["tasks"]), "rescored": len(rec.get("rescored", rec["tasks"])), "certified": len(rec.get("certified", []))}  # records before certificates re-scored everything
+    summary = {
+        "version": version,
+        "acc": rec["acc"],
+        "bwt": rec["bwt"],
+        "tasks": len(rec["tasks"]),
+        "rescored": len(rec.get("rescored", rec["tasks"])),
+        "certified": len(rec.get("certified", [])),
+    }  # records before certificates re-scored everything
     write_atomic(ws.head_metrics_path, json.dumps(summary, indent=1))
     lines = ws.history_path.read_text().splitlines() if ws.history_path.is_file() else []
     lines = [",".join(HISTORY_COLUMNS)] + [ln for ln in lines[1:] if len(ln.split(",")) == len(HISTORY_COLUMNS)]
     if lines[-1].split(",")[1:2] != [version]:
-        row = {**summary, "step": len(lines), "acc": "" if rec["acc"] is None else f"{rec['acc']:.6f}", "bwt": f"{rec['bwt']:.6f}"}
+        row = {
+            **summary,
+            "step": len(lines),
+            "acc": "" if rec["acc"] is None else f"{rec['acc']:.6f}",
+            "bwt": f"{rec['bwt']:.6f}",
+        }
         write_atomic(ws.history_path, "\n".join(lines + [",".join(str(row[c]) for c in HISTORY_COLUMNS)]) + "\n")
     picture_path = ws.evaluations / f"{version}.png"
     if picture_path.is_file():
@@ -202,7 +246,13 @@ def evaluate_version(ws: Workspace, version: str, full: bool = False) -> dict:
     """Score what `plan` says (in this process, one load) and summarize."""
     cfg = load_params(ws.params_path).evaluate
     p = plan(ws, version, cfg, full)
-    return summarize(ws, version, score_tasks(ws, version, p["score"]), p["certified"], "full" if full or cfg.mode == "full" else cfg.mode)
+    return summarize(
+        ws,
+        version,
+        score_tasks(ws, version, p["score"]),
+        p["certified"],
+        "full" if full or cfg.mode == "full" else cfg.mode,
+    )
 
 
 def compare(recorded: dict, fresh: list[dict], tolerance: float = 1e-6) -> dict:
@@ -212,10 +262,17 @@ def compare(recorded: dict, fresh: list[dict], tolerance: float = 1e-6) -> dict:
     for r in fresh:
         old = recorded["scores"].get(r["task"])
         if r["score"] is not None and old is not None and abs(r["score"] - old) > tolerance:
-            diffs[r["task"]] = {"recorded": old, "now": r["score"], "certified": r["task"] in recorded.get("certified", [])}
+            diffs[r["task"]] = {
+                "recorded": old,
+                "now": r["score"],
+                "certified": r["task"] in recorded.get("certified", []),
+            }
     worst = max((abs(d["now"] - d["recorded"]) for d in diffs.values()), default=0.0)
     return {
-        "version": recorded["version"], "matches": not diffs, "worst_abs_diff": worst, "disagreements": diffs,
+        "version": recorded["version"],
+        "matches": not diffs,
+        "worst_abs_diff": worst,
+        "disagreements": diffs,
         "certificates_checked": len(recorded.get("certified", [])),
         "certificates_wrong": sorted(t for t, d in diffs.items() if d["certified"]),
         "scores": {r["task"]: r["score"] for r in fresh},
@@ -245,7 +302,9 @@ def picture(ws: Workspace, record: dict, path: Path) -> None:
     tasks = record["tasks"][-RECENT:]
     m = accuracy_matrix(ws, record["parent"], RECENT - 1, tasks) if record["parent"] else {"versions": [], "rows": []}
     versions = m["versions"] + [record["version"]]
-    grid = [[float("nan") if s is None else s for s in row] for row in m["rows"] + [[record["scores"][t] for t in tasks]]]
+    grid = [
+        [float("nan") if s is None else s for s in row] for row in m["rows"] + [[record["scores"][t] for t in tasks]]
+    ]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.2, 1]})
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for i, row in enumerate(grid):
@@ -257,7 +316,11 @@ def picture(ws: Workspace, record: dict, path: Path) -> None:
     ax.set_xlabel(f"evaluated on task (last {len(tasks)} of {len(record['tasks'])})")
     ax.set_ylabel("after version")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    drops = [(i, record["scores"][t] - record["first_scores"][t]) for i, t in enumerate(record["tasks"]) if record["scores"][t] is not None and record["first_scores"].get(t) is not None]
+    drops = [
+        (i, record["scores"][t] - record["first_scores"][t])
+        for i, t in enumerate(record["tasks"])
+        if record["scores"][t] is not None and record["first_scores"].get(t) is not None
+    ]
     certified = set(record["certified"])
     for flag, color, label in ((False, "tab:blue", "re-scored"), (True, "tab:gray", "certified unchanged")):
         pts = [(i, d) for i, d in drops if (record["tasks"][i] in certified) == flag]
@@ -268,7 +331,9 @@ def picture(ws: Workspace, record: dict, path: Path) -> None:
     ax2.set_ylabel("score now − when learned (points)")
     ax2.legend(loc="lower left", fontsize=8)
     acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
-    fig.suptitle(f"{record['version']}: {len(record['tasks'])} tasks, ACC {acc}, BWT {record['bwt']:+.3f}; re-scored {len(record['rescored'])}, certified {len(record['certified'])}")
+    fig.suptitle(
+        f"{record['version']}: {len(record['tasks'])} tasks, ACC {acc}, BWT {record['bwt']:+.3f}; re-scored {len(record['rescored'])}, certified {len(record['certified'])}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -278,7 +343,11 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
-def main(version: str, workspace: Path = typer.Option(Path(".")), full: bool = typer.Option(False, help="re-score every task (no certificates)")) -> None:
+def main(
+    version: str,
+    workspace: Path = typer.Option(Path(".")),
+    full: bool = typer.Option(False, help="re-score every task (no certificates)"),
+) -> None:
     """Evaluate VERSION; write evaluations/VERSION.json and .png."""
     rec = evaluate_version(Workspace(workspace), version, full)
     typer.echo(json.dumps({k: rec[k] for k in ("version", "acc", "bwt", "scores", "rescored", "certified")}, indent=2))

@@ -21,7 +21,13 @@ def main(params: Path = typer.Option(Path("params.yaml")), out: Path = typer.Opt
     if not cfg or not cfg.get("names"):
         raise typer.BadParameter(f"{params}: needs a 'tasks:' section with 'names'")
     shutil.rmtree(out, ignore_errors=True)  # a DVC out: rebuilt whole
-    dirs = generate_tasks(out, names=list(cfg["names"]), seed=int(cfg.get("seed", 0)), n_train=int(cfg.get("n_train", 256)), n_eval=int(cfg.get("n_eval", 128)))
+    dirs = generate_tasks(
+        out,
+        names=list(cfg["names"]),
+        seed=int(cfg.get("seed", 0)),
+        n_train=int(cfg.get("n_train", 256)),
+        n_eval=int(cfg.get("n_eval", 128)),
+    )
     typer.echo(f"wrote {len(dirs)} tasks to {out}")
 
 

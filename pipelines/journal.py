@@ -28,7 +28,21 @@ from pathlib import Path
 
 from .workspace import Workspace, write_atomic
 
-STEPS = ("validate", "ingest", "build", "stage", "evaluate", "lineage", "run", "model_version", "alias", "head", "push", "ledger", "mark")
+STEPS = (
+    "validate",
+    "ingest",
+    "build",
+    "stage",
+    "evaluate",
+    "lineage",
+    "run",
+    "model_version",
+    "alias",
+    "head",
+    "push",
+    "ledger",
+    "mark",
+)
 OPEN, PUBLISHED, DISCARDED = "open", "published", "discarded"
 FAULT_ENV = "SHARE_FAULT_AFTER"
 
@@ -55,15 +69,30 @@ class Journal:
         return cls(path, json.loads(path.read_text())) if path.is_file() else None
 
     @classmethod
-    def open(cls, ws: Workspace, provenance: dict, kind: str, version: str, parent: str | None, flow_run: str | None = None) -> Journal:
+    def open(
+        cls, ws: Workspace, provenance: dict, kind: str, version: str, parent: str | None, flow_run: str | None = None
+    ) -> Journal:
         """A new journal planning `version` on `parent` (an earlier closed journal of the same
         landing is kept in its history)."""
         old = cls.find(ws, provenance)
-        history = (old.data.get("history", []) + [{k: old.data[k] for k in ("version", "parent", "status")}]) if old else []
-        j = cls(ws.journals / f"{journal_id(provenance)}.json", {
-            "provenance": provenance, "kind": kind, "version": version, "parent": parent, "status": OPEN,
-            "steps": {}, "started": None, "flow_runs": [flow_run] if flow_run else [], "opened": _now(), "history": history,
-        })
+        history = (
+            (old.data.get("history", []) + [{k: old.data[k] for k in ("version", "parent", "status")}]) if old else []
+        )
+        j = cls(
+            ws.journals / f"{journal_id(provenance)}.json",
+            {
+                "provenance": provenance,
+                "kind": kind,
+                "version": version,
+                "parent": parent,
+                "status": OPEN,
+                "steps": {},
+                "started": None,
+                "flow_runs": [flow_run] if flow_run else [],
+                "opened": _now(),
+                "history": history,
+            },
+        )
         j._write()
         return j
 

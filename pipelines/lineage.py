@@ -30,7 +30,20 @@ from .params import BUILD_SECTIONS, Params, save_params
 from .workspace import Workspace, write_atomic
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-IGNORED = ["mlflow.db", "mlartifacts/", ".lock", ".chain-id", "ledger.json", "journal/", "watcher-ledger.json", "HEAD", ".prefect/", "evaluations/", "bucket/", "dvc-remote/"]
+IGNORED = [
+    "mlflow.db",
+    "mlartifacts/",
+    ".lock",
+    ".chain-id",
+    "ledger.json",
+    "journal/",
+    "watcher-ledger.json",
+    "HEAD",
+    ".prefect/",
+    "evaluations/",
+    "bucket/",
+    "dvc-remote/",
+]
 
 
 def _git(root: Path, *args: str) -> str:
@@ -40,7 +53,9 @@ def _git(root: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def init_workspace(root: Path, remote: str | None = None, endpoint_url: str | None = None, params: Params | None = None) -> None:
+def init_workspace(
+    root: Path, remote: str | None = None, endpoint_url: str | None = None, params: Params | None = None
+) -> None:
     """Make `root` a git + DVC repo with params.yaml (`params`, default: the defaults; an
     existing one is kept), an empty dvc.yaml and (optionally) a default remote (a local path or
     s3://…; credentials stay in the AWS environment). Idempotent."""
@@ -106,8 +121,13 @@ def reports(ws: Workspace) -> dict:
     """dvc.yaml's top-level metrics and plots: HEAD's metrics, the history of HEAD moves (ACC and
     BWT per step) and HEAD's heatmap (pipelines.evaluate.publish_head writes them)."""
     rel = lambda p: p.relative_to(ws.root).as_posix()  # noqa: E731
-    return {"metrics": [rel(ws.head_metrics_path)],
-            "plots": [{rel(ws.history_path): {"x": "step", "y": ["acc", "bwt"], "title": "ACC and BWT of HEAD, per version"}}, rel(ws.heatmap_path)]}
+    return {
+        "metrics": [rel(ws.head_metrics_path)],
+        "plots": [
+            {rel(ws.history_path): {"x": "step", "y": ["acc", "bwt"], "title": "ACC and BWT of HEAD, per version"}},
+            rel(ws.heatmap_path),
+        ],
+    }
 
 
 def add_version_stage(root: Path, version: str, landings: list[str], kind: str, parent: str | None) -> None:

@@ -94,13 +94,16 @@ class Params:
             section = getattr(self, f.name)
             out[f.name] = {
                 k.name: list(v) if isinstance(v := getattr(section, k.name), tuple) else v
-                for k in dataclasses.fields(section) if k.name not in NOT_PARAMS.get(f.name, ())
+                for k in dataclasses.fields(section)
+                if k.name not in NOT_PARAMS.get(f.name, ())
             }
         return out
 
     def replace(self, **sections: dict) -> Params:
         """A copy with some keys changed: replace(train={"steps": 30})."""
-        return dataclasses.replace(self, **{name: dataclasses.replace(getattr(self, name), **changes) for name, changes in sections.items()})
+        return dataclasses.replace(
+            self, **{name: dataclasses.replace(getattr(self, name), **changes) for name, changes in sections.items()}
+        )
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Params)}
@@ -127,9 +130,16 @@ def _typed(value, hint, key: str):
                     pass
         if t is str and isinstance(value, str):
             return value
-        if typing.get_origin(t) is tuple and isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+        if (
+            typing.get_origin(t) is tuple
+            and isinstance(value, (list, tuple))
+            and all(isinstance(x, str) for x in value)
+        ):
             return tuple(value)
-    names = " or ".join("empty" if t is type(None) else ("a list of names" if typing.get_origin(t) is tuple else t.__name__) for t in options)
+    names = " or ".join(
+        "empty" if t is type(None) else ("a list of names" if typing.get_origin(t) is tuple else t.__name__)
+        for t in options
+    )
     raise ValueError(f"{key} is {value!r}; expected {names}")
 
 

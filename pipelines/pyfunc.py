@@ -37,8 +37,14 @@ def signature(family_name: str):
     from mlflow.types.schema import Array, ColSpec, Schema
 
     column = INPUT.get(family_name, "text")
-    outputs = [ColSpec("string", "completion")] if family_name == CAUSAL_LM else [ColSpec("string", "label"), ColSpec(Array("double"), "probabilities")]
-    return ModelSignature(inputs=Schema([ColSpec("string", "task"), ColSpec("string", column)]), outputs=Schema(outputs))
+    outputs = (
+        [ColSpec("string", "completion")]
+        if family_name == CAUSAL_LM
+        else [ColSpec("string", "label"), ColSpec(Array("double"), "probabilities")]
+    )
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "task"), ColSpec("string", column)]), outputs=Schema(outputs)
+    )
 
 
 def write_model(out: Path, ws: Workspace, version: str) -> Path:
@@ -52,9 +58,22 @@ def write_model(out: Path, ws: Workspace, version: str) -> Path:
     params = load_params(ws.params_path)
     fam = params.base.family
     # what serving needs, as the version was registered: later edits of params.yaml change nothing here
-    serving = {"max_length": params.train.max_length, "batch_size": params.evaluate.batch_size, "max_new_tokens": params.evaluate.max_new_tokens}
-    config = {"workspace": str(ws.root), "version": version, "content_hash": manifest["content_hash"], "state_sha256": manifest["state_sha256"],
-              "family": fam, "tasks": [t["name"] for t in manifest["tasks"]], "base": params.to_dict()["base"], "seed": params.train.seed, "serving": serving}
+    serving = {
+        "max_length": params.train.max_length,
+        "batch_size": params.evaluate.batch_size,
+        "max_new_tokens": params.evaluate.max_new_tokens,
+    }
+    config = {
+        "workspace": str(ws.root),
+        "version": version,
+        "content_hash": manifest["content_hash"],
+        "state_sha256": manifest["state_sha256"],
+        "family": fam,
+        "tasks": [t["name"] for t in manifest["tasks"]],
+        "base": params.to_dict()["base"],
+        "seed": params.train.seed,
+        "serving": serving,
+    }
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     model = Model(signature=signature(fam), metadata={"share_version": version})
     mlflow.pyfunc.add_to_model(model, loader_module=__name__, data=CONFIG)
@@ -70,7 +89,9 @@ class SubspaceModel:
         self.family = family(config["family"])
         self.column = INPUT.get(config["family"], "text")
         self.labels = {t.name: list(t.info.get("labels", [])) for t in share.state.tasks}
-        self.lock = threading.Lock()  # the scoring server runs requests in threads; a mixed batch sets per-row task ids on the shared layers
+        self.lock = (
+            threading.Lock()
+        )  # the scoring server runs requests in threads; a mixed batch sets per-row task ids on the shared layers
 
     def predict(self, model_input, params=None):
         import pandas as pd
@@ -82,7 +103,9 @@ class SubspaceModel:
         tasks, inputs = [str(t) for t in df["task"]], [str(x) for x in df[self.column]]
         unknown = sorted(set(tasks) - set(self.labels))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown[:5]} in version {self.config['version']}; it serves {sorted(self.labels)[:20]}")
+            raise ValueError(
+                f"unknown task(s) {unknown[:5]} in version {self.config['version']}; it serves {sorted(self.labels)[:20]}"
+            )
         serving = self.config["serving"]
         with self.lock:
             out = self.family.predict(self.share, self.tok, tasks, inputs, **serving)
@@ -102,11 +125,17 @@ def _load_pyfunc(data_path: str) -> SubspaceModel:
     config = json.loads(Path(data_path).read_text())
     ws = Workspace(Path(os.environ.get("SHARE_WORKSPACE") or config["workspace"]))
     if not ws.versions.is_dir():
-        raise FileNotFoundError(f"no Share workspace at {ws.root} (the registered model opens its version there; set $SHARE_WORKSPACE to a clone of it)")
+        raise FileNotFoundError(
+            f"no Share workspace at {ws.root} (the registered model opens its version there; set $SHARE_WORKSPACE to a clone of it)"
+        )
     version = config["version"]
-    lineage.checkout_version(ws.root, version)  # the version and the chain it is stored on, pulled from the DVC remote when missing
+    lineage.checkout_version(
+        ws.root, version
+    )  # the version and the chain it is stored on, pulled from the DVC remote when missing
     manifest = st.read_manifest(ws.version_dir(version))
     if manifest["state_sha256"] != config["state_sha256"]:
-        raise ValueError(f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model {config['state_sha256'][:12]}…: another chain")
+        raise ValueError(
+            f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model {config['state_sha256'][:12]}…: another chain"
+        )
     model, tok = load_base(BaseSpec(**config["base"]), config["seed"])
     return SubspaceModel(config, ShareModel(model, st.load(ws.version_dir(version))).eval(), tok)

@@ -53,7 +53,9 @@ def _registered(c, name: str):
     try:
         return c.get_registered_model(name)
     except MlflowException:
-        return c.create_registered_model(name, description="Share: one shared LoRA subspace per layer, one version per landing.")
+        return c.create_registered_model(
+            name, description="Share: one shared LoRA subspace per layer, one version per landing."
+        )
 
 
 def _clean(d: dict) -> dict:
@@ -62,7 +64,11 @@ def _clean(d: dict) -> dict:
 
 
 def model_version_of(c, model_name: str, version: str):
-    hits = [mv for mv in c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'") if mv.tags.get("share.discarded") != "true"]
+    hits = [
+        mv
+        for mv in c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'")
+        if mv.tags.get("share.discarded") != "true"
+    ]
     if not hits:
         raise KeyError(f"version {version} is not registered under {model_name!r}")
     return max(hits, key=lambda mv: int(mv.version))
@@ -92,39 +98,55 @@ def forgetting_gate(new: dict, champion: dict | None, tolerance: float) -> dict:
     return {"passed": worst <= tolerance, "drops": drops, "worst_drop": worst, "against": champion["version"]}
 
 
-def gate_for(ws: Workspace, version: str, *, model_name: str, tolerance: float, tracking_uri: str | None = None) -> dict:
+def gate_for(
+    ws: Workspace, version: str, *, model_name: str, tolerance: float, tracking_uri: str | None = None
+) -> dict:
     """The forgetting gate of `version` against the current champion's recorded scores."""
     champ_id = _alias_version(client(ws, tracking_uri), model_name, CHAMPION)
     champ = json.loads(ws.evaluation_path(champ_id).read_text()) if champ_id and champ_id != version else None
-    return {**forgetting_gate(json.loads(ws.evaluation_path(version).read_text()), champ, tolerance), "champion_before": champ_id}
+    return {
+        **forgetting_gate(json.loads(ws.evaluation_path(version).read_text()), champ, tolerance),
+        "champion_before": champ_id,
+    }
 
 
 def _tags(ws: Workspace, version: str, manifest: dict, record: dict, landing: dict, lineage: dict, gate: dict) -> dict:
-    tags = _clean({
-        "share.version": version,
-        "share.parent": manifest["parent"] or "",
-        "share.task": ",".join(manifest["extra"].get("added", [])),
-        "share.kind": manifest["extra"].get("kind", ""),
-        "share.content_hash": manifest["content_hash"],
-        "landing.key": str(landing.get("key", landing.get("batch", ""))),
-        "landing.etag": str(landing.get("etag", "")),
-        "lineage.git_rev": lineage.get("git_rev", ""),
-        "lineage.dvc_stage": lineage.get("dvc_stage", ""),
-        "lineage.dvc_hashes": json.dumps(lineage.get("dvc_hashes", {}), sort_keys=True)[:4900],
-        "share.state_sha256": manifest["state_sha256"],
-        "evaluation.certified": str(len(record.get("certified", []))),
-        "evaluation.rescored": str(len(record.get("rescored", record["tasks"]))),
-        "gate.passed": str(gate["passed"]).lower(),
-        "acc": "" if record["acc"] is None else f"{record['acc']:.6f}",
-        "bwt": f"{record['bwt']:.6f}",
-    })
+    tags = _clean(
+        {
+            "share.version": version,
+            "share.parent": manifest["parent"] or "",
+            "share.task": ",".join(manifest["extra"].get("added", [])),
+            "share.kind": manifest["extra"].get("kind", ""),
+            "share.content_hash": manifest["content_hash"],
+            "landing.key": str(landing.get("key", landing.get("batch", ""))),
+            "landing.etag": str(landing.get("etag", "")),
+            "lineage.git_rev": lineage.get("git_rev", ""),
+            "lineage.dvc_stage": lineage.get("dvc_stage", ""),
+            "lineage.dvc_hashes": json.dumps(lineage.get("dvc_hashes", {}), sort_keys=True)[:4900],
+            "share.state_sha256": manifest["state_sha256"],
+            "evaluation.certified": str(len(record.get("certified", []))),
+            "evaluation.rescored": str(len(record.get("rescored", record["tasks"]))),
+            "gate.passed": str(gate["passed"]).lower(),
+            "acc": "" if record["acc"] is None else f"{record['acc']:.6f}",
+            "bwt": f"{record['bwt']:.6f}",
+        }
+    )
     for t in manifest["tasks"]:
         if t["name"] in manifest["extra"].get("added", []) and t["info"].get("data_hash"):
             tags[f"data_hash.{t['name']}"] = t["info"]["data_hash"]
     return tags
 
 
-def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, lineage: dict, gate: dict, tracking_uri: str | None = None) -> str:
+def log_run(
+    ws: Workspace,
+    version: str,
+    *,
+    model_name: str,
+    landing: dict,
+    lineage: dict,
+    gate: dict,
+    tracking_uri: str | None = None,
+) -> str:
     """The version's MLflow run (params, metrics, manifest, evaluation): its id. Idempotent: a
     FINISHED run of this exact version (content hash) is reused; one left RUNNING by a crash
     is ended FAILED and replaced."""
@@ -133,7 +155,9 @@ def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, line
     manifest = st.read_manifest(vdir)
     record = json.loads(ws.evaluation_path(version).read_text())
     exp_id = _experiment(c, ws, model_name, tracking_uri)
-    for old in c.search_runs([exp_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{manifest['content_hash']}'"):
+    for old in c.search_runs(
+        [exp_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{manifest['content_hash']}'"
+    ):
         if old.info.status == "FINISHED":
             return old.info.run_id
         if old.info.status == "RUNNING":
@@ -142,7 +166,14 @@ def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, line
     rid = c.create_run(exp_id, run_name=version, tags=tags).info.run_id
     try:
         policy = manifest["policy"]
-        params = {"version": version, "parent": manifest["parent"] or "none", "tasks": len(manifest["tasks"]), "phi": manifest["phi"], **{f"policy.{k}": v for k, v in policy.items()}, "base_model": manifest["base_model"]["id"]}
+        params = {
+            "version": version,
+            "parent": manifest["parent"] or "none",
+            "tasks": len(manifest["tasks"]),
+            "phi": manifest["phi"],
+            **{f"policy.{k}": v for k, v in policy.items()},
+            "base_model": manifest["base_model"]["id"],
+        }
         if ws.params_path.is_file():
             import yaml
 
@@ -152,24 +183,66 @@ def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, line
             c.log_param(rid, k, "none" if v is None else str(v)[:500])
         acct = manifest["extra"].get("accounting") or accounting(st.load(vdir))
         rescored = record.get("rescored", record["tasks"])
-        metrics = {"acc": record["acc"], "bwt": record["bwt"], "tasks_certified": len(record.get("certified", [])), "tasks_rescored": len(rescored)}
+        metrics = {
+            "acc": record["acc"],
+            "bwt": record["bwt"],
+            "tasks_certified": len(record.get("certified", [])),
+            "tasks_rescored": len(rescored),
+        }
         # every task's score (a chart per task across versions); its majority baseline and the
         # merge's ΔW error only for the tasks scored now (a certified task's did not change)
         metrics.update({f"score.{t}": s for t, s in record["scores"].items()})
         metrics.update({f"majority.{t}": record["majority"][t] for t in rescored})
-        metrics.update({f"reconstruction_error.{t}": e for t, e in manifest["extra"].get("reconstruction_error", {}).items() if t in rescored})
-        metrics.update({k: acct[k] for k in ("basis_params", "coefficient_params", "head_params", "share_params", "lora_per_task_params", "share_bytes", "lora_per_task_bytes", "ratio_vs_lora")})
+        metrics.update(
+            {
+                f"reconstruction_error.{t}": e
+                for t, e in manifest["extra"].get("reconstruction_error", {}).items()
+                if t in rescored
+            }
+        )
+        metrics.update(
+            {
+                k: acct[k]
+                for k in (
+                    "basis_params",
+                    "coefficient_params",
+                    "head_params",
+                    "share_params",
+                    "lora_per_task_params",
+                    "share_bytes",
+                    "lora_per_task_bytes",
+                    "ratio_vs_lora",
+                )
+            }
+        )
         ts = int(time.time() * 1000)
         from mlflow.entities import Metric
 
         batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), METRICS_PER_CALL):
-            c.log_batch(rid, metrics=batch[i:i + METRICS_PER_CALL])
+            c.log_batch(rid, metrics=batch[i : i + METRICS_PER_CALL])
         # the tensors live once, in DVC (workspace cache + remote); the run holds the manifest
         # and where to get them, not a third and fourth copy
         c.log_artifact(rid, str(vdir / "manifest.json"), "subspace")
-        c.log_text(rid, json.dumps({"path": f"versions/{version}", "dvc_stage": lineage.get("dvc_stage", ""), "dvc_hashes": lineage.get("dvc_hashes", {}), "git_rev": lineage.get("git_rev", ""), "chain": manifest["storage"]["chain"], "state_sha256": manifest["state_sha256"]}, indent=2, sort_keys=True), "subspace/dvc.json")
-        with tempfile.TemporaryDirectory() as tmp:  # subspace/ is also an MLflow model (pyfunc flavor) that loads this version
+        c.log_text(
+            rid,
+            json.dumps(
+                {
+                    "path": f"versions/{version}",
+                    "dvc_stage": lineage.get("dvc_stage", ""),
+                    "dvc_hashes": lineage.get("dvc_hashes", {}),
+                    "git_rev": lineage.get("git_rev", ""),
+                    "chain": manifest["storage"]["chain"],
+                    "state_sha256": manifest["state_sha256"],
+                },
+                indent=2,
+                sort_keys=True,
+            ),
+            "subspace/dvc.json",
+        )
+        with (
+            tempfile.TemporaryDirectory() as tmp
+        ):  # subspace/ is also an MLflow model (pyfunc flavor) that loads this version
             c.log_artifacts(rid, str(write_model(Path(tmp) / "model", ws, version)), "subspace")
         for f in (ws.evaluation_path(version), ws.evaluations / f"{version}.png"):
             if f.is_file():
@@ -182,7 +255,9 @@ def log_run(ws: Workspace, version: str, *, model_name: str, landing: dict, line
     return rid
 
 
-def register_model_version(ws: Workspace, version: str, run_id: str, *, model_name: str, gate: dict, tracking_uri: str | None = None) -> str:
+def register_model_version(
+    ws: Workspace, version: str, run_id: str, *, model_name: str, gate: dict, tracking_uri: str | None = None
+) -> str:
     """The registered model version of `version` (its number). Idempotent: one already
     registered for this version from this run is returned, never a second one."""
     c = client(ws, tracking_uri)
@@ -193,7 +268,13 @@ def register_model_version(ws: Workspace, version: str, run_id: str, *, model_na
     run = c.get_run(run_id)
     manifest = st.read_manifest(ws.version_dir(version))
     record = json.loads(ws.evaluation_path(version).read_text())
-    mv = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/subspace", run_id=run_id, tags=dict(run.data.tags), description=_description(version, manifest, record, gate))
+    mv = c.create_model_version(
+        model_name,
+        source=f"{run.info.artifact_uri}/subspace",
+        run_id=run_id,
+        tags=dict(run.data.tags),
+        description=_description(version, manifest, record, gate),
+    )
     return str(mv.version)
 
 
@@ -208,7 +289,9 @@ def aliases(ws: Workspace, *, model_name: str, tracking_uri: str | None = None) 
     return {a: (str(current[a]) if a in current else None) for a in (CANDIDATE, CHAMPION)}
 
 
-def move_aliases(ws: Workspace, model_version: str, *, model_name: str, promote: bool, tracking_uri: str | None = None) -> None:
+def move_aliases(
+    ws: Workspace, model_version: str, *, model_name: str, promote: bool, tracking_uri: str | None = None
+) -> None:
     """`candidate` → model_version, and `champion` too when the gate passed (idempotent)."""
     c = client(ws, tracking_uri)
     c.set_registered_model_alias(model_name, CANDIDATE, model_version)
@@ -216,7 +299,16 @@ def move_aliases(ws: Workspace, model_version: str, *, model_name: str, promote:
         c.set_registered_model_alias(model_name, CHAMPION, model_version)
 
 
-def discard_version(ws: Workspace, version: str, content_hash: str, *, model_name: str, aliases_before: dict | None, reason: str, tracking_uri: str | None = None) -> None:
+def discard_version(
+    ws: Workspace,
+    version: str,
+    content_hash: str,
+    *,
+    model_name: str,
+    aliases_before: dict | None,
+    reason: str,
+    tracking_uri: str | None = None,
+) -> None:
     """Undo what a stale update published in MLflow — only what carries its version's content
     hash: its runs end FAILED, its model versions are tagged discarded, and aliases it moved go
     back to where they were."""
@@ -248,13 +340,21 @@ def discard_version(ws: Workspace, version: str, content_hash: str, *, model_nam
 
 def registration(version: str, model_version: str, run_id: str, gate: dict) -> dict:
     """What an update reports about its registration."""
-    return {"model_version": model_version, "run_id": run_id, "promoted": gate["passed"], "gate": gate, "champion": version if gate["passed"] else gate.get("champion_before")}
+    return {
+        "model_version": model_version,
+        "run_id": run_id,
+        "promoted": gate["passed"],
+        "gate": gate,
+        "champion": version if gate["passed"] else gate.get("champion_before"),
+    }
 
 
 def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
     added = ", ".join(manifest["extra"].get("added", [])) or "—"
     scores = ", ".join(f"{t} {s:.3f}" for t, s in record["scores"].items() if s is not None)
-    verdict = "passed" if gate["passed"] else f"failed (worst drop {gate.get('worst_drop', 0):.3f} vs {gate['against']})"
+    verdict = (
+        "passed" if gate["passed"] else f"failed (worst drop {gate.get('worst_drop', 0):.3f} vs {gate['against']})"
+    )
     acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
     return (
         f"Share subspace {version} (parent {manifest['parent'] or 'none'}): {manifest['extra'].get('kind', '')} {added}. "
@@ -270,7 +370,10 @@ def registered_versions(c, model_name: str) -> list[str]:
         hits = c.search_model_versions(f"name='{model_name}'")
     except MlflowException:
         return []
-    return sorted({v for mv in hits if (v := mv.tags.get("share.version")) and mv.tags.get("share.discarded") != "true"}, key=lambda v: (len(v), v))
+    return sorted(
+        {v for mv in hits if (v := mv.tags.get("share.version")) and mv.tags.get("share.discarded") != "true"},
+        key=lambda v: (len(v), v),
+    )
 
 
 def rollback_target(ws: Workspace, text: str, *, model_name: str, tracking_uri: str | None = None) -> str:
@@ -280,7 +383,9 @@ def rollback_target(ws: Workspace, text: str, *, model_name: str, tracking_uri: 
     return parse_version_id(text, registered_versions(client(ws, tracking_uri), model_name))
 
 
-def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", tracking_uri: str | None = None) -> dict:
+def rollback(
+    ws: Workspace, version: str, *, model_name: str, reason: str = "", tracking_uri: str | None = None
+) -> dict:
     """Point `champion` at `version`, make it the workspace HEAD, record the rollback as a run.
     `version` may be written v3 / 3 / v0003; an unknown one raises VersionIdError before
     anything changes. When `version` is already the champion and the HEAD this is a no-op
@@ -290,12 +395,30 @@ def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", 
     version = parse_version_id(version, registered_versions(c, model_name))
     mv = model_version_of(c, model_name, version)
     if not (ws.version_dir(version) / "manifest.json").is_file():
-        raise FileNotFoundError(f"versions/{version} is missing from the workspace; restore it (dvc pull {version}) before rolling back")
+        raise FileNotFoundError(
+            f"versions/{version} is missing from the workspace; restore it (dvc pull {version}) before rolling back"
+        )
     previous = _alias_version(c, model_name, CHAMPION)
     if previous == version and ws.head() == version:
-        return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": None, "noop": True}
+        return {
+            "champion": version,
+            "previous": previous,
+            "model_version": str(mv.version),
+            "run_id": None,
+            "noop": True,
+        }
     exp_id = _experiment(c, ws, model_name, tracking_uri)
-    run = c.create_run(exp_id, run_name=f"rollback-to-{version}", tags={"share.event": "rollback", "share.version": version, "rollback.from": previous or "", "rollback.head_from": ws.head() or "", "rollback.reason": reason[:4900]})
+    run = c.create_run(
+        exp_id,
+        run_name=f"rollback-to-{version}",
+        tags={
+            "share.event": "rollback",
+            "share.version": version,
+            "rollback.from": previous or "",
+            "rollback.head_from": ws.head() or "",
+            "rollback.reason": reason[:4900],
+        },
+    )
     c.log_param(run.info.run_id, "to_version", version)
     c.log_param(run.info.run_id, "from_version", previous or "none")
     c.set_terminated(run.info.run_id, "FINISHED")
@@ -305,9 +428,17 @@ def rollback(ws: Workspace, version: str, *, model_name: str, reason: str = "", 
     ws.set_head(version)
     from .evaluate import publish_head, read_record
 
-    if read_record(ws, version) is not None:  # a version pulled back without its (untracked) record: rollback re-evaluates it
+    if (
+        read_record(ws, version) is not None
+    ):  # a version pulled back without its (untracked) record: rollback re-evaluates it
         publish_head(ws, version)
-    return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": run.info.run_id, "noop": False}
+    return {
+        "champion": version,
+        "previous": previous,
+        "model_version": str(mv.version),
+        "run_id": run.info.run_id,
+        "noop": False,
+    }
 
 
 def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
@@ -328,11 +459,19 @@ def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
         t = mv.tags
         if t.get("share.discarded") == "true":  # published by an update that was discarded after a crash
             continue
-        rows.append({
-            "version": t.get("share.version"), "model_version": str(mv.version), "aliases": sorted(by_mv.get(str(mv.version), [])),
-            "task": t.get("share.task"), "parent": t.get("share.parent"), "acc": t.get("acc") or None, "bwt": t.get("bwt") or None,
-            "gate": t.get("gate.passed"), "source": mv.source,
-        })
+        rows.append(
+            {
+                "version": t.get("share.version"),
+                "model_version": str(mv.version),
+                "aliases": sorted(by_mv.get(str(mv.version), [])),
+                "task": t.get("share.task"),
+                "parent": t.get("share.parent"),
+                "acc": t.get("acc") or None,
+                "bwt": t.get("bwt") or None,
+                "gate": t.get("gate.passed"),
+                "source": mv.source,
+            }
+        )
     return sorted(rows, key=lambda r: int(r["model_version"]))
 
 
@@ -346,7 +485,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
-def versions(model_name: str = "share-subspace", workspace: Path = typer.Option(Path(".")), tracking_uri: str | None = None) -> None:
+def versions(
+    model_name: str = "share-subspace", workspace: Path = typer.Option(Path(".")), tracking_uri: str | None = None
+) -> None:
     """Print the registered versions as JSON."""
     ws = Workspace(workspace)
     typer.echo(json.dumps(list_versions(model_name, tracking_uri or ws.tracking_uri), indent=2))

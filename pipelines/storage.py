@@ -85,14 +85,22 @@ def group_landings(objects: dict[str, str], prefix: str) -> list[Landing]:
     for key, etag in objects.items():
         if not key.startswith(base):
             continue
-        parts = key[len(base):].split("/", 2)
+        parts = key[len(base) :].split("/", 2)
         if len(parts) < 3 or parts[0] not in KINDS or not parts[1]:
             continue
         groups.setdefault((parts[0], parts[1]), {})[parts[2]] = etag
     out = []
     for (kind_dir, task), files in groups.items():
         if SPEC in files:
-            out.append(Landing(key=f"{base}{kind_dir}/{task}/{SPEC}", etag=landing_etag(files), kind=KINDS[kind_dir], task=task, files=tuple(sorted(files))))
+            out.append(
+                Landing(
+                    key=f"{base}{kind_dir}/{task}/{SPEC}",
+                    etag=landing_etag(files),
+                    kind=KINDS[kind_dir],
+                    task=task,
+                    files=tuple(sorted(files)),
+                )
+            )
     return sorted(out, key=lambda lnd: lnd.key)
 
 
@@ -144,7 +152,7 @@ class Storage:
         base = f"{self.prefix.strip('/')}/" if self.prefix else ""
         if not key.startswith(base) or not key.endswith(f"/{SPEC}"):
             return None
-        under = key[len(base): -len(SPEC)]
+        under = key[len(base) : -len(SPEC)]
         return next((lnd for lnd in group_landings(self.objects(under), self.prefix) if lnd.key == key), None)
 
     def download(self, landing: Landing, dest: Path) -> Path:
@@ -165,7 +173,13 @@ class Storage:
         history = self.status_history(landing)
         if status != PROCESSED and any(r.get("etag") == landing.etag and r.get("status") == PROCESSED for r in history):
             return self.status_of(landing)
-        record = {"key": landing.key, "etag": landing.etag, "status": status, **detail, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        record = {
+            "key": landing.key,
+            "etag": landing.etag,
+            "status": status,
+            **detail,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if "reason" in record:
             record["reason"] = bound_text(record["reason"])
 
@@ -232,7 +246,11 @@ class LocalStorage(Storage):
         return p
 
     def objects(self, under: str = "") -> dict[str, str]:
-        top = self._path("/".join(x.strip("/") for x in (self.prefix, under) if x.strip("/"))) if (self.prefix or under) else self.root
+        top = (
+            self._path("/".join(x.strip("/") for x in (self.prefix, under) if x.strip("/")))
+            if (self.prefix or under)
+            else self.root
+        )
         if not top.is_dir():
             return {}
         out = {}
@@ -262,7 +280,9 @@ class LocalStorage(Storage):
 class S3Storage(Storage):
     """A bucket (and prefix) on any S3: AWS, MinIO, moto (`endpoint_url`)."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None
+    ) -> None:
         import boto3
 
         self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
@@ -304,7 +324,10 @@ def redact_url(url: str) -> str:
         p = urlparse(str(url))
         host = p.netloc.rpartition("@")[2]
         netloc = f"{REDACTED}@{host}" if "@" in p.netloc else p.netloc
-        query = [(k if OPTION_NAME.match(k) else REDACTED, redact_url(v) if k in S3_OPTIONS else REDACTED) for k, v in parse_qsl(p.query, keep_blank_values=True)]
+        query = [
+            (k if OPTION_NAME.match(k) else REDACTED, redact_url(v) if k in S3_OPTIONS else REDACTED)
+            for k, v in parse_qsl(p.query, keep_blank_values=True)
+        ]
         if p.query and not query:
             query = [(REDACTED, "")]
         return urlunparse((p.scheme, netloc, p.path, p.params, urlencode(query, safe="*:/@"), ""))
@@ -336,7 +359,9 @@ def open_storage(url: str) -> Storage:
         unknown = set(q) - set(S3_OPTIONS)
         if unknown:
             names = sorted(k if OPTION_NAME.match(k) else REDACTED for k in unknown)
-            raise StorageError(f"storage URL {shown}: unknown options {names} (known: {', '.join(S3_OPTIONS)}); credentials come from the AWS environment or profile, never the URL")
+            raise StorageError(
+                f"storage URL {shown}: unknown options {names} (known: {', '.join(S3_OPTIONS)}); credentials come from the AWS environment or profile, never the URL"
+            )
         endpoint = q.get("endpoint_url") or None
         if endpoint and "@" in urlparse(endpoint).netloc:
             raise StorageError("credentials do not belong in an endpoint URL; use the AWS environment or profile")

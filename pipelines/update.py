@@ -25,6 +25,7 @@ from share_core.taskdata import data_hash, load_task, read_task_spec
 from .params import Params, load_params
 from .workspace import Workspace
 
+
 def landing_hash(landing: Path, kind: str) -> str:
     if kind == "dataset":
         return data_hash(landing)
@@ -34,7 +35,9 @@ def landing_hash(landing: Path, kind: str) -> str:
     return h.hexdigest()
 
 
-def build_version(landings: list[Path], kind: str, out: Path, parent: Path | None, params: Params, provenance: dict | None = None) -> dict:
+def build_version(
+    landings: list[Path], kind: str, out: Path, parent: Path | None, params: Params, provenance: dict | None = None
+) -> dict:
     """Write version `out` (atomically) from `parent` + `landings`; return its manifest.
 
     Each task records its landing directory's name (where its eval data lives) and
@@ -51,15 +54,32 @@ def build_version(landings: list[Path], kind: str, out: Path, parent: Path | Non
     infos = []
     for landing in landings:
         spec = read_task_spec(landing / "task.yaml")
-        infos.append({"labels": list(spec.labels), "type": spec.type, "data_hash": landing_hash(landing, kind), "kind": kind, "landing": landing.name})
+        infos.append(
+            {
+                "labels": list(spec.labels),
+                "type": spec.type,
+                "data_hash": landing_hash(landing, kind),
+                "kind": kind,
+                "landing": landing.name,
+            }
+        )
     if kind == "dataset":
         task = load_task(landings[0])
-        share, _ = learn(share, model, tok, task, params.train, params.policy, params.subspace.phi, params.base, {"train": 0.0})
+        share, _ = learn(
+            share, model, tok, task, params.train, params.policy, params.subspace.phi, params.base, {"train": 0.0}
+        )
         share.state.tasks[-1].info.update(infos[0])
     else:
         adapters = [read_adapter(p, name=read_task_spec(p / "task.yaml").name) for p in landings]
         if share is None:
-            share = ShareModel.from_adapters(model, adapters, base_model_id=params.base.model_id, policy=params.policy, phi=params.subspace.phi, infos=infos)
+            share = ShareModel.from_adapters(
+                model,
+                adapters,
+                base_model_id=params.base.model_id,
+                policy=params.policy,
+                phi=params.subspace.phi,
+                infos=infos,
+            )
         else:
             share.state.phi = params.subspace.phi
             share.absorb(adapters, infos, policy=params.policy)  # the params' k policy, not the parent's
@@ -70,7 +90,9 @@ def build_version(landings: list[Path], kind: str, out: Path, parent: Path | Non
         "reconstruction_error": share.last_errors,
         "code_version": share_core.__version__,
         "provenance": provenance or {},
-        "accounting": {k: v for k, v in accounting(share.state).items() if k != "k"},  # what MLflow logs, without a reload
+        "accounting": {
+            k: v for k, v in accounting(share.state).items() if k != "k"
+        },  # what MLflow logs, without a reload
     }
     st.save(share.state, out, params.subspace.compact_every)
     return st.read_manifest(out)

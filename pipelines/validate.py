@@ -19,7 +19,15 @@ from share_core.base import BaseSpec
 from share_core.families import family
 from share_core.model import check_adapter_fits
 from share_core.peft_io import TASK_CARD, AdapterError, read_adapter
-from share_core.taskdata import EVAL_FILE, SPEC_FILE, TaskFormatError, TaskSpec, load_task, read_examples, read_task_spec
+from share_core.taskdata import (
+    EVAL_FILE,
+    SPEC_FILE,
+    TaskFormatError,
+    TaskSpec,
+    load_task,
+    read_examples,
+    read_task_spec,
+)
 
 from .storage import SAFE_NAME
 from .workspace import MAX_REASON, bound_text
@@ -59,14 +67,18 @@ def check_names(names: list[str], kind: str) -> None:
         if not SAFE_NAME.match(name) or ".." in name:
             raise LandingRejected(f"object name {name!r} is not a plain file name (no '/', '..', or leading dot)")
         if name.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")):
-            raise LandingRejected(f"{name}: pickle-based weights are refused (unsafe to load); upload adapter_model.safetensors")
+            raise LandingRejected(
+                f"{name}: pickle-based weights are refused (unsafe to load); upload adapter_model.safetensors"
+            )
     required, optional = ALLOWED[kind]
     missing = sorted(required - set(names))
     if missing:
         raise LandingRejected(f"{kind} landing is missing {missing} (a {kind} needs {sorted(required)})")
     extra = sorted(set(names) - required - optional)
     if extra:
-        raise LandingRejected(f"unexpected file(s) {extra} in a {kind} landing (allowed: {sorted(required | optional)})")
+        raise LandingRejected(
+            f"unexpected file(s) {extra} in a {kind} landing (allowed: {sorted(required | optional)})"
+        )
 
 
 def _check_sizes(local: Path, names: list[str]) -> None:
@@ -106,21 +118,34 @@ def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: Bas
     adapter = read_adapter(local, name=spec.name)
     fam = family(base.family)
     if adapter.task_type and fam.peft_task_type and adapter.task_type != fam.peft_task_type:
-        raise LandingRejected(f"adapter_config.json: task_type {adapter.task_type!r} does not match this workspace's {base.family!r} base model (expected {fam.peft_task_type!r})")
+        raise LandingRejected(
+            f"adapter_config.json: task_type {adapter.task_type!r} does not match this workspace's {base.family!r} base model (expected {fam.peft_task_type!r})"
+        )
     if manifest:
         shapes = {name: (t["n"], t["d"]) for name, t in manifest["layers"].items()}
-        check_adapter_fits(adapter, manifest["base_model"]["id"], manifest["target_modules"], manifest["head_modules"], shapes, exact_layers=True)
+        check_adapter_fits(
+            adapter,
+            manifest["base_model"]["id"],
+            manifest["target_modules"],
+            manifest["head_modules"],
+            shapes,
+            exact_layers=True,
+        )
     else:  # the first version: the layers' shapes are checked when the subspace is built
         check_adapter_fits(adapter, base.model_id, base.targets(), base.heads())
     expected = fam.num_labels(spec)
     outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
     if expected is not None and expected not in outs:
-        raise LandingRejected(f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} (found {sorted(outs)})")
+        raise LandingRejected(
+            f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} (found {sorted(outs)})"
+        )
     if (local / EVAL_FILE).is_file():
         read_examples(local / EVAL_FILE, spec)
 
 
-def validate_landing(local: Path, kind: str, task: str, manifest: dict | None, base: BaseSpec, names: list[str] | None = None) -> TaskSpec:
+def validate_landing(
+    local: Path, kind: str, task: str, manifest: dict | None, base: BaseSpec, names: list[str] | None = None
+) -> TaskSpec:
     """Check a landing downloaded to `local` against the workspace's base model and family and
     the current version's `manifest` (None: the chain is empty). `names`: the landing's object
     names as listed in storage (default: the files in `local`). Returns its TaskSpec; raises
@@ -135,7 +160,11 @@ def validate_landing(local: Path, kind: str, task: str, manifest: dict | None, b
             _check_dataset(local)
         else:
             _check_adapter(local, spec, manifest, base)
-    except (TaskFormatError, AdapterError, ValueError) as e:  # ValueError: the base model's own config (e.g. no default targets)
+    except (
+        TaskFormatError,
+        AdapterError,
+        ValueError,
+    ) as e:  # ValueError: the base model's own config (e.g. no default targets)
         if isinstance(e, LandingRejected):
             raise
         raise LandingRejected(landing_reason(str(e), local)) from None
@@ -146,14 +175,21 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
-def main(landing: Path, kind: str = typer.Option(..., help="dataset | adapter"), params: Path = typer.Option(Path("params.yaml"), help="the workspace's params.yaml (its base section)"), version: Path | None = typer.Option(None, help="current version dir")) -> None:
+def main(
+    landing: Path,
+    kind: str = typer.Option(..., help="dataset | adapter"),
+    params: Path = typer.Option(Path("params.yaml"), help="the workspace's params.yaml (its base section)"),
+    version: Path | None = typer.Option(None, help="current version dir"),
+) -> None:
     """Validate a landing directory; exit 1 with the reason when it is refused."""
     from share_core.state import read_manifest
 
     from .params import load_params
 
     try:
-        spec = validate_landing(landing, kind, landing.name, read_manifest(version) if version else None, load_params(params).base)
+        spec = validate_landing(
+            landing, kind, landing.name, read_manifest(version) if version else None, load_params(params).base
+        )
     except LandingRejected as e:
         typer.echo(f"rejected: {e.reason}", err=True)
         raise typer.Exit(1) from None

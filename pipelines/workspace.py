@@ -139,7 +139,9 @@ class Workspace:
     def version_ids(self) -> list[str]:
         if not self.versions.is_dir():
             return []
-        return sorted(p.name for p in self.versions.iterdir() if VERSION_ID.match(p.name) and (p / "manifest.json").is_file())
+        return sorted(
+            p.name for p in self.versions.iterdir() if VERSION_ID.match(p.name) and (p / "manifest.json").is_file()
+        )
 
     def next_version_id(self) -> str:
         ids = self.version_ids()
@@ -205,7 +207,9 @@ class Workspace:
             raise ValueError(f"a ledger record needs 'etag' and 'status' strings, got {sorted(entry)}")
         history = self.ledger_history()
         records = history.get(key, [])
-        if entry["status"] != PROCESSED and any(r.get("etag") == entry["etag"] and r.get("status") == PROCESSED for r in records):
+        if entry["status"] != PROCESSED and any(
+            r.get("etag") == entry["etag"] and r.get("status") == PROCESSED for r in records
+        ):
             return self.processed_record(key, entry["etag"])
         record = {**entry, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if "reason" in record:

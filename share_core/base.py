@@ -61,7 +61,9 @@ class BaseSpec:
     def path(self) -> str:
         """Where the weights are: model_path, or the packaged MiniLM for its id."""
         if self.model_path is None and self.model_id != MINILM_ID:
-            raise ValueError(f"base.model_path is needed for base.model_id {self.model_id!r} (only {MINILM_ID!r} ships with the package)")
+            raise ValueError(
+                f"base.model_path is needed for base.model_id {self.model_id!r} (only {MINILM_ID!r} ships with the package)"
+            )
         return self.model_path or minilm_path()
 
     def model_type(self) -> str:
@@ -69,7 +71,9 @@ class BaseSpec:
         try:
             return _model_type(self.path)
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"base model {self.model_id!r}: no readable config.json with a model_type ({type(e).__name__})") from None
+            raise ValueError(
+                f"base model {self.model_id!r}: no readable config.json with a model_type ({type(e).__name__})"
+            ) from None
 
     def family_impl(self):
         from .families import family
@@ -124,9 +128,7 @@ def base_model_hash(model: nn.Module, head_modules: list[str]) -> str:
 def head_tensors(model: nn.Module, head_modules: list[str]) -> dict[str, torch.Tensor]:
     """Current parameters of the head modules, keyed like PEFT's modules_to_save."""
     return {
-        f"{m}.{k}": v.detach().cpu().clone()
-        for m in head_modules
-        for k, v in model.get_submodule(m).named_parameters()
+        f"{m}.{k}": v.detach().cpu().clone() for m in head_modules for k, v in model.get_submodule(m).named_parameters()
     }
 
 

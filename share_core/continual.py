@@ -24,17 +24,31 @@ class ContinualRun:
     errors: list[dict[str, float]] = field(default_factory=list)  # per step: task -> relative ΔW error
 
 
-def learn(share: ShareModel | None, model, tokenizer, task: TaskData, cfg: TrainConfig, policy: KPolicy, phi: int, base: BaseSpec, timing: dict[str, float]) -> tuple[ShareModel, dict[str, float]]:
+def learn(
+    share: ShareModel | None,
+    model,
+    tokenizer,
+    task: TaskData,
+    cfg: TrainConfig,
+    policy: KPolicy,
+    phi: int,
+    base: BaseSpec,
+    timing: dict[str, float],
+) -> tuple[ShareModel, dict[str, float]]:
     """One continual step: the first task trains as a plain LoRA on the base's target modules
     and heads and initialises the subspace; later ones train in it (with φ temporary
     directions) and merge under `policy`."""
     if task.spec.type != base.family:
-        raise ValueError(f"task {task.spec.name!r} is of type {task.spec.type!r}; the base model serves {base.family!r}")
+        raise ValueError(
+            f"task {task.spec.name!r} is of type {task.spec.type!r}; the base model serves {base.family!r}"
+        )
     t0 = time.perf_counter()
     info = {"labels": list(task.spec.labels)}
     if share is None:
         adapter = train_lora(model, tokenizer, task, cfg, base.targets(), base.heads(), base.model_id)
-        share = ShareModel.from_adapters(model, [adapter], base_model_id=base.model_id, policy=policy, phi=phi, infos=[{**info, "source": "dataset"}])
+        share = ShareModel.from_adapters(
+            model, [adapter], base_model_id=base.model_id, policy=policy, phi=phi, infos=[{**info, "source": "dataset"}]
+        )
         errors = {task.spec.name: 0.0}
     else:
         share.state.phi = phi  # the current params' φ, not the one the subspace was created with
@@ -53,7 +67,14 @@ def score_all(share: ShareModel, tokenizer, tasks: list[TaskData], max_length: i
     return out
 
 
-def run_continual(tasks: list[TaskData], cfg: TrainConfig, policy: KPolicy, phi: int = 2, base: BaseSpec | None = None, on_step: Callable[[int, AccuracyMatrix], None] | None = None) -> ContinualRun:
+def run_continual(
+    tasks: list[TaskData],
+    cfg: TrainConfig,
+    policy: KPolicy,
+    phi: int = 2,
+    base: BaseSpec | None = None,
+    on_step: Callable[[int, AccuracyMatrix], None] | None = None,
+) -> ContinualRun:
     """Learn `tasks` in order (strict: no replay) and fill the accuracy matrix."""
     base = base or BaseSpec()
     model, tok = load_base(base, cfg.seed)
@@ -62,7 +83,9 @@ def run_continual(tasks: list[TaskData], cfg: TrainConfig, policy: KPolicy, phi:
         share, errors = learn(share, model, tok, task, cfg, policy, phi, base, timing)
         all_errors.append(errors)
         t0 = time.perf_counter()
-        scores.add_row(task.spec.name, family_of(task.spec).baseline(task), score_all(share, tok, tasks[: i + 1], cfg.max_length))
+        scores.add_row(
+            task.spec.name, family_of(task.spec).baseline(task), score_all(share, tok, tasks[: i + 1], cfg.max_length)
+        )
         timing["evaluate"] += time.perf_counter() - t0
         if on_step:
             on_step(i, scores)

@@ -82,18 +82,40 @@ class Family:
         """The score a trivial predictor gets (shown next to every score); None: not defined."""
         return None
 
-    def encode(self, tok, spec: TaskSpec, rows: list[dict], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def encode(
+        self, tok, spec: TaskSpec, rows: list[dict], max_length: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict(self, model: ShareModel, tok, tasks: list[str], inputs: list[str], *, max_length: int, batch_size: int = 64, max_new_tokens: int = 16) -> list:
+    def predict(
+        self,
+        model: ShareModel,
+        tok,
+        tasks: list[str],
+        inputs: list[str],
+        *,
+        max_length: int,
+        batch_size: int = 64,
+        max_new_tokens: int = 16,
+    ) -> list:
         """What serving returns for row i (input text of task tasks[i]), in mixed-task batches:
         class probabilities (classification) or the greedy completion (causal LM)."""
         raise NotImplementedError
 
-    def score(self, model: nn.Module, tok, items: list[Item], *, max_length: int, batch_size: int = 64, max_new_tokens: int = 16, mixed: bool = True) -> dict[str, dict]:
+    def score(
+        self,
+        model: nn.Module,
+        tok,
+        items: list[Item],
+        *,
+        max_length: int,
+        batch_size: int = 64,
+        max_new_tokens: int = 16,
+        mixed: bool = True,
+    ) -> dict[str, dict]:
         """{task: {"score", "margin"}} over `items`: rows of different tasks in one batch on a
         ShareModel (mixed), else every row through the model as it is (one activated task)."""
         raise NotImplementedError
@@ -124,14 +146,26 @@ def _top2_gap(logits: torch.Tensor) -> torch.Tensor:
 
 def _chunks(items: list[Item], size: int) -> Iterable[list[Item]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 class SequenceClassification(Family):
     name = CLASSIFICATION
     auto_class = AutoModelForSequenceClassification
-    targets = {"bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "gpt2": ["c_attn"], **{t: LLAMA_TARGETS for t in LLAMA_LIKE}}
-    heads = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"], "gpt2": ["score"], **{t: ["score"] for t in LLAMA_LIKE}}
+    targets = {
+        "bert": ["query", "value"],
+        "roberta": ["query", "value"],
+        "distilbert": ["q_lin", "v_lin"],
+        "gpt2": ["c_attn"],
+        **{t: LLAMA_TARGETS for t in LLAMA_LIKE},
+    }
+    heads = {
+        "bert": ["classifier"],
+        "roberta": ["classifier"],
+        "distilbert": ["pre_classifier", "classifier"],
+        "gpt2": ["score"],
+        **{t: ["score"] for t in LLAMA_LIKE},
+    }
 
     def load_kwargs(self) -> dict:
         return {"num_labels": 2}  # every task installs a head of its own label count
@@ -159,8 +193,18 @@ class SequenceClassification(Family):
         return data.majority_accuracy()
 
     def encode(self, tok, spec, rows, max_length, device):
-        enc = tok([r[spec.text_field] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([spec.labels.index(r[spec.label_field]) for r in rows])}
+        enc = tok(
+            [r[spec.text_field] for r in rows],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([spec.labels.index(r[spec.label_field]) for r in rows]),
+        }
         return {k: v.to(device) for k, v in batch.items()}
 
     def loss(self, model, batch):
@@ -172,8 +216,16 @@ class SequenceClassification(Family):
         device = next(model.parameters()).device
         out = []
         for start in range(0, len(inputs), batch_size):
-            enc = tok(inputs[start:start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            logits = model.forward_mixed(tasks[start:start + batch_size], **{k: enc[k].to(device) for k in ("input_ids", "attention_mask")})
+            enc = tok(
+                inputs[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            logits = model.forward_mixed(
+                tasks[start : start + batch_size], **{k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+            )
             out += [row.float().softmax(-1).tolist() for row in logits]
         return out
 
@@ -182,7 +234,13 @@ class SequenceClassification(Family):
         device = next(model.parameters()).device
         tallies: dict[str, _Tally] = {}
         for chunk in _chunks(items, batch_size):
-            enc = tok([row[spec.text_field] for _, spec, row in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = tok(
+                [row[spec.text_field] for _, spec, row in chunk],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             if mixed and isinstance(model, ShareModel):  # per row: tasks differ in their label counts
                 logits = model.forward_mixed([t for t, _, _ in chunk], **inputs)
@@ -240,7 +298,9 @@ class CausalLM(Family):
         return ids[-keep:]
 
     def completion_ids(self, tok, spec: TaskSpec, row: dict, max_length: int) -> list[int]:
-        ids = tok(" " + row[spec.completion_field].strip(), add_special_tokens=False)["input_ids"][: max(1, max_length - 2)]
+        ids = tok(" " + row[spec.completion_field].strip(), add_special_tokens=False)["input_ids"][
+            : max(1, max_length - 2)
+        ]
         return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
 
     def encode(self, tok, spec, rows, max_length, device):
@@ -267,10 +327,14 @@ class CausalLM(Family):
     def predict(self, model, tok, tasks, inputs, *, max_length, batch_size=64, max_new_tokens=16):
         items = [(t, TaskSpec(name=t, type=CAUSAL_LM), {"prompt": x}) for t, x in zip(tasks, inputs)]
         out = {}
-        groups = [[i for i, x in enumerate(items) if x[0] == t] for t in dict.fromkeys(tasks)] if model.state.head_modules else [list(range(len(items)))]
+        groups = (
+            [[i for i, x in enumerate(items) if x[0] == t] for t in dict.fromkeys(tasks)]
+            if model.state.head_modules
+            else [list(range(len(items)))]
+        )
         for group in groups:  # per-task heads: one task per generation
             for start in range(0, len(group), batch_size):
-                idx = group[start:start + batch_size]
+                idx = group[start : start + batch_size]
                 texts, _ = self._generate(model, tok, [items[i] for i in idx], max_length, max_new_tokens, True)
                 out.update(zip(idx, texts))
         return [out[i] for i in range(len(items))]
@@ -280,16 +344,24 @@ class CausalLM(Family):
         tallies: dict[str, _Tally] = {}
         mixed = mixed and isinstance(model, ShareModel)
         if mixed and model.state.head_modules:
-            groups = [[x for x in items if x[0] == t] for t in dict.fromkeys(x[0] for x in items)]  # per-task heads: one task per generation
+            groups = [
+                [x for x in items if x[0] == t] for t in dict.fromkeys(x[0] for x in items)
+            ]  # per-task heads: one task per generation
         else:
             groups = [items]
         for group in groups:
             for chunk in _chunks(group, batch_size):
-                for (t, spec, row), text, gap in zip(chunk, *self._generate(model, tok, chunk, max_length, max_new_tokens, mixed)):
-                    tallies.setdefault(t, _Tally()).add(completion_metric(spec.metric, text, row[spec.completion_field]), gap)
+                for (t, spec, row), text, gap in zip(
+                    chunk, *self._generate(model, tok, chunk, max_length, max_new_tokens, mixed)
+                ):
+                    tallies.setdefault(t, _Tally()).add(
+                        completion_metric(spec.metric, text, row[spec.completion_field]), gap
+                    )
         return {t: tally.result() for t, tally in tallies.items()}
 
-    def _generate(self, model, tok, chunk: list[Item], max_length: int, max_new_tokens: int, mixed: bool) -> tuple[list[str], list[float]]:
+    def _generate(
+        self, model, tok, chunk: list[Item], max_length: int, max_new_tokens: int, mixed: bool
+    ) -> tuple[list[str], list[float]]:
         """Greedy completions of a left-padded batch, and each row's smallest top-2 logit gap
         over the tokens it generated (up to and including its EOS)."""
         device = next(model.parameters()).device
@@ -297,8 +369,16 @@ class CausalLM(Family):
         width, pad = max(map(len, prompts)), tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                      pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         if not mixed:
             out = (model.model if isinstance(model, ShareModel) else model).generate(**kwargs)
         elif model.state.head_modules:  # the chunk is one task's
@@ -308,7 +388,9 @@ class CausalLM(Family):
             with model.mixed([t for t, _, _ in chunk]):
                 out = model.model.generate(**kwargs)
         new = out.sequences[:, width:].cpu()
-        gaps = torch.stack([_top2_gap(step) for step in out.scores], 1).cpu()  # rows × steps: the gap of the scores greedy decoding chose from
+        gaps = torch.stack(
+            [_top2_gap(step) for step in out.scores], 1
+        ).cpu()  # rows × steps: the gap of the scores greedy decoding chose from
         texts, margins = [], []
         for i in range(len(chunk)):
             ids = new[i].tolist()

@@ -50,7 +50,13 @@ class ShareLinear(nn.Module):
         self.merged: int | None = None  # stored task whose ΔW is currently added to W0
 
     # ---- state -------------------------------------------------------------------------
-    def set_subspace(self, beta: torch.Tensor, alpha: torch.Tensor, coefs: list[tuple[torch.Tensor, torch.Tensor]], scales: list[float]) -> None:
+    def set_subspace(
+        self,
+        beta: torch.Tensor,
+        alpha: torch.Tensor,
+        coefs: list[tuple[torch.Tensor, torch.Tensor]],
+        scales: list[float],
+    ) -> None:
         """Install basis β (n×k_B), α (d×k_A) and per-task (E_B k_B×p_j, E_A k_A×p_j)."""
         if self.merged is not None:
             raise RuntimeError("unmerge the task from the base weights before changing the subspace")
@@ -71,7 +77,14 @@ class ShareLinear(nn.Module):
         self.coef_b, self.coef_a = cb, ca
         self.scales = torch.tensor(scales, device=dev, dtype=dt)
 
-    def open_slot(self, rank: int, phi: int, scale: float, generator: torch.Generator, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def open_slot(
+        self,
+        rank: int,
+        phi: int,
+        scale: float,
+        generator: torch.Generator,
+        init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Trainable coefficients for one task; ΔW starts at `init` (or 0: the B side is zero).
 
         φ temporary directions per side start orthogonal-ish random; their B-side
@@ -84,13 +97,17 @@ class ShareLinear(nn.Module):
             ea = torch.randn(ka, rank, generator=generator) / math.sqrt(max(ka, 1))
         else:
             eb, ea = init
-        self.slot = nn.ParameterDict({"coef_b": nn.Parameter(eb.to(dev, dt).clone()), "coef_a": nn.Parameter(ea.to(dev, dt).clone())})
+        self.slot = nn.ParameterDict(
+            {"coef_b": nn.Parameter(eb.to(dev, dt).clone()), "coef_a": nn.Parameter(ea.to(dev, dt).clone())}
+        )
         if phi > 0:
             n, d = self.out_features, self.in_features
             self.slot["dirs_b"] = nn.Parameter((torch.randn(n, phi, generator=generator) / math.sqrt(n)).to(dev, dt))
             self.slot["dirs_a"] = nn.Parameter((torch.randn(d, phi, generator=generator) / math.sqrt(d)).to(dev, dt))
             self.slot["tmp_b"] = nn.Parameter(torch.zeros(phi, rank, device=dev, dtype=dt))
-            self.slot["tmp_a"] = nn.Parameter((torch.randn(phi, rank, generator=generator) / math.sqrt(phi)).to(dev, dt))
+            self.slot["tmp_a"] = nn.Parameter(
+                (torch.randn(phi, rank, generator=generator) / math.sqrt(phi)).to(dev, dt)
+            )
         self.slot_scale = scale
 
     def close_slot(self) -> None:
@@ -151,7 +168,7 @@ class ShareLinear(nn.Module):
         if self.merged is not None:
             raise RuntimeError("mixed-task batches need every task unmerged")
         shape = x.shape
-        z = (x.reshape(shape[0], -1, shape[-1]) @ self.alpha)  # b×L×k_A
+        z = x.reshape(shape[0], -1, shape[-1]) @ self.alpha  # b×L×k_A
         u = torch.bmm(z, self.coef_a[ids]) * self.scales[ids].view(-1, 1, 1)  # b×L×P
         v = torch.bmm(u, self.coef_b[ids].transpose(1, 2))  # b×L×k_B
         return (v @ self.beta.T).reshape(*shape[:-1], self.out_features)

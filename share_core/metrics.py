@@ -36,13 +36,22 @@ class AccuracyMatrix:
         return sum(self.rows[i][j] - self.rows[j][j] for j in range(i)) / i
 
     def to_dict(self) -> dict:
-        return {"tasks": self.tasks, "matrix": self.rows, "majority": self.majority, "acc": self.acc(), "bwt": self.bwt()}
+        return {
+            "tasks": self.tasks,
+            "matrix": self.rows,
+            "majority": self.majority,
+            "acc": self.acc(),
+            "bwt": self.bwt(),
+        }
 
     def table(self) -> list[list[str]]:
         """Rows for printing: header, one row per step, then the majority baseline."""
         head = ["after \\ on"] + self.tasks + ["ACC", "BWT"]
         body = [
-            [t] + [f"{v:.3f}" for v in row] + [""] * (len(self.tasks) - len(row)) + [f"{self.acc(i):.3f}", f"{self.bwt(i):+.3f}"]
+            [t]
+            + [f"{v:.3f}" for v in row]
+            + [""] * (len(self.tasks) - len(row))
+            + [f"{self.acc(i):.3f}", f"{self.bwt(i):+.3f}"]
             for i, (t, row) in enumerate(zip(self.tasks, self.rows))
         ]
         if all(m is None for m in self.majority):  # no trivial baseline (e.g. generation tasks)

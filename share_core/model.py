@@ -74,7 +74,16 @@ class ShareModel(nn.Module):
         return wrapped
 
     @classmethod
-    def from_adapters(cls, model: nn.Module, adapters: list[LoraAdapter], *, base_model_id: str, policy: subspace.KPolicy, phi: int = 2, infos: list[dict] | None = None) -> ShareModel:
+    def from_adapters(
+        cls,
+        model: nn.Module,
+        adapters: list[LoraAdapter],
+        *,
+        base_model_id: str,
+        policy: subspace.KPolicy,
+        phi: int = 2,
+        infos: list[dict] | None = None,
+    ) -> ShareModel:
         """Initialise the subspace from m ≥ 1 LoRA adapters (DESIGN §2, Initialization)."""
         if not adapters:
             raise ValueError("need at least one adapter to initialise a subspace")
@@ -89,7 +98,9 @@ class ShareModel(nn.Module):
         layers = sorted(first.factors)
         bases, per_task, worst = {}, [dict() for _ in adapters], {a.name: 0.0 for a in adapters}
         for layer in layers:
-            f = subspace.build([a.factors[layer][0] for a in adapters], [a.factors[layer][1].T for a in adapters], policy)
+            f = subspace.build(
+                [a.factors[layer][0] for a in adapters], [a.factors[layer][1].T for a in adapters], policy
+            )
             bases[layer] = (f.basis_b, f.basis_a)
             for j, a in enumerate(adapters):
                 per_task[j][layer] = (f.coefs_b[j], f.coefs_a[j])
@@ -100,9 +111,14 @@ class ShareModel(nn.Module):
             for j, a in enumerate(adapters)
         ]
         state = SubspaceState(
-            base_model_id=base_model_id, base_model_hash=base_model_hash(model, heads),
-            target_modules=list(targets), head_modules=list(heads), bases=bases, tasks=tasks,
-            policy=policy, phi=phi,
+            base_model_id=base_model_id,
+            base_model_hash=base_model_hash(model, heads),
+            target_modules=list(targets),
+            head_modules=list(heads),
+            bases=bases,
+            tasks=tasks,
+            policy=policy,
+            phi=phi,
         )
         share = cls(model, state, check_hash=False)
         share.last_errors = worst
@@ -181,7 +197,11 @@ class ShareModel(nn.Module):
         hooks = []
         if self.state.head_modules:
             head = self.model.get_submodule(self.state.head_modules[0])
-            hooks.append(head.register_forward_pre_hook(lambda m, args, kw: captured.update(args=args, kwargs=kw), with_kwargs=True))
+            hooks.append(
+                head.register_forward_pre_hook(
+                    lambda m, args, kw: captured.update(args=args, kwargs=kw), with_kwargs=True
+                )
+            )
         try:
             with self.mixed(tasks):
                 out = self.model(**inputs)
@@ -194,7 +214,11 @@ class ShareModel(nn.Module):
         result: list[torch.Tensor | None] = [None] * len(tasks)
         for t in dict.fromkeys(tasks):
             rows = [i for i, x in enumerate(tasks) if x == t]
-            params = {k[len(head_name) + 1:]: v.to(device) for k, v in self.state.task(t).heads.items() if k.startswith(head_name + ".")}
+            params = {
+                k[len(head_name) + 1 :]: v.to(device)
+                for k, v in self.state.task(t).heads.items()
+                if k.startswith(head_name + ".")
+            }
             args = tuple(a[rows] for a in captured["args"])
             logits = functional_call(head, params, args, captured["kwargs"])
             for j, i in enumerate(rows):
@@ -231,9 +255,15 @@ class ShareModel(nn.Module):
         t = self.state.task(task)
         factors = {ln: (b @ t.coefs[ln][0], (a @ t.coefs[ln][1]).T) for ln, (b, a) in self.state.bases.items()}
         return LoraAdapter(
-            name=task, rank=t.rank, lora_alpha=t.scale * t.rank, scale=t.scale,
-            target_modules=list(self.state.target_modules), factors=factors, heads=dict(t.heads),
-            modules_to_save=list(self.state.head_modules), base_model_name=self.state.base_model_id,
+            name=task,
+            rank=t.rank,
+            lora_alpha=t.scale * t.rank,
+            scale=t.scale,
+            target_modules=list(self.state.target_modules),
+            factors=factors,
+            heads=dict(t.heads),
+            modules_to_save=list(self.state.head_modules),
+            base_model_name=self.state.base_model_id,
         )
 
     def export_task(self, task: str, path, task_type: str | None = None) -> Path:
@@ -244,13 +274,25 @@ class ShareModel(nn.Module):
         adapter = self.task_adapter(task)
         adapter.task_type = task_type
         labels = list(self.state.task(task).info.get("labels", []))
-        card = {"task": task, "base_model": self.state.base_model_id, "base_model_hash": self.state.base_model_hash, "peft_task_type": task_type}
+        card = {
+            "task": task,
+            "base_model": self.state.base_model_id,
+            "base_model_hash": self.state.base_model_hash,
+            "peft_task_type": task_type,
+        }
         if labels:  # the head's size comes from the adapter (modules_to_save), whatever the checkpoint's head was
-            card["from_pretrained_kwargs"] = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)}, "ignore_mismatched_sizes": True}
+            card["from_pretrained_kwargs"] = {
+                "num_labels": len(labels),
+                "id2label": dict(enumerate(labels)),
+                "label2id": {x: i for i, x in enumerate(labels)},
+                "ignore_mismatched_sizes": True,
+            }
         return write_adapter(path, adapter, fan_in_fan_out=conv, extra={TASK_CARD: json.dumps(card, indent=1)})
 
     # ---- continual adaptation ----------------------------------------------------------------
-    def begin_task(self, name: str, *, rank: int, scale: float, num_labels: int | None, seed: int = 0, info: dict | None = None) -> list[nn.Parameter]:
+    def begin_task(
+        self, name: str, *, rank: int, scale: float, num_labels: int | None, seed: int = 0, info: dict | None = None
+    ) -> list[nn.Parameter]:
         """Open trainable coefficients (+φ temporary directions) and a fresh head for a new task.
 
         Returns exactly the parameters to optimise; the basis stays frozen.
@@ -265,7 +307,9 @@ class ShareModel(nn.Module):
         for layer in self.layers.values():
             layer.open_slot(rank, self.state.phi, scale, g)
         if self.state.head_modules:  # a fresh head of num_labels outputs, or (None) the pretrained head to train
-            self._install_head(self.new_head(num_labels, g) if num_labels is not None else dict(self._heads_backup), trainable=True)
+            self._install_head(
+                self.new_head(num_labels, g) if num_labels is not None else dict(self._heads_backup), trainable=True
+            )
         self.training_task = name
         self._pending = {"rank": rank, "scale": scale, "info": dict(info or {}), "finetune": False}
         return self.trainable_parameters()
@@ -294,14 +338,24 @@ class ShareModel(nn.Module):
         name, pend = self.training_task, self._pending
         heads = head_tensors(self.model, self.state.head_modules)
         if pend["finetune"]:
-            coefs = {ln: (l.slot["coef_b"].detach().cpu().clone(), l.slot["coef_a"].detach().cpu().clone()) for ln, l in self.layers.items()}
+            coefs = {
+                ln: (l.slot["coef_b"].detach().cpu().clone(), l.slot["coef_a"].detach().cpu().clone())
+                for ln, l in self.layers.items()
+            }
             new_state = copy.copy(self.state)
-            new_state.delta, new_state.content_hash = None, None  # a finetuned task is rewritten: the next save is a snapshot
+            new_state.delta, new_state.content_hash = (
+                None,
+                None,
+            )  # a finetuned task is rewritten: the next save is a snapshot
             new_state.tasks = [
-                TaskRecord(t.name, t.rank, t.scale, coefs, heads, {**t.info, "finetuned": True}) if t.name == name else t
+                TaskRecord(t.name, t.rank, t.scale, coefs, heads, {**t.info, "finetuned": True})
+                if t.name == name
+                else t
                 for t in self.state.tasks
             ]
-            errors = {t.name: 0.0 for t in self.state.tasks if t.name != name}  # no entry for `name`: evaluation re-scores it
+            errors = {
+                t.name: 0.0 for t in self.state.tasks if t.name != name
+            }  # no entry for `name`: evaluation re-scores it
         else:
             factors = {}
             for ln, l in self.layers.items():
@@ -316,7 +370,9 @@ class ShareModel(nn.Module):
         self.last_errors = errors
         return errors
 
-    def absorb(self, adapters: list[LoraAdapter], infos: list[dict] | None = None, policy: subspace.KPolicy | None = None) -> dict[str, float]:
+    def absorb(
+        self, adapters: list[LoraAdapter], infos: list[dict] | None = None, policy: subspace.KPolicy | None = None
+    ) -> dict[str, float]:
         """Fold LoRA adapters (no data) into the subspace in one merge; old data never touched."""
         names = [a.name for a in adapters]
         clash = set(names) & set(self.state.task_names)
@@ -324,16 +380,28 @@ class ShareModel(nn.Module):
             raise AdapterError(f"adapter names {sorted(clash) or names} already exist or repeat")
         for a in adapters:
             check_task_name(a.name)
-            check_adapter_fits(a, self.state.base_model_id, self.state.target_modules, self.state.head_modules, layer_shapes(self.model, self.state.bases), exact_layers=True)
+            check_adapter_fits(
+                a,
+                self.state.base_model_id,
+                self.state.target_modules,
+                self.state.head_modules,
+                layer_shapes(self.model, self.state.bases),
+                exact_layers=True,
+            )
         infos = infos or [{} for _ in adapters]
         factors = {
             ln: (
-                [a.factors[ln][0] for a in adapters], [a.factors[ln][1].T for a in adapters],
-                torch.cat([a.factors[ln][0] for a in adapters], 1), torch.cat([a.factors[ln][1].T for a in adapters], 1),
+                [a.factors[ln][0] for a in adapters],
+                [a.factors[ln][1].T for a in adapters],
+                torch.cat([a.factors[ln][0] for a in adapters], 1),
+                torch.cat([a.factors[ln][1].T for a in adapters], 1),
             )
             for ln in self.state.bases
         }
-        records = [TaskRecord(a.name, a.rank, a.scale, {}, dict(a.heads), {"source": "adapter", **i}) for a, i in zip(adapters, infos)]
+        records = [
+            TaskRecord(a.name, a.rank, a.scale, {}, dict(a.heads), {"source": "adapter", **i})
+            for a, i in zip(adapters, infos)
+        ]
         new_state, errors = _merged_state(self.state, records, factors, policy or self.state.policy)
         self._install(new_state)
         self.last_errors = errors
@@ -349,7 +417,14 @@ class ShareModel(nn.Module):
         self.activate(None)
 
 
-def check_adapter_fits(a: LoraAdapter, base_model_id: str, targets: list[str], heads: list[str], shapes: dict[str, tuple[int, int]] | None = None, exact_layers: bool = False) -> None:
+def check_adapter_fits(
+    a: LoraAdapter,
+    base_model_id: str,
+    targets: list[str],
+    heads: list[str],
+    shapes: dict[str, tuple[int, int]] | None = None,
+    exact_layers: bool = False,
+) -> None:
     """An adapter must be for this base model, these target modules and heads, and the layer
     shapes (n, d) in `shapes` (None: not known yet); with `exact_layers` it must adapt exactly
     those layers. Used
@@ -370,7 +445,9 @@ def check_adapter_fits(a: LoraAdapter, base_model_id: str, targets: list[str], h
             raise AdapterError(f"{src}: layer {layer!r} does not exist in the base model")
         n, d = shapes[layer]
         if b.shape[0] != n or A.shape[1] != d:
-            raise AdapterError(f"{src}: layer {layer}: factors imply {b.shape[0]}×{A.shape[1]}, the base layer is {n}×{d}")
+            raise AdapterError(
+                f"{src}: layer {layer}: factors imply {b.shape[0]}×{A.shape[1]}, the base layer is {n}×{d}"
+            )
 
 
 def layer_shapes(model: nn.Module, layers) -> dict[str, tuple[int, int]]:
@@ -392,7 +469,9 @@ def same_base_model(a: str, b: str) -> bool:
     return a == b or norm(a) == norm(b)
 
 
-def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict, policy: subspace.KPolicy) -> tuple[SubspaceState, dict[str, float]]:
+def _merged_state(
+    state: SubspaceState, records: list[TaskRecord], factors: dict, policy: subspace.KPolicy
+) -> tuple[SubspaceState, dict[str, float]]:
     """A new SubspaceState with `records` merged in. factors[layer] = (new B̂ list or tensor,
     new Â list or tensor, new directions B side n×c, A side d×c)."""
     new_bases, new_coefs, worst, frames = {}, [dict() for _ in state.tasks + records], {}, {}
@@ -401,7 +480,17 @@ def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict
     for ln in layers:
         fb, fa, db, da = factors[ln]
         old_b, old_a = [t.coefs[ln][0] for t in state.tasks], [t.coefs[ln][1] for t in state.tasks]
-        items.append((*state.bases[ln], old_b, old_a, db, da, fb if isinstance(fb, list) else [fb], fa if isinstance(fa, list) else [fa]))
+        items.append(
+            (
+                *state.bases[ln],
+                old_b,
+                old_a,
+                db,
+                da,
+                fb if isinstance(fb, list) else [fb],
+                fa if isinstance(fa, list) else [fa],
+            )
+        )
     for ln, f in zip(layers, subspace.merge_layers(items, policy)):  # layers of equal shapes are merged as one batch
         new_bases[ln] = (f.basis_b, f.basis_a)
         frames[ln] = (f.frame_b, f.frame_a)
@@ -410,8 +499,7 @@ def _merged_state(state: SubspaceState, records: list[TaskRecord], factors: dict
         for t, err in zip(state.tasks + records, f.errors):
             worst[t.name] = max(worst.get(t.name, 0.0), err)
     tasks = [
-        TaskRecord(t.name, t.rank, t.scale, new_coefs[j], t.heads, t.info)
-        for j, t in enumerate(state.tasks + records)
+        TaskRecord(t.name, t.rank, t.scale, new_coefs[j], t.heads, t.info) for j, t in enumerate(state.tasks + records)
     ]
     new_state = copy.copy(state)
     new_state.bases, new_state.tasks, new_state.policy = new_bases, tasks, policy

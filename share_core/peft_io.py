@@ -79,7 +79,9 @@ def _target_list(cfg: dict, source: str) -> list[str]:
     return sorted(t)
 
 
-def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: str, config_source: str | None = None) -> LoraAdapter:
+def parse_state_dict(
+    sd: dict[str, torch.Tensor], cfg: dict, name: str, source: str, config_source: str | None = None
+) -> LoraAdapter:
     """A LoraAdapter from PEFT's saved state-dict keys and config, with every check. Errors
     about the tensors name `source`, about the config `config_source` (default: `source`)."""
     config_source = config_source or source
@@ -89,7 +91,7 @@ def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: 
     for key, t in sd.items():
         if not key.startswith(PREFIX) or ".." in key:
             raise AdapterError(f"{source}: unexpected key {key!r} (expected the prefix {PREFIX!r})")
-        rel = key[len(PREFIX):]
+        rel = key[len(PREFIX) :]
         if not torch.is_floating_point(t) or not torch.isfinite(t).all():
             raise AdapterError(f"{source}: tensor {key} has NaN/Inf or is not floating point")
         if rel.endswith(".lora_A.weight"):
@@ -108,11 +110,19 @@ def parse_state_dict(sd: dict[str, torch.Tensor], cfg: dict, name: str, source: 
     for layer in sorted(a_side):
         b, a = b_side[layer], a_side[layer]
         if b.ndim != 2 or a.ndim != 2 or b.shape[1] != r or a.shape[0] != r:
-            raise AdapterError(f"{source}: layer {layer}: B {tuple(b.shape)} and A {tuple(a.shape)} do not have rank r={r}")
+            raise AdapterError(
+                f"{source}: layer {layer}: B {tuple(b.shape)} and A {tuple(a.shape)} do not have rank r={r}"
+            )
         factors[layer] = (b.float(), a.float())
     return LoraAdapter(
-        name=name, rank=r, lora_alpha=alpha, scale=scale, target_modules=_target_list(cfg, config_source),
-        factors=factors, heads={k: v.float() for k, v in heads.items()}, modules_to_save=heads_modules,
+        name=name,
+        rank=r,
+        lora_alpha=alpha,
+        scale=scale,
+        target_modules=_target_list(cfg, config_source),
+        factors=factors,
+        heads={k: v.float() for k, v in heads.items()},
+        modules_to_save=heads_modules,
         base_model_name=cfg.get("base_model_name_or_path"),
         task_type=cfg.get("task_type") if isinstance(cfg.get("task_type"), str) else None,
     )
@@ -127,7 +137,9 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     pickles = [p for p in PICKLE_FILES if (path / p).exists()]
     if pickles and not w_path.exists():
-        raise AdapterError(f"{pickles[0]}: pickle weights are refused (unsafe to load); save the adapter as safetensors")
+        raise AdapterError(
+            f"{pickles[0]}: pickle weights are refused (unsafe to load); save the adapter as safetensors"
+        )
     if not cfg_path.is_file():
         raise AdapterError(f"{CONFIG_FILE}: missing")
     if not w_path.is_file():
@@ -141,7 +153,9 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     try:
         sd = load_file(w_path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{WEIGHTS_FILE}: corrupt or unreadable safetensors ({str(e).replace(str(path), '')[:200]})") from None
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: corrupt or unreadable safetensors ({str(e).replace(str(path), '')[:200]})"
+        ) from None
     return parse_state_dict(sd, cfg, name, WEIGHTS_FILE, config_source=CONFIG_FILE)
 
 
@@ -155,7 +169,9 @@ def adapter_from_peft_model(peft_model, name: str, adapter_name: str = "default"
     return parse_state_dict(sd, cfg, name, f"PeftModel[{adapter_name}]")
 
 
-def write_adapter(path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out: bool = False, extra: dict[str, str] | None = None) -> Path:
+def write_adapter(
+    path: str | os.PathLike, adapter: LoraAdapter, fan_in_fan_out: bool = False, extra: dict[str, str] | None = None
+) -> Path:
     """Write `adapter` as a standard PEFT LoRA directory (atomically: temp dir + rename); its
     task_type is recorded when known (PeftModel.from_pretrained then builds the right class)."""
     path = Path(path)

@@ -127,7 +127,11 @@ def state_sha256(state: SubspaceState) -> str:
     """Digest of the materialised state: bases, every task's coefficients, scale and head, in
     order. Two states with the same digest serve every task identically (bit for bit)."""
     h = hashlib.sha256()
-    h.update(_canonical({"tasks": [[t.name, t.rank, t.scale, sorted(t.heads)] for t in state.tasks], "layers": sorted(state.bases)}))
+    h.update(
+        _canonical(
+            {"tasks": [[t.name, t.rank, t.scale, sorted(t.heads)] for t in state.tasks], "layers": sorted(state.bases)}
+        )
+    )
     for layer in sorted(state.bases):
         b, a = state.bases[layer]
         cb = _stacked([t.coefs[layer][0] for t in state.tasks])
@@ -150,7 +154,11 @@ def _manifest(state: SubspaceState, files: dict[str, str], storage: dict) -> dic
         "head_modules": list(state.head_modules),
         "layers": state.layer_table(),
         "phi": state.phi,
-        "policy": {"k_max": state.policy.k_max, "energy": state.policy.energy, "error_budget": state.policy.error_budget},
+        "policy": {
+            "k_max": state.policy.k_max,
+            "energy": state.policy.energy,
+            "error_budget": state.policy.error_budget,
+        },
         "tasks": [
             {"name": t.name, "rank": t.rank, "scale": t.scale, "heads": sorted(t.heads), "info": t.info}
             for t in state.tasks
@@ -213,9 +221,19 @@ def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
         return snapshot
     chain = pm["storage"]["chain"] + [state.parent]
     same_tasks = [t["name"] for t in pm["tasks"]] == state.task_names[: d.n_old]
-    if pm["content_hash"] != d.base_hash or not same_tasks or len(chain) > compact_every or set(d.frames) != set(state.bases):
+    if (
+        pm["content_hash"] != d.base_hash
+        or not same_tasks
+        or len(chain) > compact_every
+        or set(d.frames) != set(state.bases)
+    ):
         return snapshot
-    return {"kind": "delta", "chain": chain, "parent_content_hash": d.base_hash, "stored_tasks": state.task_names[d.n_old:]}
+    return {
+        "kind": "delta",
+        "chain": chain,
+        "parent_content_hash": d.base_hash,
+        "stored_tasks": state.task_names[d.n_old :],
+    }
 
 
 def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COMPACT_EVERY) -> str:
@@ -323,7 +341,10 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
     basis = _load_tensors(path / "basis.safetensors")
     stored = _load_tensors(path / "tasks.safetensors")
     storage = m["storage"]
-    bases = {layer: (_get(basis, f"{layer}.beta", "basis.safetensors"), _get(basis, f"{layer}.alpha", "basis.safetensors")) for layer in m["layers"]}
+    bases = {
+        layer: (_get(basis, f"{layer}.beta", "basis.safetensors"), _get(basis, f"{layer}.alpha", "basis.safetensors"))
+        for layer in m["layers"]
+    }
     names = [t["name"] for t in m["tasks"]]
     new = storage["stored_tasks"]
     if storage["kind"] == "delta":
@@ -336,14 +357,20 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
         if names != old + new:
             raise VersionError(f"{path}: tasks {names} are not the parent's {old} followed by the stored {new}")
         coefs = {
-            layer: [apply_frame(_get(basis, f"{layer}.frame_{s}", "basis.safetensors"), parent.coefs[layer][i]) for i, s in enumerate("ba")]
+            layer: [
+                apply_frame(_get(basis, f"{layer}.frame_{s}", "basis.safetensors"), parent.coefs[layer][i])
+                for i, s in enumerate("ba")
+            ]
             for layer in m["layers"]
         }
         heads = parent.heads
     else:
         if new != names:
             raise VersionError(f"{path}: a snapshot must store every task")
-        coefs = {layer: [torch.zeros(bases[layer][0].shape[1], 0), torch.zeros(bases[layer][1].shape[1], 0)] for layer in m["layers"]}
+        coefs = {
+            layer: [torch.zeros(bases[layer][0].shape[1], 0), torch.zeros(bases[layer][1].shape[1], 0)]
+            for layer in m["layers"]
+        }
         heads = {}
     for name in new:
         check_task_name(name)
@@ -352,7 +379,7 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
             for i, s in enumerate("ba"):
                 coefs[layer][i] = torch.cat([coefs[layer][i], _get(stored, f"{name}/coef_{s}.{layer}", where)], 1)
         prefix = f"{name}/head."
-        heads[name] = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+        heads[name] = {k[len(prefix) :]: v for k, v in stored.items() if k.startswith(prefix)}
     return _Stacked(m, bases, coefs, heads)
 
 
@@ -366,10 +393,19 @@ def load(path: str | os.PathLike) -> SubspaceState:
     split = {}
     for layer, (cb, ca) in s.coefs.items():
         if cb.shape[1] != sum(widths) or ca.shape[1] != sum(widths):
-            raise VersionError(f"{path}: layer {layer}: coefficients of {cb.shape[1]} columns, the tasks' ranks add to {sum(widths)}")
+            raise VersionError(
+                f"{path}: layer {layer}: coefficients of {cb.shape[1]} columns, the tasks' ranks add to {sum(widths)}"
+            )
         split[layer] = (torch.split(cb, widths, 1), torch.split(ca, widths, 1))
     tasks = [
-        TaskRecord(e["name"], e["rank"], e["scale"], {layer: (split[layer][0][j], split[layer][1][j]) for layer in m["layers"]}, s.heads[e["name"]], e["info"])
+        TaskRecord(
+            e["name"],
+            e["rank"],
+            e["scale"],
+            {layer: (split[layer][0][j], split[layer][1][j]) for layer in m["layers"]},
+            s.heads[e["name"]],
+            e["info"],
+        )
         for j, e in enumerate(m["tasks"])
     ]
     pol = m["policy"]

@@ -78,7 +78,9 @@ class Fold:
     stacked_b: torch.Tensor  # k_B×Σp: every task's coefficients side by side (task j: widths[j] columns)
     stacked_a: torch.Tensor  # k_A×Σp
     widths: list[int]
-    singular_b: torch.Tensor  # leading singular values of the stack (all q of them, or the leading ℓ ≥ k_max a large build certified)
+    singular_b: (
+        torch.Tensor
+    )  # leading singular values of the stack (all q of them, or the leading ℓ ≥ k_max a large build certified)
     singular_a: torch.Tensor
     errors: list[float]  # per task: relative ΔW error of the fold against its input
     rotation_b: torch.Tensor | None = None  # q_B×k_B (float64): kept left singular vectors of the coordinates
@@ -232,8 +234,15 @@ def task_errors(gk_b: torch.Tensor, gd_b: torch.Tensor, gk_a: torch.Tensor, gd_a
     return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(total.dtype).tiny), dropped)
 
 
-def choose_k(s_b: torch.Tensor, s_a: torch.Tensor, policy: KPolicy, eps: float, errors_at: Callable[[int, int], Callable[[int, int], torch.Tensor]] | None = None,
-             ranks: tuple[int, int] | None = None, totals: tuple[float, float] | None = None) -> tuple[int, int]:
+def choose_k(
+    s_b: torch.Tensor,
+    s_a: torch.Tensor,
+    policy: KPolicy,
+    eps: float,
+    errors_at: Callable[[int, int], Callable[[int, int], torch.Tensor]] | None = None,
+    ranks: tuple[int, int] | None = None,
+    totals: tuple[float, float] | None = None,
+) -> tuple[int, int]:
     """(k_B, k_A) per `policy` from both sides' leading singular values (descending), their
     numerical ranks and total energies ‖C‖²_F (computed from the values when not given).
 
@@ -314,7 +323,9 @@ def _top_eig(gram: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor]
         residual = float((gu[:, :want] - u[:, :want] * theta[:want]).norm(dim=0).max()) / max(float(theta[0]), tiny)
         if residual <= TOP_EIG_TOL and frob2 - float(theta.pow(2).sum()) < float(theta[want - 1]) ** 2:
             return u, theta.sqrt()
-        if last is not None and residual > TOP_EIG_TOL:  # give up early when the convergence rate cannot get there in time
+        if (
+            last is not None and residual > TOP_EIG_TOL
+        ):  # give up early when the convergence rate cannot get there in time
             rate = residual / last if last > 0 else math.inf
             if rate >= 1 or math.log(TOP_EIG_TOL / residual) / math.log(rate) > TOP_EIG_ITERATIONS - step - 1:
                 return None
@@ -373,8 +384,16 @@ class _Side:
     are batched over the layers; the per-layer matrices that scale with the tasks stay separate,
     so each layer's working set stays in cache."""
 
-    def __init__(self, q: torch.Tensor | None, widths: list[int], n_old: int = 0, c: list[list[torch.Tensor]] | None = None,
-                 p: torch.Tensor | None = None, e: list[torch.Tensor] | None = None, c_new: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        q: torch.Tensor | None,
+        widths: list[int],
+        n_old: int = 0,
+        c: list[list[torch.Tensor]] | None = None,
+        p: torch.Tensor | None = None,
+        e: list[torch.Tensor] | None = None,
+        c_new: torch.Tensor | None = None,
+    ) -> None:
         self.q, self.widths, self.c, self.p, self.e, self.c_new = q, widths, c, p, e, c_new
         self.parts = [widths] if c is not None else [w for w in (widths[:n_old], widths[n_old:]) if w]
 
@@ -385,7 +404,9 @@ class _Side:
             for layer in range(len(self.c)):
                 g = None
                 for _, chunk in self._chunks(layer):
-                    g = _symmetric_gram(chunk.T, out=g if g is not None else chunk.new_zeros(chunk.shape[0], chunk.shape[0]))
+                    g = _symmetric_gram(
+                        chunk.T, out=g if g is not None else chunk.new_zeros(chunk.shape[0], chunk.shape[0])
+                    )
                 grams.append(_mirror(g))
             return torch.stack(grams) if len(grams) > 1 else grams[0].unsqueeze(0)
         g = self.c_new @ self.c_new.mT if self.c_new is not None else 0
@@ -401,7 +422,9 @@ class _Side:
             return None, None
         return u.mT @ self._at(self.p, idx), (u.mT @ self._at(self.c_new, idx) if self.c_new is not None else None)
 
-    def split(self, u: torch.Tensor, prepared: tuple, i: int, layer: int, k: int, exact: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def split(
+        self, u: torch.Tensor, prepared: tuple, i: int, layer: int, k: int, exact: bool = False
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Truncate one layer (position i of `prepare`'s layers, u: its q×q singular directions) to
         the first k directions: (frame, kept rows u[:, :k]ᵀC as one block per part (the given C;
         or old tasks, new tasks), per-task G(C[:k]) and G(C[k:]) (T×P×P)).
@@ -415,7 +438,9 @@ class _Side:
             uk, rows, dropped = u[:, :k], [], []
             for widths, chunk in self._chunks(layer):  # a few tasks at a time: O(m·chunk) memory
                 part = uk.T @ chunk  # k×cols: the kept rows
-                if chunk.shape[0] - k > k:  # the dropped rows' Gram as the residual's, transposed (task-major), ≤ 32 tasks at a time
+                if (
+                    chunk.shape[0] - k > k
+                ):  # the dropped rows' Gram as the residual's, transposed (task-major), ≤ 32 tasks at a time
                     start = 0
                     for a in range(0, len(widths), 32):
                         stop = start + sum(widths[a : a + 32])
@@ -427,7 +452,12 @@ class _Side:
                     dropped.append(_task_major_grams(chunk.T @ u[:, k:], widths))
                 rows.append(part)
             kept = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
-            return None, [kept], _task_major_grams(kept.T, self.widths), torch.cat(dropped, 0) if len(dropped) > 1 else dropped[0]
+            return (
+                None,
+                [kept],
+                _task_major_grams(kept.T, self.widths),
+                torch.cat(dropped, 0) if len(dropped) > 1 else dropped[0],
+            )
         rotated, new = prepared
         frame, parts = rotated[i, :k], []
         rows_t = u.new_empty(sum(self.widths), u.shape[0])  # every task's rotated rows, task-major: [kept | dropped]
@@ -490,8 +520,12 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
     singular values, same vectors up to sign) at O(n·q² + q²·Σp) with q = k + new columns in a
     merge: nothing n×n or n×Σp is formed, and no step loops over tasks in Python."""
     gram_b, gram_a = side_b.gram(), side_a.gram()
-    (u_b, s_b), (u_a, s_a) = (_gram_eig(g, policy.k_max, partial=side.c is not None) for g, side in ((gram_b, side_b), (gram_a, side_a)))
-    totals = list(zip(gram_b.diagonal(0, -2, -1).sum(-1).tolist(), gram_a.diagonal(0, -2, -1).sum(-1).tolist()))  # ‖C‖²_F per layer
+    (u_b, s_b), (u_a, s_a) = (
+        _gram_eig(g, policy.k_max, partial=side.c is not None) for g, side in ((gram_b, side_b), (gram_a, side_a))
+    )
+    totals = list(
+        zip(gram_b.diagonal(0, -2, -1).sum(-1).tolist(), gram_a.diagonal(0, -2, -1).sum(-1).tolist())
+    )  # ‖C‖²_F per layer
     eps = torch.finfo(dtype).eps
     layers, q_b, q_a = u_b.shape[0], gram_b.shape[-1], gram_a.shape[-1]
 
@@ -499,18 +533,23 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
         def at(cap_b, cap_a):
             (hb, tb), (ha, ta) = _error_curve(side_b, u_b, layer, cap_b), _error_curve(side_a, u_a, layer, cap_a)
             return lambda kb, ka: task_errors(hb[:, kb], tb[:, kb], ha[:, ka], ta[:, ka])
+
         return at
 
     groups: dict[tuple[int, int], list[int]] = {}
     for layer, ranks in enumerate(zip(_ranks(s_b, eps, q_b), _ranks(s_a, eps, q_a))):
-        groups.setdefault(choose_k(s_b[layer], s_a[layer], policy, eps, errors_at(layer), ranks, totals[layer]), []).append(layer)
+        groups.setdefault(
+            choose_k(s_b[layer], s_a[layer], policy, eps, errors_at(layer), ranks, totals[layer]), []
+        ).append(layer)
     out: list[Fold | None] = [None] * layers
     for (kb, ka), idx in groups.items():
         sides = []
         for side, u, k in ((side_b, u_b, kb), (side_a, u_a, ka)):
             u_idx = u if len(idx) == layers else u[idx]
             sides.append((side, u_idx, k, side.prepare(u_idx, idx, k), side.basis(u_idx[..., :k], idx).to(dtype)))
-        for i, layer in enumerate(idx):  # per layer: every product here scales with the tasks, so each layer's stays in cache
+        for i, layer in enumerate(
+            idx
+        ):  # per layer: every product here scales with the tasks, so each layer's stays in cache
             res = []
             for side, u, k, prepared, basis in sides:
                 frame, parts, gk, gd = side.split(u[i], prepared, i, layer, k, exact=merging)
@@ -518,9 +557,18 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
                 res.append((u[i, :, :k], frame, coefs, gk, gd, basis[i]))
             (rot_b, frame_b, coefs_b, gk_b, gd_b, basis_b), (rot_a, frame_a, coefs_a, gk_a, gd_a, basis_a) = res
             out[layer] = Fold(
-                basis_b=basis_b, basis_a=basis_a, stacked_b=coefs_b, stacked_a=coefs_a, widths=side_b.widths,
-                singular_b=s_b[layer].to(dtype), singular_a=s_a[layer].to(dtype), errors=task_errors(gk_b, gd_b, gk_a, gd_a).tolist(),
-                rotation_b=rot_b, rotation_a=rot_a, frame_b=frame_b, frame_a=frame_a,
+                basis_b=basis_b,
+                basis_a=basis_a,
+                stacked_b=coefs_b,
+                stacked_a=coefs_a,
+                widths=side_b.widths,
+                singular_b=s_b[layer].to(dtype),
+                singular_a=s_a[layer].to(dtype),
+                errors=task_errors(gk_b, gd_b, gk_a, gd_a).tolist(),
+                rotation_b=rot_b,
+                rotation_a=rot_a,
+                frame_b=frame_b,
+                frame_a=frame_a,
             )
     return out
 
@@ -544,7 +592,14 @@ def build(factors_b: list[torch.Tensor], factors_a: list[torch.Tensor], policy: 
     return _fold(_build_side(factors_b), _build_side(factors_a), policy, factors_b[0].dtype, merging=False)[0]
 
 
-def _merge_side(bases: list[torch.Tensor], old: list[list[torch.Tensor] | SideBySide], dirs: list[torch.Tensor], new: list[list[torch.Tensor]], widths: list[int], n_old: int) -> _Side:
+def _merge_side(
+    bases: list[torch.Tensor],
+    old: list[list[torch.Tensor] | SideBySide],
+    dirs: list[torch.Tensor],
+    new: list[list[torch.Tensor]],
+    widths: list[int],
+    n_old: int,
+) -> _Side:
     """One side of L layers (same shapes) for a merge: q = QR([β, new directions]) batched over
     the layers; the old factors β·E are P·E with P = R[:, :k] (= qᵀβ, so β need not be exactly
     orthonormal in float64: q spans it exactly); the new factors' coordinates qᵀF."""
@@ -569,10 +624,22 @@ def merge_layers(layers: list[tuple], policy: KPolicy) -> list[Fold]:
     for i, (bb, ba, ob, _, db, da, nb, _) in enumerate(layers):
         old_widths = tuple(_widths(ob))
         widths = old_widths + tuple(f.shape[1] for f in nb)
-        groups.setdefault((tuple(bb.shape), tuple(ba.shape), tuple(db.shape), tuple(da.shape), len(old_widths), widths), []).append(i)
+        groups.setdefault(
+            (tuple(bb.shape), tuple(ba.shape), tuple(db.shape), tuple(da.shape), len(old_widths), widths), []
+        ).append(i)
     for (*_, n_old, widths), idx in groups.items():
         items = [layers[i] for i in idx]
-        sides = [_merge_side([it[s] for it in items], [it[2 + s] for it in items], [it[4 + s] for it in items], [it[6 + s] for it in items], list(widths), n_old) for s in (0, 1)]
+        sides = [
+            _merge_side(
+                [it[s] for it in items],
+                [it[2 + s] for it in items],
+                [it[4 + s] for it in items],
+                [it[6 + s] for it in items],
+                list(widths),
+                n_old,
+            )
+            for s in (0, 1)
+        ]
         for i, f in zip(idx, _fold(*sides, policy, layers[idx[0]][0].dtype, merging=True)):
             out[i] = f
     return out
@@ -605,7 +672,9 @@ def merge(
     return merge_layers([(basis_b, basis_a, old_b, old_a, new_dirs_b, new_dirs_a, new_b, new_a)], policy)[0]
 
 
-def apply_frame(frame: torch.Tensor, coefs: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor] | torch.Tensor:
+def apply_frame(
+    frame: torch.Tensor, coefs: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor] | torch.Tensor:
     """Old tasks' coefficients after a merge: E' = frame · E (frame: k'×k float64; E: k×p each).
 
     A merge moves every old task only by this per-module change of coordinates, so a version

@@ -23,8 +23,8 @@ import torch
 import yaml
 from torch import nn
 
-from .layer import in_out_features
 from .base import head_tensors, last_linear
+from .layer import in_out_features
 from .model import is_target
 from .peft_io import LoraAdapter, write_adapter
 from .taskdata import EVAL_FILE, SPEC_FILE, read_examples, read_task_spec
@@ -35,7 +35,14 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0-3 of the tiny causal
 # usual 0.02 a frozen head's logits stay below ~1.5 whatever a LoRA does, and with embeddings
 # of std ≥ 1 the untrained model's strong "repeat the current word" prior stops a LoRA from
 # learning to copy words from elsewhere in the prompt within 150 steps.
-TINY_CAUSAL_LM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64, initializer_range=0.125)
+TINY_CAUSAL_LM = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    initializer_range=0.125,
+)
 TINY_EMBED_STD = 0.5
 
 
@@ -43,12 +50,29 @@ def _orthonormal(m: int, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
 
 
-def shared_subspace_adapters(model: nn.Module, names: list[str], num_labels: int, *, targets: list[str], heads: list[str], base_model_id: str, rank: int = 8, dim: int = 16, scale: float = 2.0, seed: int = 0, first: int = 0) -> list[LoraAdapter]:
+def shared_subspace_adapters(
+    model: nn.Module,
+    names: list[str],
+    num_labels: int,
+    *,
+    targets: list[str],
+    heads: list[str],
+    base_model_id: str,
+    rank: int = 8,
+    dim: int = 16,
+    scale: float = 2.0,
+    seed: int = 0,
+    first: int = 0,
+) -> list[LoraAdapter]:
     """One LoRA per name on `model`'s `targets`, all inside the same dim-dim subspaces (fixed by
     `seed`); task i (counting from `first`) draws its coefficients from seed + i, so adapters
     made in separate calls are the same as in one call. Heads: the model's head with a fresh
     last Linear of `num_labels` outputs (std 1: confident, well-separated predictions)."""
-    layers = {name: in_out_features(mod) for name, mod in model.named_modules() if is_target(name, targets) and isinstance(mod, nn.Linear)}
+    layers = {
+        name: in_out_features(mod)
+        for name, mod in model.named_modules()
+        if is_target(name, targets) and isinstance(mod, nn.Linear)
+    }
     g = torch.Generator().manual_seed(seed)
     bases = {name: (_orthonormal(n, dim, g), _orthonormal(d, dim, g)) for name, (d, n) in sorted(layers.items())}
     base_heads = head_tensors(model, heads)
@@ -66,7 +90,19 @@ def shared_subspace_adapters(model: nn.Module, names: list[str], num_labels: int
         h[f"{last}.weight"] = torch.randn(num_labels, d_in, generator=gi)
         if f"{last}.bias" in h:
             h[f"{last}.bias"] = torch.zeros(num_labels)
-        out.append(LoraAdapter(name=name, rank=rank, lora_alpha=scale * rank, scale=scale, target_modules=list(targets), factors=factors, heads=h, modules_to_save=list(heads), base_model_name=base_model_id))
+        out.append(
+            LoraAdapter(
+                name=name,
+                rank=rank,
+                lora_alpha=scale * rank,
+                scale=scale,
+                target_modules=list(targets),
+                factors=factors,
+                heads=h,
+                modules_to_save=list(heads),
+                base_model_name=base_model_id,
+            )
+        )
     return out
 
 
@@ -77,7 +113,9 @@ def write_landing(root: Path, adapter: LoraAdapter, template: Path, eval_rows: i
     spec = read_task_spec(template / SPEC_FILE)
     rows = read_examples(template / EVAL_FILE, spec)[:eval_rows]
     (out / EVAL_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    (out / SPEC_FILE).write_text(yaml.safe_dump({**spec.to_yaml_dict(), "name": adapter.name}, sort_keys=False), encoding="utf-8")
+    (out / SPEC_FILE).write_text(
+        yaml.safe_dump({**spec.to_yaml_dict(), "name": adapter.name}, sort_keys=False), encoding="utf-8"
+    )
     return out
 
 
@@ -91,12 +129,24 @@ def word_tokenizer(vocabulary: list[str]):
     vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *(w for w in vocabulary if w not in SPECIAL_TOKENS)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # no word starts with "##": joins with " "
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="right", model_max_length=TINY_CAUSAL_LM["max_position_embeddings"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+        model_max_length=TINY_CAUSAL_LM["max_position_embeddings"],
+    )
 
 
-def tiny_causal_lm(path: Path, arch: str = "llama", seed: int = 0, *, embed_std: float = TINY_EMBED_STD, **overrides) -> Path:
+def tiny_causal_lm(
+    path: Path, arch: str = "llama", seed: int = 0, *, embed_std: float = TINY_EMBED_STD, **overrides
+) -> Path:
     """Write a tiny random causal LM ("llama" or "gpt2" of TINY_CAUSAL_LM's size, input and
     output embeddings tied, of std `embed_std`) and its word-level tokenizer (`word_tokenizer`
     over `INSTRUCTION_VOCABULARY`) to `path`, loadable offline with AutoModelForCausalLM /
@@ -107,12 +157,23 @@ def tiny_causal_lm(path: Path, arch: str = "llama", seed: int = 0, *, embed_std:
 
     path = Path(path)
     tok = word_tokenizer(INSTRUCTION_VOCABULARY)
-    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = dict(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     t = TINY_CAUSAL_LM
     if arch == "llama":
-        config = LlamaConfig(**{**t, "num_key_value_heads": t["num_attention_heads"], "tie_word_embeddings": True, **ids, **overrides})
+        config = LlamaConfig(
+            **{**t, "num_key_value_heads": t["num_attention_heads"], "tie_word_embeddings": True, **ids, **overrides}
+        )
     elif arch == "gpt2":
-        gpt2 = dict(n_embd=t["hidden_size"], n_layer=t["num_hidden_layers"], n_head=t["num_attention_heads"], n_inner=t["intermediate_size"], n_positions=t["max_position_embeddings"], initializer_range=t["initializer_range"])
+        gpt2 = dict(
+            n_embd=t["hidden_size"],
+            n_layer=t["num_hidden_layers"],
+            n_head=t["num_attention_heads"],
+            n_inner=t["intermediate_size"],
+            n_positions=t["max_position_embeddings"],
+            initializer_range=t["initializer_range"],
+        )
         config = GPT2Config(**{**gpt2, **ids, **overrides})
     else:
         raise ValueError(f"unknown arch {arch!r}; expected 'llama' or 'gpt2'")

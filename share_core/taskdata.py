@@ -27,7 +27,10 @@ SPEC_FILE, TRAIN_FILE, EVAL_FILE = "task.yaml", "train.jsonl", "eval.jsonl"
 TASK_FILES = (SPEC_FILE, TRAIN_FILE, EVAL_FILE)
 CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
 METRICS = {CLASSIFICATION: ("accuracy",), CAUSAL_LM: ("exact_match", "rouge_l")}  # the first is the default
-FIELDS = {CLASSIFICATION: ("text_field", "label_field"), CAUSAL_LM: ("prompt_field", "completion_field")}  # what a row carries
+FIELDS = {
+    CLASSIFICATION: ("text_field", "label_field"),
+    CAUSAL_LM: ("prompt_field", "completion_field"),
+}  # what a row carries
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a handful of fields; anything bigger is not one
 MAX_TEXT_BYTES = 64 * 1024  # one example's text value (UTF-8 bytes)
@@ -68,7 +71,9 @@ class _NoAliasLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             mark = event.start_mark
-            raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed (line {mark.line + 1}, column {mark.column + 1})")
+            raise yaml.YAMLError(
+                f"anchors and aliases (&name, *name) are not allowed (line {mark.line + 1}, column {mark.column + 1})"
+            )
         return super().compose_node(parent, index)
 
 
@@ -146,14 +151,18 @@ class TaskSpec:
         fields = {}
         for other in FIELDS[CAUSAL_LM if task_type == CLASSIFICATION else CLASSIFICATION]:
             if other in d:
-                raise TaskFormatError(f"{source}: field '{other}' does not apply to type {task_type} (it uses {list(FIELDS[task_type])})")
+                raise TaskFormatError(
+                    f"{source}: field '{other}' does not apply to type {task_type} (it uses {list(FIELDS[task_type])})"
+                )
         for key in FIELDS[task_type]:
             value = d.get(key, cls.__dataclass_fields__[key].default)
             if not isinstance(value, str) or not value.strip():
                 raise fail(key, "a non-empty string", value)
             fields[key] = value
         if len(set(fields.values())) < len(fields):
-            raise TaskFormatError(f"{source}: fields {list(fields)} must name different row keys, got {list(fields.values())}")
+            raise TaskFormatError(
+                f"{source}: fields {list(fields)} must name different row keys, got {list(fields.values())}"
+            )
         metric = d.get("metric", METRICS[task_type][0])
         if metric not in METRICS[task_type]:
             raise fail("metric", f"one of {list(METRICS[task_type])} for type {task_type}", metric)
@@ -201,7 +210,13 @@ def _check_row(row, spec: TaskSpec, where: str, max_text_bytes: int | None = Non
             )
 
 
-def read_examples(path: Path, spec: TaskSpec, max_rows: int = 1_000_000, max_text_bytes: int | None = None, max_line_bytes: int | None = None) -> list[dict]:
+def read_examples(
+    path: Path,
+    spec: TaskSpec,
+    max_rows: int = 1_000_000,
+    max_text_bytes: int | None = None,
+    max_line_bytes: int | None = None,
+) -> list[dict]:
     """The examples of a JSONL file, every row checked. A line longer than the line limit is
     refused after reading at most limit + 1 of its bytes (it is never parsed); errors name the
     file and line ("train.jsonl:7: …")."""
@@ -218,7 +233,9 @@ def read_examples(path: Path, spec: TaskSpec, max_rows: int = 1_000_000, max_tex
                 lineno += 1
                 where = f"{path}:{lineno}"
                 if len(raw) > line_limit and not (len(raw) == line_limit + 1 and raw.endswith(b"\n")):
-                    raise TaskFormatError(f"{where}: line is longer than {line_limit} bytes (the per-row limit; one example per line)")
+                    raise TaskFormatError(
+                        f"{where}: line is longer than {line_limit} bytes (the per-row limit; one example per line)"
+                    )
                 if not raw.strip():
                     continue
                 if len(rows) >= max_rows:
@@ -226,7 +243,9 @@ def read_examples(path: Path, spec: TaskSpec, max_rows: int = 1_000_000, max_tex
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise TaskFormatError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+                    raise TaskFormatError(
+                        f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                    ) from None
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:

@@ -32,8 +32,28 @@ from .taskdata import CAUSAL_LM, CLASSIFICATION, TaskSpec, write_task
 
 Example = tuple[str, str]  # (text, label)
 
-PEOPLE = ["the teacher", "my neighbour", "our manager", "the driver", "a student", "the doctor", "my sister", "the chef", "an engineer", "the pilot"]
-PLACES = ["in the city", "at the station", "near the river", "at home", "in the office", "on the bus", "at school", "downtown"]
+PEOPLE = [
+    "the teacher",
+    "my neighbour",
+    "our manager",
+    "the driver",
+    "a student",
+    "the doctor",
+    "my sister",
+    "the chef",
+    "an engineer",
+    "the pilot",
+]
+PLACES = [
+    "in the city",
+    "at the station",
+    "near the river",
+    "at home",
+    "in the office",
+    "on the bus",
+    "at school",
+    "downtown",
+]
 FILLER = ["today", "this morning", "again", "as usual", "after lunch", "on monday", "for a while", "with friends"]
 
 
@@ -42,7 +62,18 @@ def _pick(rng: random.Random, xs: list[str]) -> str:
 
 
 def _sentiment(rng: random.Random) -> Example:
-    things = ["the movie", "the dinner", "the concert", "this phone", "the hotel", "the book", "the service", "the game", "the trip", "the new album"]
+    things = [
+        "the movie",
+        "the dinner",
+        "the concert",
+        "this phone",
+        "the hotel",
+        "the book",
+        "the service",
+        "the game",
+        "the trip",
+        "the new album",
+    ]
     good = ["wonderful", "excellent", "delightful", "fantastic", "great", "lovely", "superb", "enjoyable"]
     bad = ["terrible", "awful", "boring", "disappointing", "horrible", "dreadful", "poor", "annoying"]
 
@@ -59,10 +90,38 @@ def _sentiment(rng: random.Random) -> Example:
 
 
 TOPICS = {
-    "sports": ["the team won the match", "the striker scored twice", "the coach praised the players", "the race ended in a sprint", "the tennis final was close", "fans filled the stadium"],
-    "politics": ["the senate passed the bill", "the minister announced a reform", "voters went to the polls", "the party chose a new leader", "the debate focused on taxes", "parliament rejected the budget"],
-    "technology": ["the company released a new chip", "engineers fixed the software bug", "the app update added encryption", "the startup trained a larger model", "the laptop battery lasts longer", "the network outage was repaired"],
-    "food": ["the bakery sells fresh bread", "the soup needed more salt", "the chef cooked a spicy curry", "the market had ripe tomatoes", "the pasta was served with basil", "the cafe roasts its own coffee"],
+    "sports": [
+        "the team won the match",
+        "the striker scored twice",
+        "the coach praised the players",
+        "the race ended in a sprint",
+        "the tennis final was close",
+        "fans filled the stadium",
+    ],
+    "politics": [
+        "the senate passed the bill",
+        "the minister announced a reform",
+        "voters went to the polls",
+        "the party chose a new leader",
+        "the debate focused on taxes",
+        "parliament rejected the budget",
+    ],
+    "technology": [
+        "the company released a new chip",
+        "engineers fixed the software bug",
+        "the app update added encryption",
+        "the startup trained a larger model",
+        "the laptop battery lasts longer",
+        "the network outage was repaired",
+    ],
+    "food": [
+        "the bakery sells fresh bread",
+        "the soup needed more salt",
+        "the chef cooked a spicy curry",
+        "the market had ripe tomatoes",
+        "the pasta was served with basil",
+        "the cafe roasts its own coffee",
+    ],
 }
 
 
@@ -77,24 +136,38 @@ def _topic(rng: random.Random) -> Example:
 
 def _question(rng: random.Random) -> Example:
     person, place = _pick(rng, PEOPLE), _pick(rng, PLACES)
-    act = _pick(rng, ["read the report", "take the train", "call the office", "finish the work", "stay late", "buy the tickets"])
+    act = _pick(
+        rng, ["read the report", "take the train", "call the office", "finish the work", "stay late", "buy the tickets"]
+    )
     if rng.random() < 0.5:
         aux = _pick(rng, ["did", "will", "can", "should", "does", "why did", "when will", "where can"])
         text = f"{aux} {person} {act} {place}"
         return (text + "?" if rng.random() < 0.3 else text), "question"  # most lose their "?"
     if rng.random() < 0.4:  # reported questions are statements
         verb = _pick(rng, ["asked why", "wondered when", "knows where", "asked if"])
-        return f"{_pick(rng, PEOPLE)} {verb} {person} {_pick(rng, ['did', 'would', 'could'])} {act} {place}", "statement"
+        return (
+            f"{_pick(rng, PEOPLE)} {verb} {person} {_pick(rng, ['did', 'would', 'could'])} {act} {place}",
+            "statement",
+        )
     aux = _pick(rng, ["did", "will", "can", "should", "often"])
     return f"{person} {aux} {act} {place}", "statement"
 
 
 TENSES = {  # verb: (past, present, future)
-    "walk": ("walked", "walks", "will walk"), "cook": ("cooked", "cooks", "will cook"), "write": ("wrote", "writes", "will write"),
-    "drive": ("drove", "drives", "will drive"), "sing": ("sang", "sings", "will sing"), "build": ("built", "builds", "will build"),
-    "visit": ("visited", "visits", "will visit"), "paint": ("painted", "paints", "will paint"),
+    "walk": ("walked", "walks", "will walk"),
+    "cook": ("cooked", "cooks", "will cook"),
+    "write": ("wrote", "writes", "will write"),
+    "drive": ("drove", "drives", "will drive"),
+    "sing": ("sang", "sings", "will sing"),
+    "build": ("built", "builds", "will build"),
+    "visit": ("visited", "visits", "will visit"),
+    "paint": ("painted", "paints", "will paint"),
 }
-TIME_WORDS = {"past": ["yesterday", "last week", "two days ago"], "present": ["every day", "usually", "on weekends"], "future": ["tomorrow", "next week", "soon"]}
+TIME_WORDS = {
+    "past": ["yesterday", "last week", "two days ago"],
+    "present": ["every day", "usually", "on weekends"],
+    "future": ["tomorrow", "next week", "soon"],
+}
 
 
 def _tense(rng: random.Random) -> Example:
@@ -104,7 +177,16 @@ def _tense(rng: random.Random) -> Example:
     return " ".join(w for w in (_pick(rng, PEOPLE), verb, _pick(rng, PLACES), when) if w), label
 
 
-NOUNS = [("dog", "dogs"), ("child", "children"), ("car", "cars"), ("bird", "birds"), ("worker", "workers"), ("box", "boxes"), ("mouse", "mice"), ("woman", "women")]
+NOUNS = [
+    ("dog", "dogs"),
+    ("child", "children"),
+    ("car", "cars"),
+    ("bird", "birds"),
+    ("worker", "workers"),
+    ("box", "boxes"),
+    ("mouse", "mice"),
+    ("woman", "women"),
+]
 
 
 def _number(rng: random.Random) -> Example:
@@ -118,9 +200,27 @@ def _number(rng: random.Random) -> Example:
 
 INTENTS = {
     "greeting": ["hello there", "good morning everyone", "hi, nice to meet you", "hey, how are you", "good evening"],
-    "request": ["could you send me the file", "please book a table", "can you help me with the form", "would you close the window", "please call me back"],
-    "complaint": ["the package arrived broken", "nobody answered my email", "the room was dirty", "i was charged twice", "the train was late again"],
-    "thanks": ["thank you so much", "thanks for the help", "i really appreciate it", "many thanks for the quick reply", "thanks a lot"],
+    "request": [
+        "could you send me the file",
+        "please book a table",
+        "can you help me with the form",
+        "would you close the window",
+        "please call me back",
+    ],
+    "complaint": [
+        "the package arrived broken",
+        "nobody answered my email",
+        "the room was dirty",
+        "i was charged twice",
+        "the train was late again",
+    ],
+    "thanks": [
+        "thank you so much",
+        "thanks for the help",
+        "i really appreciate it",
+        "many thanks for the quick reply",
+        "thanks a lot",
+    ],
 }
 
 
@@ -131,12 +231,32 @@ def _intent(rng: random.Random) -> Example:
 
 def _urgency(rng: random.Random) -> Example:
     label = rng.choice(["urgent", "routine"])
-    issue = _pick(rng, ["the server", "the printer", "the water pipe", "the payment system", "the alarm", "the elevator"])
+    issue = _pick(
+        rng, ["the server", "the printer", "the water pipe", "the payment system", "the alarm", "the elevator"]
+    )
     if label == "urgent":
-        state = _pick(rng, ["is down and customers are waiting", "is on fire", "stopped working right now", "is leaking everywhere", "failed during the launch"])
+        state = _pick(
+            rng,
+            [
+                "is down and customers are waiting",
+                "is on fire",
+                "stopped working right now",
+                "is leaking everywhere",
+                "failed during the launch",
+            ],
+        )
         lead = _pick(rng, ["", "immediately: ", "asap, ", "emergency: "])
     else:
-        state = _pick(rng, ["needs a check next month", "could be cleaned sometime", "has a small scheduled update", "is due for maintenance", "works but is a bit slow"])
+        state = _pick(
+            rng,
+            [
+                "needs a check next month",
+                "could be cleaned sometime",
+                "has a small scheduled update",
+                "is due for maintenance",
+                "works but is a bit slow",
+            ],
+        )
         lead = _pick(rng, ["", "no rush: ", "when you have time, ", "fyi, "])
     return f"{lead}{issue} {state}", label
 
@@ -162,10 +282,43 @@ THINGS = ["cat", "dog", "bird", "fox", "cow", "horse", "tree", "box"]
 LIST_WORDS = COLORS + THINGS  # the words of the list transforms
 NAMES = ["anna", "ben", "carl", "dora", "eve", "finn", "gina", "hugo", "ida", "jack"]
 NUMBER_WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
-PLURALS = {"cat": "cats", "dog": "dogs", "bird": "birds", "fox": "foxes", "box": "boxes", "tree": "trees", "mouse": "mice", "child": "children", "man": "men", "foot": "feet", "tooth": "teeth", "city": "cities"}
-_ANTONYM_PAIRS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("old", "new"), ("happy", "sad"), ("light", "dark"), ("early", "late"), ("open", "closed"), ("full", "empty")]
+PLURALS = {
+    "cat": "cats",
+    "dog": "dogs",
+    "bird": "birds",
+    "fox": "foxes",
+    "box": "boxes",
+    "tree": "trees",
+    "mouse": "mice",
+    "child": "children",
+    "man": "men",
+    "foot": "feet",
+    "tooth": "teeth",
+    "city": "cities",
+}
+_ANTONYM_PAIRS = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("up", "down"),
+    ("old", "new"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("full", "empty"),
+]
 ANTONYMS = {**dict(_ANTONYM_PAIRS), **{b: a for a, b in _ANTONYM_PAIRS}}
-CAPITALS = {"zorland": "mivo", "quentia": "paldo", "vextia": "rumo", "olbara": "sarn", "drestia": "kolvi", "mirwen": "tobe", "ulgaria": "fenna", "prasko": "lidu"}  # made up: nothing to know beforehand
+CAPITALS = {
+    "zorland": "mivo",
+    "quentia": "paldo",
+    "vextia": "rumo",
+    "olbara": "sarn",
+    "drestia": "kolvi",
+    "mirwen": "tobe",
+    "ulgaria": "fenna",
+    "prasko": "lidu",
+}  # made up: nothing to know beforehand
 
 
 def _list(rng: random.Random, n: int) -> list[str]:
@@ -173,7 +326,11 @@ def _list(rng: random.Random, n: int) -> list[str]:
 
 
 def _reverse(rng: random.Random) -> Pair:
-    words = [_pick(rng, COLORS), _pick(rng, THINGS), _pick(rng, NAMES)]  # one word of each kind: a tiny model can tell them apart
+    words = [
+        _pick(rng, COLORS),
+        _pick(rng, THINGS),
+        _pick(rng, NAMES),
+    ]  # one word of each kind: a tiny model can tell them apart
     return f"reverse : {' '.join(words)} =", " ".join(reversed(words))
 
 
@@ -230,25 +387,61 @@ INSTRUCTION_GENERATORS: dict[str, Callable[[random.Random], Pair]] = {
     "greet": _greet,
     "count": _count,
 }
-INSTRUCTION_METRICS: dict[str, str] = {name: "exact_match" for name in INSTRUCTION_GENERATORS} | {"count": "rouge_l"}  # partial credit for 4-word answers
+INSTRUCTION_METRICS: dict[str, str] = {name: "exact_match" for name in INSTRUCTION_GENERATORS} | {
+    "count": "rouge_l"
+}  # partial credit for 4-word answers
 INSTRUCTION_TASK_NAMES: tuple[str, ...] = tuple(INSTRUCTION_GENERATORS)
-_TEMPLATE_WORDS = ["reverse", ":", "=", "last", "word", "find", "name", "plural", "of", "opposite", "capital", "number", "after", "greet", "hello", "count", "from"]
+_TEMPLATE_WORDS = [
+    "reverse",
+    ":",
+    "=",
+    "last",
+    "word",
+    "find",
+    "name",
+    "plural",
+    "of",
+    "opposite",
+    "capital",
+    "number",
+    "after",
+    "greet",
+    "hello",
+    "count",
+    "from",
+]
 
 
 INSTRUCTION_VOCABULARY: list[str] = sorted(
-    set(_TEMPLATE_WORDS) | set(LIST_WORDS) | set(NAMES) | set(NUMBER_WORDS) | set(PLURALS) | set(PLURALS.values()) | set(ANTONYMS) | set(CAPITALS) | set(CAPITALS.values())
+    set(_TEMPLATE_WORDS)
+    | set(LIST_WORDS)
+    | set(NAMES)
+    | set(NUMBER_WORDS)
+    | set(PLURALS)
+    | set(PLURALS.values())
+    | set(ANTONYMS)
+    | set(CAPITALS)
+    | set(CAPITALS.values())
 )  # every token of every instruction prompt and completion (the tiny model's vocabulary)
 ALL_TASK_NAMES: tuple[str, ...] = TASK_NAMES + INSTRUCTION_TASK_NAMES
 
 
-def generate_task(name: str, seed: int = 0, n_train: int = 256, n_eval: int = 128) -> tuple[TaskSpec, list[dict], list[dict]]:
+def generate_task(
+    name: str, seed: int = 0, n_train: int = 256, n_eval: int = 128
+) -> tuple[TaskSpec, list[dict], list[dict]]:
     """(spec, train rows, eval rows) of task `name` (classification or instruction); deterministic in (name, seed)."""
     if name not in GENERATORS and name not in INSTRUCTION_GENERATORS:
         raise ValueError(f"unknown task {name!r}; known tasks: {list(ALL_TASK_NAMES)}")
     rng = random.Random(zlib.crc32(f"{name}/{seed}".encode()))
     if name in INSTRUCTION_GENERATORS:
         pair = INSTRUCTION_GENERATORS[name]
-        spec = TaskSpec(name=name, type=CAUSAL_LM, metric=INSTRUCTION_METRICS[name], prompt_field="prompt", completion_field="completion")
+        spec = TaskSpec(
+            name=name,
+            type=CAUSAL_LM,
+            metric=INSTRUCTION_METRICS[name],
+            prompt_field="prompt",
+            completion_field="completion",
+        )
 
         def pairs(n: int) -> list[dict]:
             return [{"prompt": p, "completion": c} for p, c in (pair(rng) for _ in range(n))]
@@ -269,7 +462,9 @@ def generate_task(name: str, seed: int = 0, n_train: int = 256, n_eval: int = 12
     return spec, rows(n_train, LABEL_NOISE), rows(n_eval, 0.0)
 
 
-def generate_tasks(root: Path, names: list[str] | None = None, seed: int = 0, n_train: int = 256, n_eval: int = 128) -> list[Path]:
+def generate_tasks(
+    root: Path, names: list[str] | None = None, seed: int = 0, n_train: int = 256, n_eval: int = 128
+) -> list[Path]:
     """Write each task as <root>/<name>/{train.jsonl, eval.jsonl, task.yaml}; the directories.
     `names` may mix classification and instruction tasks; the default is every classification task."""
     out = []

@@ -21,7 +21,9 @@ from .peft_io import LoraAdapter, adapter_from_peft_model
 from .subspace import KPolicy
 from .taskdata import TaskData
 
-log = logging.getLogger(__name__)  # progress when the rich bar is off (services: the orchestrator forwards it to its run logs)
+log = logging.getLogger(
+    __name__
+)  # progress when the rich bar is off (services: the orchestrator forwards it to its run logs)
 LOG_POINTS = 10  # loss lines per fit
 
 
@@ -39,15 +41,24 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch_size, self.rank) < 1 or self.max_length < 2 or not self.lr > 0 or not self.lora_alpha > 0:
-            raise ValueError(f"train: steps, batch_size and rank must be ≥ 1, max_length ≥ 2, lr and lora_alpha > 0 (got {self})")
+        if (
+            min(self.steps, self.batch_size, self.rank) < 1
+            or self.max_length < 2
+            or not self.lr > 0
+            or not self.lora_alpha > 0
+        ):
+            raise ValueError(
+                f"train: steps, batch_size and rank must be ≥ 1, max_length ≥ 2, lr and lora_alpha > 0 (got {self})"
+            )
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.rank
 
 
-def fit(model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData, cfg: TrainConfig, desc: str) -> list[float]:
+def fit(
+    model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData, cfg: TrainConfig, desc: str
+) -> list[float]:
     """AdamW on `params` for cfg.steps minibatches sampled with a seeded generator; losses."""
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
@@ -61,7 +72,18 @@ def fit(model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData,
     losses = []
     # dropout draws from the global RNG: seed it for this fit only, so the same landing trains
     # the same way in a long-lived worker whatever ran before, and callers' RNG is untouched
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not cfg.progress, transient=True) as bar:
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(),
+            disable=not cfg.progress,
+            transient=True,
+        ) as bar,
+    ):
         torch.manual_seed(cfg.seed)
         job = bar.add_task(desc, total=cfg.steps, loss=float("nan"))
         for _ in range(cfg.steps):
@@ -79,25 +101,59 @@ def fit(model: nn.Module, params: list[nn.Parameter], tokenizer, task: TaskData,
     return losses
 
 
-def evaluate(model: nn.Module, tokenizer, task: TaskData, max_length: int = 32, batch_size: int = 64, max_new_tokens: int = 16) -> float:
+def evaluate(
+    model: nn.Module, tokenizer, task: TaskData, max_length: int = 32, batch_size: int = 64, max_new_tokens: int = 16
+) -> float:
     """The task's metric on its eval rows with the model as it is (task already activated)."""
     model.eval()
     items = [(task.spec.name, task.spec, row) for row in task.eval]
-    return family_of(task.spec).score(model, tokenizer, items, max_length=max_length, batch_size=batch_size, max_new_tokens=max_new_tokens, mixed=False)[task.spec.name]["score"]
+    return family_of(task.spec).score(
+        model,
+        tokenizer,
+        items,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        mixed=False,
+    )[task.spec.name]["score"]
 
 
-def train_lora(model: nn.Module, tokenizer, task: TaskData, cfg: TrainConfig, target_modules: list[str], head_modules: list[str], base_model_id: str) -> LoraAdapter:
+def train_lora(
+    model: nn.Module,
+    tokenizer,
+    task: TaskData,
+    cfg: TrainConfig,
+    target_modules: list[str],
+    head_modules: list[str],
+    base_model_id: str,
+) -> LoraAdapter:
     """Train `task` as an ordinary PEFT LoRA on `model` and return it; `model` is left unadapted
     (PEFT's unload). Used for the first task of a subspace and as the per-task LoRA baseline."""
     family_of(task.spec).prepare(model, task.spec, head_modules, cfg.seed)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=target_modules, modules_to_save=head_modules or None, lora_dropout=0.0, base_model_name_or_path=base_model_id)
+    lcfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=target_modules,
+        modules_to_save=head_modules or None,
+        lora_dropout=0.0,
+        base_model_name_or_path=base_model_id,
+    )
     torch.manual_seed(cfg.seed)
-    with warnings.catch_warnings():  # PEFT swaps in the local path for the id (restored below); its transformers-5 deprecation notice is not ours
+    with (
+        warnings.catch_warnings()
+    ):  # PEFT swaps in the local path for the id (restored below); its transformers-5 deprecation notice is not ours
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*renamed")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lcfg)
     try:
-        fit(peft_model, [p for p in peft_model.parameters() if p.requires_grad], tokenizer, task, cfg, f"LoRA {task.spec.name}")
+        fit(
+            peft_model,
+            [p for p in peft_model.parameters() if p.requires_grad],
+            tokenizer,
+            task,
+            cfg,
+            f"LoRA {task.spec.name}",
+        )
         adapter = adapter_from_peft_model(peft_model, task.spec.name)
     finally:
         peft_model.unload()
@@ -105,11 +161,15 @@ def train_lora(model: nn.Module, tokenizer, task: TaskData, cfg: TrainConfig, ta
     return adapter
 
 
-def train_task(share_model, tokenizer, task: TaskData, cfg: TrainConfig, policy: KPolicy | None = None, info: dict | None = None) -> dict[str, float]:
+def train_task(
+    share_model, tokenizer, task: TaskData, cfg: TrainConfig, policy: KPolicy | None = None, info: dict | None = None
+) -> dict[str, float]:
     """Continual adaptation: learn `task` in the frozen subspace (+φ temporary directions),
     then merge it in. Returns each task's relative ΔW reconstruction error after the merge."""
     num_labels = family_of(task.spec).num_labels(task.spec)
-    params = share_model.begin_task(task.spec.name, rank=cfg.rank, scale=cfg.scale, num_labels=num_labels, seed=cfg.seed, info=info)
+    params = share_model.begin_task(
+        task.spec.name, rank=cfg.rank, scale=cfg.scale, num_labels=num_labels, seed=cfg.seed, info=info
+    )
     fit(share_model, params, tokenizer, task, cfg, f"Share {task.spec.name}")
     return share_model.finish_task(policy)
 

@@ -16,7 +16,9 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3)
+TINY_BERT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3
+)
 
 
 def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
@@ -25,11 +27,27 @@ def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
     return BertForSequenceClassification(BertConfig(**{**TINY_BERT, **overrides})).eval()
 
 
-def save_peft_adapter(path, seed: int, r: int = 4, alpha: float = 8, targets=("query", "value"), base_seed: int = 0, base_name: str = "tiny-bert", **model_overrides):
+def save_peft_adapter(
+    path,
+    seed: int,
+    r: int = 4,
+    alpha: float = 8,
+    targets=("query", "value"),
+    base_seed: int = 0,
+    base_name: str = "tiny-bert",
+    **model_overrides,
+):
     """A real PEFT LoRA with random (non-zero) factors and a trained-looking head, saved by PEFT."""
     model = tiny_bert(base_seed, **model_overrides)
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), modules_to_save=["classifier"], init_lora_weights=False, base_model_name_or_path=base_name)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+        base_model_name_or_path=base_name,
+    )
     pm = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -55,7 +73,11 @@ def tokens():
 
 # ---- pipeline fixtures: a tiny MiniLM-vocabulary model, moto S3 on loopback, Prefect harness ----
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+for _k, _v in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}.items():
     os.environ.setdefault(_k, _v)  # moto's dummy credentials; never real ones
 
 
@@ -78,7 +100,15 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-minilm")
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        max_position_embeddings=64,
+    )
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -123,7 +153,12 @@ def storage(request, tmp_path):
 
 # ---- real servers in subprocesses: REST calls and bounded waits ----
 def rest(url: str, body: dict | None = None):
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
         return json.loads(r.read() or b"null")
 
@@ -140,7 +175,9 @@ def wait_for(what: str, fn, timeout: float, procs: dict, poll: float = 0.5):
             return out
         for name, (proc, log) in procs.items():
             if proc.poll() is not None:
-                raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"{name} exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-3000:]}"
+                )
         time.sleep(poll)
     logs = "\n".join(f"---- {name}\n{log.read_text()[-2500:]}" for name, (_, log) in procs.items())
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")

@@ -56,7 +56,10 @@ def test_ledger_keeps_a_processed_record_when_an_overwrite_is_rejected(tmp_path)
 
 def test_ledger_reads_the_first_format(tmp_path):
     ws = Workspace(tmp_path)
-    old = {KEY: {"etag": "e1", "status": "processed", "version": "v0001"}, "b/task.yaml": {"etag": "z", "status": "rejected", "reason": "r"}}
+    old = {
+        KEY: {"etag": "e1", "status": "processed", "version": "v0001"},
+        "b/task.yaml": {"etag": "z", "status": "rejected", "reason": "r"},
+    }
     ws.ledger_path.write_text(json.dumps(old))
     assert ws.ledger() == old
     assert ws.seen(KEY, "e1") == old[KEY]
@@ -98,7 +101,10 @@ def test_status_file_of_the_first_format_is_read(tmp_path):
     d = generate_tasks(tmp_path / "tasks", names=["topic"], n_train=16, n_eval=8)[0]
     storage.upload_task(d, "dataset", "topic")
     [lnd] = storage.list_landings()
-    storage.put("status/datasets/topic.json", json.dumps({"key": lnd.key, "etag": lnd.etag, "status": "processed", "version": "v0003"}).encode())
+    storage.put(
+        "status/datasets/topic.json",
+        json.dumps({"key": lnd.key, "etag": lnd.etag, "status": "processed", "version": "v0003"}).encode(),
+    )
     assert storage.status_of(lnd)["version"] == "v0003"
     storage.mark(lnd, "rejected", {"reason": "already exists"})
     assert storage.status_of(lnd)["version"] == "v0003"
@@ -129,7 +135,10 @@ def test_a_50mb_row_is_rejected_fast_without_reading_it(topic):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert err.value.reason == f"train.jsonl:3: line is longer than {MAX_LINE_BYTES} bytes (the per-row limit; one example per line)"
+    assert (
+        err.value.reason
+        == f"train.jsonl:3: line is longer than {MAX_LINE_BYTES} bytes (the per-row limit; one example per line)"
+    )
     assert seconds < 5 and peak < 8 * MAX_LINE_BYTES, (seconds, peak)
 
 
@@ -138,7 +147,10 @@ def test_a_text_value_over_the_limit_names_file_and_row(topic):
     (topic / "eval.jsonl").write_bytes(b"".join(rows[:4]) + _row("é" * (MAX_TEXT_BYTES // 2 + 1)) + b"".join(rows[4:]))
     with pytest.raises(LandingRejected) as err:
         validate_landing(topic, "dataset", "topic", _manifest(), BASE)
-    assert err.value.reason == f"eval.jsonl:5: field 'text' is {MAX_TEXT_BYTES + 2} bytes; the limit is {MAX_TEXT_BYTES} bytes per text value"
+    assert (
+        err.value.reason
+        == f"eval.jsonl:5: field 'text' is {MAX_TEXT_BYTES + 2} bytes; the limit is {MAX_TEXT_BYTES} bytes per text value"
+    )
     # exactly at the limit is fine
     (topic / "eval.jsonl").write_bytes(b"".join(rows[:4]) + _row("é" * (MAX_TEXT_BYTES // 2)) + b"".join(rows[4:]))
     assert validate_landing(topic, "dataset", "topic", _manifest(), BASE).name == "topic"
@@ -163,11 +175,14 @@ def test_deeply_nested_json_is_a_clear_error(topic):
 
 
 # ---- 7. YAML without alias expansion ----------------------------------------------------------
-BOMB = "\n".join(
-    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    + [f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
-    + ["name: topic", "type: sequence-classification", "labels: *i"]
-) + "\n"
+BOMB = (
+    "\n".join(
+        ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        + [f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+        + ["name: topic", "type: sequence-classification", "labels: *i"]
+    )
+    + "\n"
+)
 
 
 def test_a_yaml_alias_bomb_is_refused_with_a_short_reason(topic):
@@ -177,7 +192,10 @@ def test_a_yaml_alias_bomb_is_refused_with_a_short_reason(topic):
     with pytest.raises(LandingRejected) as err:
         validate_landing(topic, "dataset", "topic", _manifest(), BASE)
     assert time.perf_counter() - t0 < 1
-    assert err.value.reason == "task.yaml: invalid YAML: anchors and aliases (&name, *name) are not allowed (line 1, column 4)"
+    assert (
+        err.value.reason
+        == "task.yaml: invalid YAML: anchors and aliases (&name, *name) are not allowed (line 1, column 4)"
+    )
 
 
 def test_yaml_anchors_are_refused_and_plain_specs_still_load(topic):
@@ -208,11 +226,14 @@ def _set_first_factor(value: float):
     return edit
 
 
-@pytest.mark.parametrize("case, edit, expected", [
-    ("r mismatch", _break_rank, r"^adapter_model\.safetensors: layer .*do not have rank r=8$"),
-    ("nan", _set_first_factor(float("nan")), r"^adapter_model\.safetensors: tensor .* has NaN/Inf"),
-    ("inf", _set_first_factor(float("inf")), r"^adapter_model\.safetensors: tensor .* has NaN/Inf"),
-])
+@pytest.mark.parametrize(
+    "case, edit, expected",
+    [
+        ("r mismatch", _break_rank, r"^adapter_model\.safetensors: layer .*do not have rank r=8$"),
+        ("nan", _set_first_factor(float("nan")), r"^adapter_model\.safetensors: tensor .* has NaN/Inf"),
+        ("inf", _set_first_factor(float("inf")), r"^adapter_model\.safetensors: tensor .* has NaN/Inf"),
+    ],
+)
 def test_adapter_reasons_name_the_file_never_the_worker_temp_dir(tmp_path, case, edit, expected):
     src = _adapter_landing(tmp_path, "number")
     with tempfile.TemporaryDirectory() as tmp:  # where the flow downloads a landing: /tmp/tmpXXXX
@@ -232,7 +253,9 @@ def test_adapter_reasons_name_the_file_never_the_worker_temp_dir(tmp_path, case,
 
 def test_every_reason_is_bounded(topic):
     labels = "\n".join(f"  - {'x' * 2000}{i}" for i in range(20))
-    (topic / "task.yaml").write_text(f"name: topic\ntype: sequence-classification\nlabels:\n{labels}\n  - {'x' * 2000}0\n")
+    (topic / "task.yaml").write_text(
+        f"name: topic\ntype: sequence-classification\nlabels:\n{labels}\n  - {'x' * 2000}0\n"
+    )
     with pytest.raises(LandingRejected) as err:
         validate_landing(topic, "dataset", "topic", _manifest(), BASE)
     assert err.value.reason.startswith("task.yaml: field 'labels' is ") and len(err.value.reason) <= MAX_REASON
@@ -245,7 +268,9 @@ def test_parse_version_id():
     assert parse_version_id("v12345") == "v12345"
     assert parse_version_id("2", ["v0001", "v0002"]) == "v0002"
     for bad in ("latest", "../v0001", "v0001/..", "v-1", "", "v3.0", "versions/v0001"):
-        with pytest.raises(VersionIdError, match=r"is not a version id \(use v3, 3 or v0003\); existing versions: v0001, v0002$"):
+        with pytest.raises(
+            VersionIdError, match=r"is not a version id \(use v3, 3 or v0003\); existing versions: v0001, v0002$"
+        ):
             parse_version_id(bad, ["v0002", "v0001"])
     with pytest.raises(VersionIdError, match=r"^version v0099 does not exist; existing versions: v0001, v0002$"):
         parse_version_id("v0099", ["v0001", "v0002"])
@@ -259,7 +284,9 @@ def registered(tmp_path, adapters_dir, monkeypatch):
     MLflow store; champion = HEAD = v0002."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ws = Workspace(tmp_path / "ws")
-    share = ShareModel.from_adapters(tiny_bert(), [read_adapter(adapters_dir[0])], base_model_id="tiny-bert", policy=KPolicy(k_max=4))
+    share = ShareModel.from_adapters(
+        tiny_bert(), [read_adapter(adapters_dir[0])], base_model_id="tiny-bert", policy=KPolicy(k_max=4)
+    )
     for version, parent in (("v0001", None), ("v0002", "v0001")):
         if parent:
             share.absorb([read_adapter(adapters_dir[1])])
@@ -268,10 +295,28 @@ def registered(tmp_path, adapters_dir, monkeypatch):
         st.save(share.state, ws.version_dir(version))
         scores = {t: 0.9 for t in share.state.task_names}
         ws.evaluations.mkdir(parents=True, exist_ok=True)
-        ws.evaluation_path(version).write_text(json.dumps({"version": version, "acc": 0.9, "bwt": 0.0, "scores": scores, "majority": {t: 0.5 for t in scores}, "tasks": list(scores)}))
+        ws.evaluation_path(version).write_text(
+            json.dumps(
+                {
+                    "version": version,
+                    "acc": 0.9,
+                    "bwt": 0.0,
+                    "scores": scores,
+                    "majority": {t: 0.5 for t in scores},
+                    "tasks": list(scores),
+                }
+            )
+        )
         gate = register.gate_for(ws, version, model_name="m", tolerance=1.0)
-        run_id = register.log_run(ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate)
-        register.move_aliases(ws, register.register_model_version(ws, version, run_id, model_name="m", gate=gate), model_name="m", promote=gate["passed"])
+        run_id = register.log_run(
+            ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate
+        )
+        register.move_aliases(
+            ws,
+            register.register_model_version(ws, version, run_id, model_name="m", gate=gate),
+            model_name="m",
+            promote=gate["passed"],
+        )
         ws.set_head(version)
     return ws
 
@@ -317,17 +362,20 @@ def test_register_rollback_normalises_ids_and_is_a_noop_for_the_champion(registe
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRET"
 
 
-@pytest.mark.parametrize("url", [
-    f"s3://bucket/p?aws_secret_access_key={SECRET}",
-    f"s3://bucket/p?endpoint_url=http://127.0.0.1:9000&aws_access_key_id=AKIAX&aws_secret_access_key={SECRET}",
-    f"s3://AKIAX:{SECRET}@bucket/p",
-    f"s3://bucket/p?endpoint_url=http://minio:{SECRET}@127.0.0.1:9000",
-    f"s3://bucket/p?{SECRET}",
-    f"s3:///p?token={SECRET}",
-    f"file:///data/bucket?token={SECRET}",
-    f"ftp://user:{SECRET}@host/x?password={SECRET}",
-    f"s3://[bucket/p?aws_secret_access_key={SECRET}",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"s3://bucket/p?aws_secret_access_key={SECRET}",
+        f"s3://bucket/p?endpoint_url=http://127.0.0.1:9000&aws_access_key_id=AKIAX&aws_secret_access_key={SECRET}",
+        f"s3://AKIAX:{SECRET}@bucket/p",
+        f"s3://bucket/p?endpoint_url=http://minio:{SECRET}@127.0.0.1:9000",
+        f"s3://bucket/p?{SECRET}",
+        f"s3:///p?token={SECRET}",
+        f"file:///data/bucket?token={SECRET}",
+        f"ftp://user:{SECRET}@host/x?password={SECRET}",
+        f"s3://[bucket/p?aws_secret_access_key={SECRET}",
+    ],
+)
 def test_storage_url_errors_never_echo_credentials(url):
     with pytest.raises(StorageError) as err:
         open_storage(url)
@@ -336,6 +384,9 @@ def test_storage_url_errors_never_echo_credentials(url):
 
 
 def test_redacted_urls_keep_what_helps():
-    assert redact_url(f"s3://b/p?endpoint_url=http://127.0.0.1:9000&aws_secret_access_key={SECRET}") == "s3://b/p?endpoint_url=http://127.0.0.1:9000&aws_secret_access_key=***"
+    assert (
+        redact_url(f"s3://b/p?endpoint_url=http://127.0.0.1:9000&aws_secret_access_key={SECRET}")
+        == "s3://b/p?endpoint_url=http://127.0.0.1:9000&aws_secret_access_key=***"
+    )
     with pytest.raises(StorageError, match=r"unknown options \['aws_secret_access_key'\]"):
         open_storage(f"s3://b/p?aws_secret_access_key={SECRET}")

@@ -47,12 +47,16 @@ def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path, caplog):
     train_task(share, tok, second, cfg)
     assert share.last_errors["capital"] < 1e-5  # k=32 holds the new task exactly
     progress = [r.getMessage() for r in caplog.records if r.name == "share_core.train"]
-    assert len(progress) == 20 and progress[-1].startswith("Share capital: step 120/120, loss ")  # the bar is off: 10 loss lines per fit
+    assert len(progress) == 20 and progress[-1].startswith(
+        "Share capital: step 120/120, loss "
+    )  # the bar is off: 10 loss lines per fit
     share.activate("capital")
     score2 = evaluate(share, tok, second, cfg.max_length, max_new_tokens=6)
     assert score2 > untrained + 0.4
     share.activate("plural")
-    assert abs(evaluate(share, tok, first, cfg.max_length, max_new_tokens=6) - score1) < 1e-9  # strict: the first task is untouched
+    assert (
+        abs(evaluate(share, tok, first, cfg.max_length, max_new_tokens=6) - score1) < 1e-9
+    )  # strict: the first task is untouched
 
     # one mixed batch of both tasks' rows (interleaved) scores exactly like each task alone
     items = [x for pair in zip(*[[(t.spec.name, t.spec, r) for r in t.eval] for t in (first, second)]) for x in pair]
@@ -60,7 +64,15 @@ def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path, caplog):
     assert mixed["plural"]["score"] == score1 and mixed["capital"]["score"] == score2
     assert mixed["plural"]["margin"] > 0
     fam = CausalLM()  # and row by row, the mixed batch generates exactly each task's own completion
-    texts = fam.predict(share, tok, [t for t, _, _ in items], [r["prompt"] for _, _, r in items], max_length=cfg.max_length, batch_size=16, max_new_tokens=6)
+    texts = fam.predict(
+        share,
+        tok,
+        [t for t, _, _ in items],
+        [r["prompt"] for _, _, r in items],
+        max_length=cfg.max_length,
+        batch_size=16,
+        max_new_tokens=6,
+    )
     for name in ("plural", "capital"):
         share.activate(name)
         own = [x for x in items if x[0] == name]
@@ -74,5 +86,7 @@ def test_gpt2_trains_merges_scores_mixed_and_exports(tmp_path, caplog):
     share.activate("capital")
     with torch.no_grad():
         ours = share(input_ids=ids).logits
-        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(out)).eval()(input_ids=ids).logits
+        peft = (
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(out)).eval()(input_ids=ids).logits
+        )
     assert torch.allclose(ours, peft, atol=1e-5)

@@ -40,7 +40,11 @@ def llama_dir(tmp_path_factory):
 
 
 def causal_params(model_dir) -> Params:
-    return Params().replace(base={"family": "causal-lm", "model_id": "tiny-llama", "model_path": str(model_dir)}, train=TRAIN, evaluate={"max_new_tokens": MAX_NEW_TOKENS})
+    return Params().replace(
+        base={"family": "causal-lm", "model_id": "tiny-llama", "model_path": str(model_dir)},
+        train=TRAIN,
+        evaluate={"max_new_tokens": MAX_NEW_TOKENS},
+    )
 
 
 def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_harness, llama_dir):
@@ -55,10 +59,14 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
     dirs = generate_tasks(tmp_path / "tasks", names=TASKS, n_train=256, n_eval=32)
     data = {d.name: load_task(d) for d in dirs}
     model, tok = load_base(params.base)
-    untrained = {t: evaluate(model, tok, d, TRAIN["max_length"], max_new_tokens=MAX_NEW_TOKENS) for t, d in data.items()}
+    untrained = {
+        t: evaluate(model, tok, d, TRAIN["max_length"], max_new_tokens=MAX_NEW_TOKENS) for t, d in data.items()
+    }
 
     # the third task arrives as a PEFT CAUSAL_LM LoRA trained elsewhere (on q/k/v/o/gate/up/down)
-    adapter = train_lora(model, tok, data["capital"], params.train, params.base.targets(), params.base.heads(), "tiny-llama")
+    adapter = train_lora(
+        model, tok, data["capital"], params.train, params.base.targets(), params.base.heads(), "tiny-llama"
+    )
     adapter.task_type = "CAUSAL_LM"
     adapter_dir = write_adapter(tmp_path / "adapters" / "capital", adapter)
     for f in ("task.yaml", "eval.jsonl"):
@@ -99,8 +107,14 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
     with torch.no_grad():
         assert torch.allclose(share(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
         # and PEFT's greedy answers are the version's: the exported adapter is the task
-        gen = peft.generate(input_ids=ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    answers = [tok.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
+        gen = peft.generate(
+            input_ids=ids,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    answers = [tok.decode(g[ids.shape[1] :], skip_special_tokens=True).strip() for g in gen]
     exact = sum(a == r["completion"] for a, r in zip(answers, batch)) / len(batch)
     assert exact >= record["scores"]["plural"] - 0.25  # 8 rows of its 32
 
@@ -112,13 +126,20 @@ def test_gpt2_adapter_landings_are_validated_and_absorbed_data_free(tmp_path):
     from pipelines.update import build_version
     from pipelines.validate import LandingRejected, validate_landing
 
-    base = BaseSpec(family="causal-lm", model_id="tiny-gpt2", model_path=str(tiny_causal_lm(tmp_path / "gpt2", "gpt2", seed=0)))
-    params = Params().replace(base={"family": base.family, "model_id": base.model_id, "model_path": base.model_path}, train={"steps": 20, "rank": 4, "lora_alpha": 8, "max_length": 24})
+    base = BaseSpec(
+        family="causal-lm", model_id="tiny-gpt2", model_path=str(tiny_causal_lm(tmp_path / "gpt2", "gpt2", seed=0))
+    )
+    params = Params().replace(
+        base={"family": base.family, "model_id": base.model_id, "model_path": base.model_path},
+        train={"steps": 20, "rank": 4, "lora_alpha": 8, "max_length": 24},
+    )
     model, tok = load_base(base)
     landings, adapters = {}, {}
     for name in ("plural", "capital"):
         task_dir = generate_tasks(tmp_path / "tasks", names=[name], n_train=64, n_eval=16)[0]
-        adapters[name] = train_lora(model, tok, load_task(task_dir), params.train, base.targets(), base.heads(), base.model_id)
+        adapters[name] = train_lora(
+            model, tok, load_task(task_dir), params.train, base.targets(), base.heads(), base.model_id
+        )
         adapters[name].task_type = "CAUSAL_LM"
         landings[name] = write_adapter(tmp_path / "landings" / name, adapters[name])
         for f in ("task.yaml", "eval.jsonl"):
@@ -126,7 +147,9 @@ def test_gpt2_adapter_landings_are_validated_and_absorbed_data_free(tmp_path):
     assert validate_landing(landings["plural"], "adapter", "plural", None, base).type == "causal-lm"
     v1 = build_version([landings["plural"]], "adapter", tmp_path / "versions" / "v0001", None, params)
     assert validate_landing(landings["capital"], "adapter", "capital", v1, base).name == "capital"
-    build_version([landings["capital"]], "adapter", tmp_path / "versions" / "v0002", tmp_path / "versions" / "v0001", params)
+    build_version(
+        [landings["capital"]], "adapter", tmp_path / "versions" / "v0002", tmp_path / "versions" / "v0001", params
+    )
 
     share = ShareModel(load_base(base)[0], st.load(tmp_path / "versions" / "v0002")).eval()
     assert sorted(share.state.target_modules) == ["c_attn", "c_fc", "c_proj"]
@@ -143,8 +166,12 @@ def test_gpt2_adapter_landings_are_validated_and_absorbed_data_free(tmp_path):
     wrong = tmp_path / "wrong" / "capital"
     shutil.copytree(landings["capital"], wrong)
     (wrong / "adapter_config.json").write_text(json.dumps({**cfg, "task_type": "SEQ_CLS"}))
-    with pytest.raises(LandingRejected, match="task_type 'SEQ_CLS' does not match this workspace's 'causal-lm' base model"):
+    with pytest.raises(
+        LandingRejected, match="task_type 'SEQ_CLS' does not match this workspace's 'causal-lm' base model"
+    ):
         validate_landing(wrong, "adapter", "capital", None, base)
     cls_dir = generate_tasks(tmp_path / "cls", names=["topic"], n_train=16, n_eval=8)[0]
-    with pytest.raises(LandingRejected, match="type 'sequence-classification' does not match this workspace's base model 'tiny-gpt2'"):
+    with pytest.raises(
+        LandingRejected, match="type 'sequence-classification' does not match this workspace's base model 'tiny-gpt2'"
+    ):
         validate_landing(cls_dir, "dataset", "topic", v1, base)

@@ -31,17 +31,31 @@ def lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
-def run(args: list[str], env: dict | None = None, cwd=None, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def run(
+    args: list[str], env: dict | None = None, cwd=None, timeout: float = 60
+) -> tuple[subprocess.CompletedProcess, float]:
     """The installed `share` entry point, as a user runs it; (result, seconds)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SHARE_STORAGE", "SHARE_DEBUG")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SHARE_STORAGE", "SHARE_DEBUG")
+    }
     t0 = time.monotonic()
-    r = subprocess.run([SHARE, *args], env={**base, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [SHARE, *args], env={**base, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     return r, time.monotonic() - t0
 
 
 def invoke(args: list[str], **env):
     """In-process, stdout and stderr apart; PREFECT/MLflow/storage variables cleared unless given."""
-    clean = {"PREFECT_API_URL": None, "MLFLOW_TRACKING_URI": None, "SHARE_STORAGE": None, "SHARE_DEBUG": None, "COLUMNS": "250"}
+    clean = {
+        "PREFECT_API_URL": None,
+        "MLFLOW_TRACKING_URI": None,
+        "SHARE_STORAGE": None,
+        "SHARE_DEBUG": None,
+        "COLUMNS": "250",
+    }
     return CliRunner().invoke(cli.app, args, env={**clean, **env})
 
 
@@ -70,7 +84,10 @@ def closed_port_url(path: str = "") -> str:
 
 
 # ---- errors: one or two lines, a hint, non-zero; the traceback behind --debug ----------------
-@pytest.mark.parametrize("args", [["info", "v9999"], ["eval", "9999"], ["export", "v9999", "t", "out"], ["info", "latest"], ["eval", "../v0001"]])
+@pytest.mark.parametrize(
+    "args",
+    [["info", "v9999"], ["eval", "9999"], ["export", "v9999", "t", "out"], ["info", "latest"], ["eval", "../v0001"]],
+)
 def test_bad_version_id_is_one_line_naming_it_and_the_existing_ones(ws, args):
     r = invoke([*args, "-w", str(ws.root)])
     assert r.exit_code == 2
@@ -124,7 +141,10 @@ def test_version_ids_3_v3_v0003_name_the_same_version(tmp_path):
     w = Workspace(tmp_path / "ws")
     save_params(w.params_path, Params())
     ads = [read_adapter(save_peft_adapter(tmp_path / "ad" / f"a{j}", seed=10 + j), name=f"task{j}") for j in range(2)]
-    st.save(ShareModel.from_adapters(tiny_bert(), ads, base_model_id="tiny-bert", policy=KPolicy(k_max=4)).state, w.version_dir("v0003"))
+    st.save(
+        ShareModel.from_adapters(tiny_bert(), ads, base_model_id="tiny-bert", policy=KPolicy(k_max=4)).state,
+        w.version_dir("v0003"),
+    )
     outs = []
     for text in ("3", "v3", "v0003", "V3"):
         r = invoke(["info", text, "-w", str(w.root)])
@@ -141,7 +161,10 @@ def test_version_ids_3_v3_v0003_name_the_same_version(tmp_path):
 # ---- servers that are down: fail within seconds, name the URL and `share stack up` ----------
 def test_versions_with_mlflow_down_fails_fast(ws):
     url = closed_port_url()
-    for args, env in ((["versions", "-w", str(ws.root), "--tracking-uri", url], {}), (["versions", "-w", str(ws.root)], {"MLFLOW_TRACKING_URI": url})):
+    for args, env in (
+        (["versions", "-w", str(ws.root), "--tracking-uri", url], {}),
+        (["versions", "-w", str(ws.root)], {"MLFLOW_TRACKING_URI": url}),
+    ):
         r, took = run(args, env=env, timeout=60)
         assert took < 10, took
         assert r.returncode != 0
@@ -165,7 +188,10 @@ def test_a_server_that_accepts_but_never_answers_is_reported_within_the_timeout(
 def test_serve_refuses_without_a_prefect_api(tmp_path):
     bucket = tmp_path / "bucket"
     bucket.mkdir()
-    r, took = run(["serve", "--storage", str(bucket), "-w", str(tmp_path / "ws")], env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    r, took = run(
+        ["serve", "--storage", str(bucket), "-w", str(tmp_path / "ws")],
+        env={"PREFECT_HOME": str(tmp_path / "prefect-home")},
+    )
     assert r.returncode == 2
     assert_short_error(r.stderr, "PREFECT_API_URL", "--ephemeral", max_lines=1)
     assert not (tmp_path / "ws").exists()  # refused before anything was set up
@@ -176,7 +202,10 @@ def test_serve_with_the_prefect_api_down_fails_fast(tmp_path):
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     api = closed_port_url("/api")
-    r, took = run(["serve", "-w", str(tmp_path / "ws")], env={"PREFECT_API_URL": api, "SHARE_STORAGE": bucket.as_uri(), "PREFECT_HOME": str(tmp_path / "ph")})
+    r, took = run(
+        ["serve", "-w", str(tmp_path / "ws")],
+        env={"PREFECT_API_URL": api, "SHARE_STORAGE": bucket.as_uri(), "PREFECT_HOME": str(tmp_path / "ph")},
+    )
     assert took < 10, took
     assert r.returncode != 0
     assert_short_error(r.stderr, api, "share stack up")
@@ -221,7 +250,13 @@ def test_share_storage_is_the_default_storage(tmp_path):
 def bash_eval(script_output: str, names: list[str]) -> dict[str, str]:
     """Evaluate `script_output` in bash (errexit, nounset) and read the variables back."""
     probe = "; ".join(f'printf "%s=%s\\n" {n} "${{{n}}}"' for n in names)
-    r = subprocess.run(["bash", "-c", f'set -eu; eval "$OUT"; {probe}'], env={"PATH": os.environ["PATH"], "OUT": script_output}, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["bash", "-c", f'set -eu; eval "$OUT"; {probe}'],
+        env={"PATH": os.environ["PATH"], "OUT": script_output},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     return dict(ln.split("=", 1) for ln in r.stdout.splitlines())
 
@@ -234,7 +269,12 @@ def test_stack_env_is_accepted_by_eval(tmp_path):
     assert "not running" in r.stderr and "share stack up" in r.stderr  # the note is on stderr only
     assert bash_eval(r.stdout, list(expected)) == expected
     # the documented form, verbatim
-    sh = subprocess.run(["bash", "-c", f'eval "$({SHARE} stack env --data-dir {tmp_path / "stack"})" && echo $SHARE_STORAGE'], capture_output=True, text=True, timeout=30)
+    sh = subprocess.run(
+        ["bash", "-c", f'eval "$({SHARE} stack env --data-dir {tmp_path / "stack"})" && echo $SHARE_STORAGE'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert sh.stdout.strip() == expected["SHARE_STORAGE"]
 
 
@@ -251,13 +291,22 @@ def test_stack_env_quotes_any_value(tmp_path, monkeypatch):
 def test_stack_up_prints_only_exports_on_stdout(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(stack, "up", lambda cfg: started.append(cfg))
-    monkeypatch.setattr(stack, "status", lambda cfg: {n: {"pid": 1, "running": True, "healthy": True, "url": "http://127.0.0.1:1"} for n in ("s3", "prefect", "mlflow")})
+    monkeypatch.setattr(
+        stack,
+        "status",
+        lambda cfg: {
+            n: {"pid": 1, "running": True, "healthy": True, "url": "http://127.0.0.1:1"}
+            for n in ("s3", "prefect", "mlflow")
+        },
+    )
     r = invoke(["stack", "up", "--data-dir", str(tmp_path / "stack")])
     assert r.exit_code == 0, r.output
     assert len(started) == 1
     assert r.stdout and all(EXPORT_LINE.match(ln) for ln in r.stdout.splitlines()), r.stdout
     assert "local stack" in r.stderr and "dummies" in r.stderr
-    assert bash_eval(r.stdout, ["SHARE_STORAGE", "PREFECT_API_URL"]) == {k: stack.env(started[0])[k] for k in ("SHARE_STORAGE", "PREFECT_API_URL")}
+    assert bash_eval(r.stdout, ["SHARE_STORAGE", "PREFECT_API_URL"]) == {
+        k: stack.env(started[0])[k] for k in ("SHARE_STORAGE", "PREFECT_API_URL")
+    }
 
 
 def test_stack_failure_is_one_line(tmp_path, monkeypatch):
@@ -273,12 +322,20 @@ def test_stack_failure_is_one_line(tmp_path, monkeypatch):
 # ---- share status: the ledger as a table ------------------------------------------------------
 def test_status_shows_processed_rejected_in_progress_and_pending(ws):
     reason = "eval.jsonl:1: field 'label' is 'bad'; expected one of ['negative', 'positive']"
-    ws.record_landing("incoming/datasets/sentiment/task.yaml", {"etag": "e1" * 8, "status": "processed", "version": "v0001"})
+    ws.record_landing(
+        "incoming/datasets/sentiment/task.yaml", {"etag": "e1" * 8, "status": "processed", "version": "v0001"}
+    )
     ws.record_landing("incoming/datasets/broken/task.yaml", {"etag": "e2" * 8, "status": "rejected", "reason": reason})
     # a re-landing of sentiment that was rejected later: both landings are listed
-    ws.record_landing("incoming/datasets/sentiment/task.yaml", {"etag": "e3" * 8, "status": "rejected", "reason": "too few rows"})
+    ws.record_landing(
+        "incoming/datasets/sentiment/task.yaml", {"etag": "e3" * 8, "status": "rejected", "reason": "too few rows"}
+    )
     Journal.open(ws, {"key": "incoming/adapters/number/task.yaml", "etag": "e4" * 8}, "adapter", "v0003", "v0002")
-    (ws.root / cli.WATCHER_LEDGER).write_text('{"incoming/datasets/topic/task.yaml": "e5e5e5e5e5e5", "incoming/datasets/broken/task.yaml": "' + "e2" * 8 + '"}')
+    (ws.root / cli.WATCHER_LEDGER).write_text(
+        '{"incoming/datasets/topic/task.yaml": "e5e5e5e5e5e5", "incoming/datasets/broken/task.yaml": "'
+        + "e2" * 8
+        + '"}'
+    )
     r = invoke(["status", "-w", str(ws.root)])
     assert r.exit_code == 0, r.output
     rows = {}
@@ -316,7 +373,9 @@ def test_every_command_and_option_has_help():
     for path, cmd in walk(typer.main.get_command(cli.app), "share"):
         if not (cmd.help or "").strip():
             missing.append(path)
-        missing += [f"{path} {p.name}" for p in cmd.params if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+        missing += [
+            f"{path} {p.name}" for p in cmd.params if p.name != "help" and not (getattr(p, "help", None) or "").strip()
+        ]
     assert missing == []
     for sub in (["stack", "up"], ["stack", "down"], ["stack", "status"], ["stack", "env"], ["status"], ["serve"]):
         r = invoke([*sub, "--help"])

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from pipelines.params import edit_params
 from pipelines import lineage, register
 from pipelines.journal import STEPS
+from pipelines.params import edit_params
 from pipelines.storage import LocalStorage
 from pipelines.workspace import Workspace
 from share_core import state as st
@@ -36,7 +36,9 @@ def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
     base = BaseSpec(model_id=BASE_ID, model_path=str(tiny_model_dir))
     model, _ = load_base(base)
     names = [f"t{i:02d}" for i in range(len(STEPS) + 3)]
-    for a in shared_subspace_adapters(model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4):
+    for a in shared_subspace_adapters(
+        model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4
+    ):
         write_landing(tmp_path / "src", a, template)
     storage = LocalStorage(tmp_path / "bucket")
     # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here (tests/test_lock.py covers the global one)
@@ -48,8 +50,13 @@ def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
 def crash_after(chain, name: str, step: str) -> str:
     """Land `name` and run its update in a subprocess that dies right after `step`."""
     key = chain["storage"].upload_task(chain["src"] / name, "adapter", name)
-    proc = subprocess.run([sys.executable, "-c", UPDATE, key, chain["storage"].describe(), str(chain["ws"].root), MODEL],
-                          env={**chain["env"], "SHARE_FAULT_AFTER": step}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", UPDATE, key, chain["storage"].describe(), str(chain["ws"].root), MODEL],
+        env={**chain["env"], "SHARE_FAULT_AFTER": step},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, f"{step}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return key
 
@@ -57,7 +64,13 @@ def crash_after(chain, name: str, step: str) -> str:
 def rerun(chain, key: str) -> dict:
     from flows.continual import continual_update
 
-    return continual_update(key=key, storage_url=chain["storage"].describe(), workspace=str(chain["ws"].root), model_name=MODEL, tolerance=1.0)
+    return continual_update(
+        key=key,
+        storage_url=chain["storage"].describe(),
+        workspace=str(chain["ws"].root),
+        model_name=MODEL,
+        tolerance=1.0,
+    )
 
 
 def assert_consistent(chain, processed: list[str]) -> None:
@@ -70,14 +83,18 @@ def assert_consistent(chain, processed: list[str]) -> None:
     assert versions == [f"v{i:04d}" for i in range(1, len(processed) + 1)] and ws.head() == versions[-1]
     for parent, child in zip(versions, versions[1:]):
         pm, cm = st.read_manifest(ws.version_dir(parent)), st.read_manifest(ws.version_dir(child))
-        assert cm["parent"] == parent and [t["name"] for t in cm["tasks"]][: len(pm["tasks"])] == [t["name"] for t in pm["tasks"]]
+        assert cm["parent"] == parent and [t["name"] for t in cm["tasks"]][: len(pm["tasks"])] == [
+            t["name"] for t in pm["tasks"]
+        ]
     assert st.load(ws.version_dir(versions[-1])).task_names == processed  # every task learned is there
     registered = register.list_versions(MODEL, ws.tracking_uri)
     assert [r["version"] for r in registered] == versions  # one model version each, no duplicate
     c = MlflowClient(ws.tracking_uri)
     exp = c.get_experiment_by_name(MODEL)
     assert not [r for r in c.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
-    assert json.loads(lineage._dvc_cli(ws.root, "status", "-c", "--json") or "{}") == {}  # the remote holds every version
+    assert (
+        json.loads(lineage._dvc_cli(ws.root, "status", "-c", "--json") or "{}") == {}
+    )  # the remote holds every version
     by_task = {lnd.task: lnd for lnd in storage.list_landings()}
     for v, name in zip(versions, processed):
         assert ws.seen(by_task[name].key, by_task[name].etag)["status"] == "processed"
@@ -131,8 +148,13 @@ def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
     ws, storage, names = chain["ws"], chain["storage"], chain["names"][:3]
     for n in names:
         storage.upload_task(chain["src"] / n, "adapter", n)
-    proc = subprocess.run([sys.executable, "-c", BATCH, storage.describe(), str(ws.root), MODEL],
-                          env={**chain["env"], "SHARE_FAULT_AFTER": "ledger"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", BATCH, storage.describe(), str(ws.root), MODEL],
+        env={**chain["env"], "SHARE_FAULT_AFTER": "ledger"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     # every landing is in the ledger already, so none is pending: the open journal is what resumes
     out = batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
@@ -142,4 +164,7 @@ def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
     for lnd in storage.list_landings():
         assert ws.seen(lnd.key, lnd.etag)["status"] == "processed" and storage.status_of(lnd)["version"] == "v0001"
     assert not [p for p in ws.journals.glob("*.json") if json.loads(p.read_text())["status"] == "open"]
-    assert batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL)["status"] == "nothing-to-absorb"
+    assert (
+        batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL)["status"]
+        == "nothing-to-absorb"
+    )

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipelines.params import Params, load_params, save_params
 from pipelines import evaluate as ev
+from pipelines.params import Params, load_params, save_params
 from pipelines.update import build_version
 from pipelines.workspace import Workspace
 from share_core import state as st
@@ -28,18 +28,31 @@ def ws(tmp_path, tiny_model_dir):
     base = BaseSpec(model_id=BASE_ID, model_path=str(tiny_model_dir))
     model, _ = load_base(base)
     kw = dict(targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4)
-    for a in shared_subspace_adapters(model, ["t0", "t1", "t2", "t3"], 2, seed=1, **kw) + shared_subspace_adapters(model, ["outsider"], 2, seed=7, **kw):
+    for a in shared_subspace_adapters(model, ["t0", "t1", "t2", "t3"], 2, seed=1, **kw) + shared_subspace_adapters(
+        model, ["outsider"], 2, seed=7, **kw
+    ):
         write_landing(w.landings, a, template)
     set_params(w, tiny_model_dir)
     return w
 
 
 def set_params(w: Workspace, model_dir, k_max: int = 32, **evaluate) -> None:
-    save_params(w.params_path, Params().replace(base={"model_id": BASE_ID, "model_path": str(model_dir)}, subspace={"k_max": k_max}, evaluate=evaluate))
+    save_params(
+        w.params_path,
+        Params().replace(
+            base={"model_id": BASE_ID, "model_path": str(model_dir)}, subspace={"k_max": k_max}, evaluate=evaluate
+        ),
+    )
 
 
 def build(w: Workspace, version: str, parent: str | None, names: list[str]) -> None:
-    build_version([w.landings / n for n in names], "adapter", w.version_dir(version), w.version_dir(parent) if parent else None, load_params(w.params_path))
+    build_version(
+        [w.landings / n for n in names],
+        "adapter",
+        w.version_dir(version),
+        w.version_dir(parent) if parent else None,
+        load_params(w.params_path),
+    )
 
 
 def test_unchanged_tasks_are_certified_and_a_full_rescoring_agrees(ws, tiny_model_dir):
@@ -58,7 +71,10 @@ def test_unchanged_tasks_are_certified_and_a_full_rescoring_agrees(ws, tiny_mode
     assert audit["matches"] and audit["certificates_checked"] == 2 and audit["certificates_wrong"] == []
     # the record is O(T): this version's row and the diagonal, no matrix
     assert "matrix" not in r2 and set(r2["first_scores"]) == {"t0", "t1", "t2"}
-    assert ev.accuracy_matrix(ws, "v0002")["rows"] == [[r1["scores"]["t0"], r1["scores"]["t1"], None], [r2["scores"][t] for t in ("t0", "t1", "t2")]]
+    assert ev.accuracy_matrix(ws, "v0002")["rows"] == [
+        [r1["scores"]["t0"], r1["scores"]["t1"], None],
+        [r2["scores"][t] for t in ("t0", "t1", "t2")],
+    ]
     assert ws.evaluations.joinpath("v0002.png").stat().st_size > 5000
 
 
@@ -91,7 +107,9 @@ def test_dask_local_cluster_scores_like_in_process(ws, tiny_model_dir, prefect_h
     build(ws, "v0001", None, ["t0", "t1", "t2", "outsider"])
     tasks = ["t0", "t1", "t2", "outsider"]
     local = ev.score_tasks(ws, "v0001", tasks)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
         set_params(ws, tiny_model_dir, workers=2, dask_address=cluster.scheduler_address)
         cfg = load_params(ws.params_path).evaluate
         remote = score(str(ws.root), "v0001", tasks, cfg)

@@ -41,14 +41,19 @@ def test_s3_notifications_from_sqs_emit_task_yaml_landings_only(moto_s3, bucket,
     queue = sqs.create_queue(QueueName=f"q-{bucket}")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     s3 = boto3.client("s3", endpoint_url=moto_s3)
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]},
+    )
     url = f"s3://{bucket}/p?endpoint_url={moto_s3}"
     storage = open_storage(url)
     [task] = generate_tasks(tmp_path / "t", names=["tense"], n_train=16, n_eval=8)
     storage.upload_task(task, "dataset", "tense")
     watcher = Watcher(storage, url, tmp_path / "ledger.json")
     got = watcher.consume_sqs(sqs, queue, wait_seconds=0)
-    assert [x.key for x in got] == ["p/incoming/datasets/tense/task.yaml"]  # train/eval objects and the TestEvent ignored
+    assert [x.key for x in got] == [
+        "p/incoming/datasets/tense/task.yaml"
+    ]  # train/eval objects and the TestEvent ignored
     assert watcher.poll_once() == []  # polling and notifications share one ledger: no second event
     assert sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=0).get("Messages") is None  # drained
 

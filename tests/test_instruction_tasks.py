@@ -20,7 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from share_core.synthetic import SPECIAL_TOKENS, tiny_causal_lm
 from share_core.taskdata import CAUSAL_LM, load_task
-from share_core.tasks import INSTRUCTION_GENERATORS, INSTRUCTION_TASK_NAMES, INSTRUCTION_VOCABULARY, TASK_NAMES, generate_task, generate_tasks
+from share_core.tasks import (
+    INSTRUCTION_GENERATORS,
+    INSTRUCTION_TASK_NAMES,
+    INSTRUCTION_VOCABULARY,
+    TASK_NAMES,
+    generate_task,
+    generate_tasks,
+)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS, LR, BATCH = 150, 5e-3, 16
@@ -104,8 +111,14 @@ def test_tiny_model_is_byte_identical_per_seed_and_loads(tiny_llama, tmp_path):
     for arch, path in (("llama", tiny_llama), ("gpt2", tiny_causal_lm(tmp_path / "gpt2", "gpt2", seed=0))):
         model = AutoModelForCausalLM.from_pretrained(path)
         cfg = model.config
-        assert cfg.model_type == arch and cfg.vocab_size == len(tok) == len(INSTRUCTION_VOCABULARY) + len(SPECIAL_TOKENS)
-        assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        assert cfg.model_type == arch and cfg.vocab_size == len(tok) == len(INSTRUCTION_VOCABULARY) + len(
+            SPECIAL_TOKENS
+        )
+        assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+            tok.bos_token_id,
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
         assert sum(p.numel() for p in model.parameters()) < 200_000
         with torch.no_grad():
             logits = model(**tok(["reverse : red cat anna ="], return_tensors="pt")).logits
@@ -152,7 +165,9 @@ def exact_match(model, tok, rows) -> float:
     tok.padding_side = "left"
     enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
     tok.padding_side = "right"
-    out = model.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        **enc, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     hits = 0
     for seq, row in zip(out[:, enc["input_ids"].shape[1] :].tolist(), rows):
         seq = seq[: seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else seq
@@ -163,7 +178,10 @@ def exact_match(model, tok, rows) -> float:
 def train_lora(path, tok, rows, seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.0))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(path),
+            LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.0),
+        )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     rng = random.Random(seed)
     model.train()
@@ -183,4 +201,6 @@ def test_lora_learns_an_instruction_task(tiny_llama, name):
     model = train_lora(tiny_llama, tok, train)
     assert exact_match(model, tok, eval_rows) > 0.5
     other = "capital" if name != "capital" else "plural"
-    assert exact_match(model, tok, generate_task(other, seed=0, n_train=0, n_eval=32)[2]) <= 0.05  # one task does not solve another
+    assert (
+        exact_match(model, tok, generate_task(other, seed=0, n_train=0, n_eval=32)[2]) <= 0.05
+    )  # one task does not solve another

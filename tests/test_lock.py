@@ -25,7 +25,10 @@ def hold_both(tmp_path, same_chain: bool) -> list[list[float]]:
         root.mkdir(parents=True)
         (root / ".chain-id").write_text("sharedchain0001\n" if same_chain else f"chain{i:011d}\n")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "SHARE_CHAIN_LOCK": "prefect"}
-    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(r)], env=env, stdout=subprocess.PIPE, text=True) for r in roots]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", HOLD, str(r)], env=env, stdout=subprocess.PIPE, text=True)
+        for r in roots
+    ]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     return sorted(json.loads(o.strip().splitlines()[-1]) for o in outs)

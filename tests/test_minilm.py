@@ -26,7 +26,9 @@ def test_two_tasks_in_sequence_on_minilm(tmp_path):
     run = run_continual(tasks, TrainConfig(steps=60, batch_size=16, lr=3e-3, progress=False), KPolicy(k_max=32), phi=2)
     r = run.scores.rows
     for j, t in enumerate(tasks):
-        assert r[j][j] >= run.scores.majority[j] + 0.2, f"{t.spec.name}: {r[j][j]:.3f} vs majority {run.scores.majority[j]:.3f}"
+        assert r[j][j] >= run.scores.majority[j] + 0.2, (
+            f"{t.spec.name}: {r[j][j]:.3f} vs majority {run.scores.majority[j]:.3f}"
+        )
     assert r[1][0] >= r[0][0] - 0.01  # strict mode: the first task loses at most one point
     assert run.errors[1][tasks[1].spec.name] < 1e-4  # k = 32 holds the new task exactly
     acct = accounting(run.model.state)

@@ -19,7 +19,9 @@ from .conftest import save_peft_adapter, tiny_bert
 
 
 def share_from(paths, k_max=32, **kw):
-    return ShareModel.from_adapters(tiny_bert(), [read_adapter(p) for p in paths], base_model_id="tiny-bert", policy=KPolicy(k_max=k_max), **kw)
+    return ShareModel.from_adapters(
+        tiny_bert(), [read_adapter(p) for p in paths], base_model_id="tiny-bert", policy=KPolicy(k_max=k_max), **kw
+    )
 
 
 def logits(model, x):
@@ -43,7 +45,9 @@ def test_truncated_init_error_matches_the_reported_error(adapters_dir):
     share = share_from(adapters_dir, k_max=5)
     full = share_from(adapters_dir)
     for i, t in enumerate(share.state.task_names):
-        worst = max(relative_error(full.layers[ln].delta_weight(i), share.layers[ln].delta_weight(i)) for ln in share.layers)
+        worst = max(
+            relative_error(full.layers[ln].delta_weight(i), share.layers[ln].delta_weight(i)) for ln in share.layers
+        )
         assert worst > 0.05  # truncation really loses something here
         assert abs(worst - share.last_errors[t]) < 1e-5
 
@@ -118,7 +122,10 @@ def test_trained_task_survives_the_merge(adapters_dir):
     fit(share, params, tok, task, cfg, "toy")
     x = tok([r["text"] for r in task.eval])["input_ids"]
     trained = logits(share, x)
-    before = {t: [share.layers[ln].delta_weight(i).clone() for ln in share.layers] for i, t in enumerate(share.state.task_names)}
+    before = {
+        t: [share.layers[ln].delta_weight(i).clone() for ln in share.layers]
+        for i, t in enumerate(share.state.task_names)
+    }
     errors = share.finish_task(KPolicy(k_max=64))
     share.activate("toy")
     assert torch.allclose(logits(share, x), trained, atol=1e-4)
@@ -131,7 +138,10 @@ def test_trained_task_survives_the_merge(adapters_dir):
     small = share_from(adapters_dir, phi=2)
     params = small.begin_task("toy", rank=4, scale=2.0, num_labels=3, seed=0)
     fit(small, params, tok, task, cfg, "toy")
-    want = {ln: layer.slot_scale * (lambda b, a: b @ a.T)(*[f.detach() for f in layer.slot_factors()]) for ln, layer in small.layers.items()}
+    want = {
+        ln: layer.slot_scale * (lambda b, a: b @ a.T)(*[f.detach() for f in layer.slot_factors()])
+        for ln, layer in small.layers.items()
+    }
     errs = small.finish_task(KPolicy(k_max=6))
     i = small.state.task_names.index("toy")
     actual = max(relative_error(want[ln], small.layers[ln].delta_weight(i)) for ln in small.layers)
@@ -142,7 +152,9 @@ def test_share_full_finetune_changes_only_that_task(adapters_dir):
     share = share_from(adapters_dir)
     tok = CharTokenizer()
     task = toy_task("task1")
-    before = {t: share.layers[next(iter(share.layers))].delta_weight(i).clone() for i, t in enumerate(share.state.task_names)}
+    before = {
+        t: share.layers[next(iter(share.layers))].delta_weight(i).clone() for i, t in enumerate(share.state.task_names)
+    }
     basis = {ln: b.clone() for ln, (b, _) in share.state.bases.items()}
     finetune_task(share, tok, task, TrainConfig(steps=30, lr=1e-2, progress=False))
     ln = next(iter(share.layers))
@@ -191,7 +203,10 @@ def snapshot(share):
     [
         (lambda p: save_peft_adapter(p, seed=1, base_name="other-model"), "trained on base model"),
         (lambda p: save_peft_adapter(p, seed=1, targets=("query", "key")), "targets"),
-        (lambda p: save_peft_adapter(p, seed=1, hidden_size=48, num_attention_heads=2), "layer .* factors imply|size mismatch|base layer"),
+        (
+            lambda p: save_peft_adapter(p, seed=1, hidden_size=48, num_attention_heads=2),
+            "layer .* factors imply|size mismatch|base layer",
+        ),
         ("nan", "NaN"),
         ("pickle", "pickle"),
         ("corrupt", "corrupt"),
@@ -249,9 +264,15 @@ def test_mixed_batch_with_a_head_of_several_modules_equals_per_task_forwards():
     from share_core.synthetic import shared_subspace_adapters
 
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=3)).eval()
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=32, num_labels=3
+        )
+    ).eval()
     heads = ["pre_classifier", "classifier"]
-    adapters = shared_subspace_adapters(model, ["a", "b"], 3, targets=["q_lin", "v_lin"], heads=heads, base_model_id="tiny-distilbert", rank=2, dim=4)
+    adapters = shared_subspace_adapters(
+        model, ["a", "b"], 3, targets=["q_lin", "v_lin"], heads=heads, base_model_id="tiny-distilbert", rank=2, dim=4
+    )
     for a, shift in zip(adapters, (0.5, -0.5)):  # heads that differ per task in both modules
         for k in a.heads:
             a.heads[k] = a.heads[k] + shift

@@ -13,8 +13,8 @@ import boto3
 import pytest
 import yaml
 
-from pipelines.params import edit_params
 from pipelines import evaluate, lineage, register
+from pipelines.params import edit_params
 from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
 from share_core import state as st
@@ -29,7 +29,11 @@ BASE_ID = "tiny-minilm"
 
 
 def tree_digest(path: Path) -> dict[str, str]:
-    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets: list[str] | None = None) -> Path:
@@ -38,7 +42,9 @@ def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets: list[st
     base = BaseSpec(model_id=BASE_ID, model_path=str(model_dir))
     model, tok = load_base(base)
     targets = targets or base.targets()
-    adapter = train_lora(model, tok, task, TrainConfig(steps=15, lr=1e-2, progress=False), targets, base.heads(), BASE_ID)
+    adapter = train_lora(
+        model, tok, task, TrainConfig(steps=15, lr=1e-2, progress=False), targets, base.heads(), BASE_ID
+    )
     out = write_adapter(tmp / "adapters" / f"{task.spec.name}-{'-'.join(targets)}", adapter)
     for f in ("eval.jsonl", "task.yaml"):
         shutil.copy(task_dir / f, out / f)
@@ -48,28 +54,49 @@ def adapter_landing(tmp: Path, task_dir: Path, model_dir: Path, targets: list[st
 @pytest.fixture
 def chain(tmp_path, moto_s3, prefect_harness, tiny_model_dir):
     s3 = boto3.client("s3", endpoint_url=moto_s3)
-    bucket = "e2e-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]  # moto lives for the session: one bucket per test
+    bucket = (
+        "e2e-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+    )  # moto lives for the session: one bucket per test
     s3.create_bucket(Bucket=bucket)
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root, remote=f"s3://{bucket}/dvcstore", endpoint_url=moto_s3)
-    edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(tiny_model_dir)}, train={"steps": 25, "lr": 0.01, "batch_size": 16})
+    edit_params(
+        ws.params_path,
+        base={"model_id": BASE_ID, "model_path": str(tiny_model_dir)},
+        train={"steps": 25, "lr": 0.01, "batch_size": 16},
+    )
     url = f"s3://{bucket}/landings?endpoint_url={moto_s3}"
     tasks = generate_tasks(tmp_path / "tasks", names=["sentiment", "topic", "tense", "number"], n_train=64, n_eval=32)
-    return {"ws": ws, "url": url, "storage": open_storage(url), "tasks": dict(zip(["sentiment", "topic", "tense", "number"], tasks)), "tmp": tmp_path, "s3": s3, "bucket": bucket, "model_dir": tiny_model_dir}
+    return {
+        "ws": ws,
+        "url": url,
+        "storage": open_storage(url),
+        "tasks": dict(zip(["sentiment", "topic", "tense", "number"], tasks)),
+        "tmp": tmp_path,
+        "s3": s3,
+        "bucket": bucket,
+        "model_dir": tiny_model_dir,
+    }
 
 
-def land_and_update(chain, task_dir: Path, kind: str = "dataset", tolerance: float = 1.0, name: str | None = None) -> dict:
+def land_and_update(
+    chain, task_dir: Path, kind: str = "dataset", tolerance: float = 1.0, name: str | None = None
+) -> dict:
     from flows.continual import continual_update
 
     key = chain["storage"].upload_task(task_dir, kind, name or task_dir.name)
-    out = continual_update(key=key, storage_url=chain["url"], workspace=str(chain["ws"].root), model_name=MODEL, tolerance=tolerance)
+    out = continual_update(
+        key=key, storage_url=chain["url"], workspace=str(chain["ws"].root), model_name=MODEL, tolerance=tolerance
+    )
     return {**out, "key": key}
 
 
 def snapshot(chain) -> dict:
     ws = chain["ws"]
     return {
-        "versions": ws.version_ids(), "head": ws.head(), "dvc.yaml": (ws.root / "dvc.yaml").read_text(),
+        "versions": ws.version_ids(),
+        "head": ws.head(),
+        "dvc.yaml": (ws.root / "dvc.yaml").read_text(),
         "landings": sorted(p.name for p in ws.landings.iterdir()) if ws.landings.exists() else [],
         "registered": [v["model_version"] for v in register.list_versions(MODEL, ws.tracking_uri)],
         "git": lineage._git(ws.root, "rev-parse", "HEAD"),
@@ -86,13 +113,21 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     third = land_and_update(chain, adapter, kind="adapter", tolerance=-1.0, name="tense")
     assert [o["version"] for o in (first, second, third)] == ["v0001", "v0002", "v0003"]
     assert (first["promoted"], second["promoted"], third["promoted"]) == (True, True, False)
-    for version, tasks in (("v0001", ["sentiment"]), ("v0002", ["sentiment", "topic"]), ("v0003", ["sentiment", "topic", "tense"])):
+    for version, tasks in (
+        ("v0001", ["sentiment"]),
+        ("v0002", ["sentiment", "topic"]),
+        ("v0003", ["sentiment", "topic", "tense"]),
+    ):
         rec = json.loads(ws.evaluation_path(version).read_text())
         assert rec["tasks"] == tasks and all(0.0 <= rec["scores"][x] <= 1.0 for x in tasks)  # every past task scored
         assert (ws.evaluations / f"{version}.png").stat().st_size > 1000
     rec3 = json.loads(ws.evaluation_path("v0003").read_text())
     m = evaluate.accuracy_matrix(ws, "v0003")
-    assert m["versions"] == ["v0001", "v0002", "v0003"] and [sum(x is not None for x in r) for r in m["rows"]] == [1, 2, 3]
+    assert m["versions"] == ["v0001", "v0002", "v0003"] and [sum(x is not None for x in r) for r in m["rows"]] == [
+        1,
+        2,
+        3,
+    ]
 
     # Prefect: each run is named after what it built and leaves a markdown artifact of the version
     from prefect.artifacts import Artifact
@@ -102,7 +137,12 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
         names = {r.name for r in pc.read_flow_runs(limit=200)}
     assert {"v0001 ← dataset sentiment", "v0002 ← dataset topic", "v0003 ← adapter tense"} <= names
     card = Artifact.get("share-v0003")
-    assert card is not None and "v0003 ← tense" in card.data and "Forgetting gate: failed" in card.data and "| tense |" in card.data
+    assert (
+        card is not None
+        and "v0003 ← tense" in card.data
+        and "Forgetting gate: failed" in card.data
+        and "| tense |" in card.data
+    )
 
     # registry: three model versions; candidate = newest; champion stayed behind the gate
     versions = register.list_versions(MODEL, ws.tracking_uri)
@@ -118,7 +158,9 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     assert json.loads(mv3.tags["lineage.dvc_hashes"]).keys() >= {"versions/v0002", "versions/v0003"}
     run = client.get_run(mv3.run_id)
     assert run.data.metrics["score.sentiment"] == rec3["scores"]["sentiment"] and "acc" in run.data.metrics
-    assert not any("secret" in k.lower() or "testing" in str(v) for k, v in {**run.data.params, **run.data.tags}.items())
+    assert not any(
+        "secret" in k.lower() or "testing" in str(v) for k, v in {**run.data.params, **run.data.tags}.items()
+    )
 
     # every version is an MLflow model: pyfunc serves rows of different tasks in one batch,
     # with the same answers as the version's own per-task forward
@@ -135,7 +177,9 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     for (name, text), label, probs in zip(rows, out["label"], out["probabilities"]):
         share.activate(name)
         with torch.no_grad():
-            logits = share(**{k: v for k, v in tok([text], return_tensors="pt").items() if k != "token_type_ids"}).logits[0]
+            logits = share(
+                **{k: v for k, v in tok([text], return_tensors="pt").items() if k != "token_type_ids"}
+            ).logits[0]
         labels = load_task(t[name]).spec.labels
         assert label == labels[int(logits.argmax())] and len(probs) == len(labels) and abs(sum(probs) - 1) < 1e-5
     share.activate(None)
@@ -152,7 +196,10 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     assert kwargs["num_labels"] == 4 and kwargs["id2label"]["0"] == "food" and card["base_model"] == BASE_ID
     base_model = AutoModelForSequenceClassification.from_pretrained(chain["model_dir"], **kwargs)
     peft = PeftModel.from_pretrained(base_model, str(out)).eval()
-    enc = {k: v for k, v in tok([r["text"] for r in load_task(t["topic"]).eval[:4]], padding=True, return_tensors="pt").items()}
+    enc = {
+        k: v
+        for k, v in tok([r["text"] for r in load_task(t["topic"]).eval[:4]], padding=True, return_tensors="pt").items()
+    }
     share.activate("topic")
     with torch.no_grad():
         assert torch.allclose(share(**enc).logits, peft(**enc).logits, atol=1e-5)
@@ -167,8 +214,15 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     assert len(deps) == 2 and deps[0].startswith("landings/topic-") and deps[1] == "versions/v0001"
     assert chain["s3"].list_objects_v2(Bucket=chain["bucket"], Prefix="dvcstore/")["KeyCount"] > 0
     # DVC reports the workspace: HEAD's metrics and the plots of every HEAD move
-    shown = json.loads(lineage._dvc_cli(ws.root, "metrics", "show", "--json"))[""]["data"]["evaluations/metrics.json"]["data"]
-    assert shown["version"] == "v0003" and shown["acc"] == rec3["acc"] and shown["bwt"] == rec3["bwt"] and shown["tasks"] == 3
+    shown = json.loads(lineage._dvc_cli(ws.root, "metrics", "show", "--json"))[""]["data"]["evaluations/metrics.json"][
+        "data"
+    ]
+    assert (
+        shown["version"] == "v0003"
+        and shown["acc"] == rec3["acc"]
+        and shown["bwt"] == rec3["bwt"]
+        and shown["tasks"] == 3
+    )
     history = ws.history_path.read_text().splitlines()
     assert [r.split(",")[1] for r in history[1:]] == ["v0001", "v0002", "v0003"]
     lineage._dvc_cli(ws.root, "plots", "show", "-o", str(chain["tmp"] / "plots"))
@@ -188,12 +242,21 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     rb = rollback(str(ws.root), "v0001", model_name=MODEL, reason="test")
     assert (rb["champion"], rb["previous"], rb["verified"], ws.head()) == ("v0001", "v0002", True, "v0001")
     mv1 = register.model_version_of(client, MODEL, "v0001")
-    assert "champion" in client.get_registered_model(MODEL).aliases and client.get_model_version_by_alias(MODEL, "champion").version == mv1.version
+    assert (
+        "champion" in client.get_registered_model(MODEL).aliases
+        and client.get_model_version_by_alias(MODEL, "champion").version == mv1.version
+    )
     import mlflow.artifacts
 
-    restored = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv1.source, dst_path=str(chain["tmp"] / "restored"), tracking_uri=ws.tracking_uri))
+    restored = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv1.source, dst_path=str(chain["tmp"] / "restored"), tracking_uri=ws.tracking_uri
+        )
+    )
     assert (restored / "manifest.json").read_bytes() == (ws.version_dir("v0001") / "manifest.json").read_bytes()
-    assert json.loads((restored / "dvc.json").read_text())["path"] == "versions/v0001"  # the tensors are DVC's, stored once
+    assert (
+        json.loads((restored / "dvc.json").read_text())["path"] == "versions/v0001"
+    )  # the tensors are DVC's, stored once
     assert st.state_sha256(st.load(ws.version_dir("v0001"))) == mv1.tags["share.state_sha256"]
     assert client.get_run(rb["run_id"]).data.tags["share.event"] == "rollback"
 
@@ -202,7 +265,9 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     assert fourth["version"] == "v0004"
     manifest = json.loads((ws.version_dir("v0004") / "manifest.json").read_text())
     assert manifest["parent"] == "v0001" and [x["name"] for x in manifest["tasks"]] == ["sentiment", "number"]
-    assert "versions/v0001" in [d["path"] for d in yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]["v0004"]["deps"]]
+    assert "versions/v0001" in [
+        d["path"] for d in yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]["v0004"]["deps"]
+    ]
 
     # v0002 is a delta on v0001: with both gone locally (workspace and DVC cache), restoring
     # v0002 pulls its chain from the remote and the state is bit-exactly what was registered
@@ -213,7 +278,10 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     shutil.rmtree(ws.root / ".dvc" / "cache")
     lineage.checkout_version(ws.root, "v0002")
     assert {v: tree_digest(ws.version_dir(v)) for v in ("v0001", "v0002")} == digests
-    assert st.state_sha256(st.load(ws.version_dir("v0002"))) == register.model_version_of(client, MODEL, "v0002").tags["share.state_sha256"]
+    assert (
+        st.state_sha256(st.load(ws.version_dir("v0002")))
+        == register.model_version_of(client, MODEL, "v0002").tags["share.state_sha256"]
+    )
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -249,7 +317,9 @@ def test_bad_landings_are_rejected_and_touch_nothing(chain):
     d = bad_copy(t["sentiment"], "dupe")
     _edit(d / "task.yaml", "name: dupe", "name: sentiment")
     (d / "train.jsonl").write_text("".join((d / "train.jsonl").read_text().splitlines(keepends=True)[1:]))
-    cases.append(("dataset", d, "sentiment", "already exists"))  # an overwrite of a processed landing is new, and checked again
+    cases.append(
+        ("dataset", d, "sentiment", "already exists")
+    )  # an overwrite of a processed landing is new, and checked again
 
     before = snapshot(chain)
     for kind, d, name, match in cases:
@@ -263,10 +333,16 @@ def test_bad_landings_are_rejected_and_touch_nothing(chain):
     chain["s3"].put_object(Bucket=chain["bucket"], Key=f"{prefix}/sub/evil.jsonl", Body=b"{}")
     for f in ("train.jsonl", "eval.jsonl"):
         chain["s3"].upload_file(str(t["topic"] / f), chain["bucket"], f"{prefix}/{f}")
-    chain["s3"].put_object(Bucket=chain["bucket"], Key=f"{prefix}/task.yaml", Body=(t["topic"] / "task.yaml").read_text().replace("name: topic", "name: nested").encode())
+    chain["s3"].put_object(
+        Bucket=chain["bucket"],
+        Key=f"{prefix}/task.yaml",
+        Body=(t["topic"] / "task.yaml").read_text().replace("name: topic", "name: nested").encode(),
+    )
     from flows.continual import continual_update
 
-    out = continual_update(key=f"{prefix}/task.yaml", storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)
+    out = continual_update(
+        key=f"{prefix}/task.yaml", storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL
+    )
     assert out["status"] == "rejected" and "not a plain file name" in out["reason"]
     assert snapshot(chain) == before  # no version, no registry entry, no lineage, nothing ingested
 
@@ -281,8 +357,13 @@ def test_batch_absorb_folds_every_pending_adapter_into_one_version(chain):
     out = batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
     assert out["version"] == "v0002" and len(out["absorbed"]) == 2 and out["rejected"] == {}
     manifest = json.loads((ws.version_dir("v0002") / "manifest.json").read_text())
-    assert [x["name"] for x in manifest["tasks"]] == ["sentiment", "number", "tense"] and manifest["parent"] == "v0001"  # pending landings in key order
+    assert [x["name"] for x in manifest["tasks"]] == ["sentiment", "number", "tense"] and manifest[
+        "parent"
+    ] == "v0001"  # pending landings in key order
     rec = json.loads(ws.evaluation_path("v0002").read_text())
     assert set(rec["scores"]) == {"sentiment", "tense", "number"}  # adapters brought eval.jsonl: scored too
     assert all(storage.status_of(x)["status"] == "processed" for x in storage.list_landings() if x.kind == "adapter")
-    assert batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)["status"] == "nothing-to-absorb"
+    assert (
+        batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)["status"]
+        == "nothing-to-absorb"
+    )

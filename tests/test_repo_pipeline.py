@@ -28,7 +28,11 @@ def test_dvc_repro_builds_the_chain_from_params(tmp_path, tiny_model_dir):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / ".venv").symlink_to(Path(sys.executable).parent.parent)  # what `make venv` makes in a clone
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != venv_bin), "DVC_NO_ANALYTICS": "1"}  # not activated
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d != venv_bin),
+        "DVC_NO_ANALYTICS": "1",
+    }  # not activated
 
     def run(*cmd):
         out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

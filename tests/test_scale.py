@@ -8,9 +8,9 @@ import threading
 import psutil
 import pytest
 
-from pipelines.params import edit_params, load_params
 from pipelines import evaluate as ev
 from pipelines import lineage
+from pipelines.params import edit_params, load_params
 from pipelines.storage import LocalStorage
 from pipelines.update import build_version
 from pipelines.workspace import Workspace
@@ -27,7 +27,9 @@ def landings(tmp_path, model_dir, n: int, seed: int = 3):
     base = BaseSpec(model_id=BASE_ID, model_path=str(model_dir))
     model, _ = load_base(base)
     names = [f"task{i:03d}" for i in range(n)]
-    for a in shared_subspace_adapters(model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4, seed=seed):
+    for a in shared_subspace_adapters(
+        model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4, seed=seed
+    ):
         write_landing(tmp_path / "src", a, template)
     return tmp_path / "src", names
 
@@ -35,7 +37,11 @@ def landings(tmp_path, model_dir, n: int, seed: int = 3):
 def workspace(root, model_dir, remote, compact_every: int = 32) -> Workspace:
     ws = Workspace(root)
     lineage.init_workspace(ws.root, remote=str(remote))
-    edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(model_dir)}, subspace={"compact_every": compact_every})
+    edit_params(
+        ws.params_path,
+        base={"model_id": BASE_ID, "model_path": str(model_dir)},
+        subspace={"compact_every": compact_every},
+    )
     return ws
 
 
@@ -54,9 +60,16 @@ def test_landings_after_30_tasks_rescore_one_task_and_do_not_grow(tmp_path, tiny
         out = continual_update(key=key, storage_url=storage.describe(), workspace=str(ws.root))
         rec = ev.read_record(ws, out["version"])
         m = st.read_manifest(ws.version_dir(out["version"]))
-        seen.append({"rss": proc.memory_info().rss, "threads": threading.active_count(), "rescored": rec["rescored"],
-                     "certified": len(rec["certified"]), "stored": m["storage"]["stored_tasks"],
-                     "bytes": sum(f.stat().st_size for f in ws.version_dir(out["version"]).iterdir())})
+        seen.append(
+            {
+                "rss": proc.memory_info().rss,
+                "threads": threading.active_count(),
+                "rescored": rec["rescored"],
+                "certified": len(rec["certified"]),
+                "stored": m["storage"]["stored_tasks"],
+                "bytes": sum(f.stat().st_size for f in ws.version_dir(out["version"]).iterdir()),
+            }
+        )
     assert [s["rescored"] for s in seen] == [[n] for n in names[30:]]  # only the new task is scored
     assert [s["certified"] for s in seen] == [30, 31, 32, 33]
     assert [s["stored"] for s in seen] == [[n] for n in names[30:]]  # a delta: the new task, not all of them
@@ -75,7 +88,9 @@ def test_twenty_versions_with_rollbacks_restore_bit_exactly_from_the_remote(tmp_
     registered, head = {}, None
     for i, n in enumerate(names, start=1):
         version = f"v{i:04d}"
-        build_version([ws.landings / n], "adapter", ws.version_dir(version), ws.version_dir(head) if head else None, params)
+        build_version(
+            [ws.landings / n], "adapter", ws.version_dir(version), ws.version_dir(head) if head else None, params
+        )
         lineage.add_version_stage(ws.root, version, [n], "adapter", head)
         registered[version] = st.read_manifest(ws.version_dir(version))["state_sha256"]
         head = {7: "v0004", 14: "v0010"}.get(i, version)  # two rollbacks: the next version builds on an older one

@@ -25,7 +25,6 @@ for d in build_deployments("s3://share/tasks", sys.argv[1], absorb_cron="* * * *
 """
 
 
-
 def test_cron_deployments_get_scheduled_runs(tmp_path):
     cfg = stack.StackConfig(data_dir=tmp_path / "stack", prefect_port=free_port(), timeout=60)
     cfg.data_dir.mkdir(parents=True)
@@ -36,15 +35,25 @@ def test_cron_deployments_get_scheduled_runs(tmp_path):
     stack._start(cfg, svc)
     try:
         stack._wait_healthy(cfg, svc)
-        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        done = subprocess.run([sys.executable, "-c", APPLY, str(tmp_path / "ws")], env=env, capture_output=True, text=True, timeout=90)
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": api,
+            "PREFECT_HOME": str(tmp_path / "client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", APPLY, str(tmp_path / "ws")], env=env, capture_output=True, text=True, timeout=90
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
         deps = {d["name"]: d["id"] for d in rest(f"{api}/deployments/filter", {})}
         cron = {name: deps[name] for name in ("batch-absorb", "reevaluate-champion")}
         deadline, runs = time.monotonic() + 60, {}
         while time.monotonic() < deadline:
-            runs = {name: rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [i]}}}) for name, i in cron.items()}
+            runs = {
+                name: rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [i]}}})
+                for name, i in cron.items()
+            }
             if all(runs.values()) or BULK_DML_ERROR in log.read_text(errors="replace"):
                 break
             time.sleep(1)
@@ -56,6 +65,8 @@ def test_cron_deployments_get_scheduled_runs(tmp_path):
         for name, rs in runs.items():
             assert {r["state_type"] for r in rs} == {"SCHEDULED"}, name
             assert all(r["deployment_id"] == cron[name] for r in rs)
-        assert not [r for r in rest(f"{api}/flow_runs/filter", {}) if r["deployment_id"] not in cron.values()]  # none for the triggered/on-demand ones
+        assert not [
+            r for r in rest(f"{api}/flow_runs/filter", {}) if r["deployment_id"] not in cron.values()
+        ]  # none for the triggered/on-demand ones
     finally:
         stack._stop(cfg, [svc])

@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from infra import stack
+from pipelines import lineage
 from pipelines.params import edit_params
 from pipelines.workspace import Workspace
-from pipelines import lineage
 from share_core.taskdata import load_task
 from share_core.tasks import generate_tasks
 
@@ -25,11 +24,23 @@ MODEL = "share-served"
 
 
 def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_model_dir):
-    cfg = stack.StackConfig(data_dir=tmp_path / "stack", s3_port=free_port(), mlflow_port=free_port(), prefect_port=free_port(), timeout=120)
-    env = {**os.environ, **stack.env(cfg), "PREFECT_HOME": str(tmp_path / "prefect-client"), "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cfg = stack.StackConfig(
+        data_dir=tmp_path / "stack", s3_port=free_port(), mlflow_port=free_port(), prefect_port=free_port(), timeout=120
+    )
+    env = {
+        **os.environ,
+        **stack.env(cfg),
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     ws = tmp_path / "ws"
     lineage.init_workspace(ws)
-    edit_params(Workspace(ws).params_path, base={"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)}, train={"steps": 10})
+    edit_params(
+        Workspace(ws).params_path,
+        base={"model_id": "tiny-minilm", "model_path": str(tiny_model_dir)},
+        train={"steps": 10},
+    )
     storage = stack.env(cfg)["SHARE_STORAGE"]
     share = [str(Path(sys.executable).parent / "share")]
     log = tmp_path / "serve.log"
@@ -37,15 +48,52 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
     serve = None
     try:
         with open(log, "w") as out:
-            serve = subprocess.Popen(share + ["serve", "--storage", storage, "-w", str(ws), "--model-name", MODEL, "--tracking-uri", cfg.url(cfg.mlflow_port), "--poll-seconds", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            serve = subprocess.Popen(
+                share
+                + [
+                    "serve",
+                    "--storage",
+                    storage,
+                    "-w",
+                    str(ws),
+                    "--model-name",
+                    MODEL,
+                    "--tracking-uri",
+                    cfg.url(cfg.mlflow_port),
+                    "--poll-seconds",
+                    "1",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         api = cfg.url(cfg.prefect_port) + "/api"
-        wait_for("the continual-update deployment", lambda: rest(f"{api}/deployments/name/continual-update/continual-update"), 90, {"`share serve`": (serve, log)}, poll=1)
+        wait_for(
+            "the continual-update deployment",
+            lambda: rest(f"{api}/deployments/name/continual-update/continual-update"),
+            90,
+            {"`share serve`": (serve, log)},
+            poll=1,
+        )
         task_dir = generate_tasks(tmp_path / "tasks", names=["sentiment"], n_train=32, n_eval=16)[0]
-        subprocess.run(share + ["land", str(task_dir), "--storage", storage], env=env, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            share + ["land", str(task_dir), "--storage", storage], env=env, check=True, capture_output=True, timeout=60
+        )
 
         # the event created a run of the served deployment, which completed
         dep = rest(f"{api}/deployments/name/continual-update/continual-update")
-        runs = wait_for("a completed continual-update run", lambda: [r for r in rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}}) if r["state_type"] == "COMPLETED"], 180, {"`share serve`": (serve, log)}, poll=1)
+        runs = wait_for(
+            "a completed continual-update run",
+            lambda: [
+                r
+                for r in rest(f"{api}/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
+                if r["state_type"] == "COMPLETED"
+            ],
+            180,
+            {"`share serve`": (serve, log)},
+            poll=1,
+        )
         assert runs[0]["parameters"]["key"] == "tasks/incoming/datasets/sentiment/task.yaml"
         events = rest(f"{api}/events/filter", {"filter": {"event": {"name": ["share.task.landed"]}}})
         assert [e["payload"]["task"] for e in events["events"]] == ["sentiment"]
@@ -56,27 +104,76 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
         assert sorted(a["alias"] for a in model["aliases"]) == ["candidate", "champion"]
         mvs = rest(f"{mlflow}/model-versions/search?filter=name%3D%27{MODEL}%27")["model_versions"]
         tags = {t["key"]: t["value"] for t in mvs[0]["tags"]}
-        assert len(mvs) == 1 and tags["share.version"] == "v0001" and tags["share.task"] == "sentiment" and tags["lineage.git_rev"]
-        assert mvs[0]["source"].startswith("mlflow-artifacts:/") and mvs[0]["source"].endswith("/artifacts/subspace")  # the run's copy of the version
+        assert (
+            len(mvs) == 1
+            and tags["share.version"] == "v0001"
+            and tags["share.task"] == "sentiment"
+            and tags["lineage.git_rev"]
+        )
+        assert mvs[0]["source"].startswith("mlflow-artifacts:/") and mvs[0]["source"].endswith(
+            "/artifacts/subspace"
+        )  # the run's copy of the version
         s3 = __import__("boto3").client("s3", endpoint_url=cfg.url(cfg.s3_port))
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlartifacts/").get("Contents", [])]
         assert any(k.endswith("subspace/manifest.json") for k in keys)  # the version itself is in the bucket
 
         # the champion is an MLflow model: pyfunc loads it from the server, `mlflow models serve` answers
         rows = [r["text"] for r in load_task(task_dir).eval[:3]]
-        probe = (f"import json, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{MODEL}@champion'); "
-                 f"print(json.dumps(m.predict(pd.DataFrame({{'task': ['sentiment'] * 3, 'text': {rows!r}}}))['label'].tolist()))")
-        py = subprocess.run([sys.executable, "-c", probe], env={**env, "MLFLOW_TRACKING_URI": cfg.url(cfg.mlflow_port), "MLFLOW_REGISTRY_URI": cfg.url(cfg.mlflow_port)}, capture_output=True, text=True, timeout=120)
+        probe = (
+            f"import json, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{MODEL}@champion'); "
+            f"print(json.dumps(m.predict(pd.DataFrame({{'task': ['sentiment'] * 3, 'text': {rows!r}}}))['label'].tolist()))"
+        )
+        py = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={
+                **env,
+                "MLFLOW_TRACKING_URI": cfg.url(cfg.mlflow_port),
+                "MLFLOW_REGISTRY_URI": cfg.url(cfg.mlflow_port),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert py.returncode == 0, py.stderr[-2000:]
         labels = json.loads(py.stdout.strip().splitlines()[-1])
         assert len(labels) == 3 and set(labels) <= {"negative", "positive"}
         port, serve_log = free_port(), tmp_path / "models-serve.log"
         with open(serve_log, "w") as out:
-            model_server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                            env={**env, "MLFLOW_TRACKING_URI": cfg.url(cfg.mlflow_port), "MLFLOW_REGISTRY_URI": cfg.url(cfg.mlflow_port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"},  # it execs uvicorn
-                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            model_server = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "mlflow"),
+                    "models",
+                    "serve",
+                    "-m",
+                    f"models:/{MODEL}@champion",
+                    "--env-manager",
+                    "local",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                ],
+                env={
+                    **env,
+                    "MLFLOW_TRACKING_URI": cfg.url(cfg.mlflow_port),
+                    "MLFLOW_REGISTRY_URI": cfg.url(cfg.mlflow_port),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+                },  # it execs uvicorn
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
-            answer = wait_for("mlflow models serve /invocations", lambda: rest(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["task", "text"], "data": [["sentiment", x] for x in rows]}}), 120, {"`mlflow models serve`": (model_server, serve_log)}, poll=1)
+            answer = wait_for(
+                "mlflow models serve /invocations",
+                lambda: rest(
+                    f"http://127.0.0.1:{port}/invocations",
+                    {"dataframe_split": {"columns": ["task", "text"], "data": [["sentiment", x] for x in rows]}},
+                ),
+                120,
+                {"`mlflow models serve`": (model_server, serve_log)},
+                poll=1,
+            )
             assert [p["label"] for p in answer["predictions"]] == labels
         finally:
             if model_server.poll() is None:

@@ -41,7 +41,7 @@ def group_pids(pgid: int) -> list[int]:
 
 def _addr(hexaddr: str) -> ipaddress._BaseAddress:
     raw = bytes.fromhex(hexaddr)
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints 32-bit words little-endian
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints 32-bit words little-endian
     ip = ipaddress.ip_address(raw)
     return getattr(ip, "ipv4_mapped", None) or ip
 
@@ -75,7 +75,14 @@ def cfg(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_REAL_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "real-secret-must-not-leak")
     s3, mlflow_port, prefect = free_ports(3)
-    c = stack.StackConfig(data_dir=tmp_path / "stack", s3_port=s3, mlflow_port=mlflow_port, prefect_port=prefect, bucket="share-test", timeout=75)
+    c = stack.StackConfig(
+        data_dir=tmp_path / "stack",
+        s3_port=s3,
+        mlflow_port=mlflow_port,
+        prefect_port=prefect,
+        bucket="share-test",
+        timeout=75,
+    )
     try:
         yield c
     finally:
@@ -125,7 +132,13 @@ def test_stack_up_status_artifacts_down(cfg):
     run = client.create_run(exp)
     client.log_text(run.info.run_id, "hello stack", "notes/hello.txt")
     client.set_terminated(run.info.run_id)
-    s3 = boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], region_name=e["AWS_DEFAULT_REGION"], aws_access_key_id=e["AWS_ACCESS_KEY_ID"], aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=e["AWS_ENDPOINT_URL"],
+        region_name=e["AWS_DEFAULT_REGION"],
+        aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"],
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=cfg.bucket, Prefix="mlartifacts/").get("Contents", [])]
     key = next(k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt"))
     assert s3.get_object(Bucket=cfg.bucket, Key=key)["Body"].read() == b"hello stack"
@@ -165,7 +178,9 @@ def test_production_templates_parse():
         assert props["image"]["default"]
     k8s = json.loads((infra / "work-pools" / "kubernetes-gpu.json").read_text())
     defaults = {k: v["default"] for k, v in k8s["variables"]["properties"].items() if "default" in v}
-    pod = apply_values(k8s["job_configuration"], {**defaults, "image": "share:test"})["job_manifest"]["spec"]["template"]["spec"]
+    pod = apply_values(k8s["job_configuration"], {**defaults, "image": "share:test"})["job_manifest"]["spec"][
+        "template"
+    ]["spec"]
     resources = pod["containers"][0]["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
     assert pod["containers"][0]["image"] == "share:test"

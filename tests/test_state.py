@@ -17,7 +17,10 @@ from .conftest import save_peft_adapter, tiny_bert
 def _chain(tmp_path, n_versions: int, compact_every: int, k_max: int = 6, seed: int = 20):
     """v1 from two adapters, then one absorbed adapter per version, each saved beside its parent
     and the next built on the *loaded* parent (as the pipeline does)."""
-    ads = [read_adapter(save_peft_adapter(tmp_path / "ad" / f"a{j}", seed=seed + j), name=f"t{j}") for j in range(n_versions + 1)]
+    ads = [
+        read_adapter(save_peft_adapter(tmp_path / "ad" / f"a{j}", seed=seed + j), name=f"t{j}")
+        for j in range(n_versions + 1)
+    ]
     vdir = tmp_path / "versions"
     share = ShareModel.from_adapters(tiny_bert(), ads[:2], base_model_id="tiny-bert", policy=KPolicy(k_max=k_max))
     st.save(share.state, vdir / "v0001", compact_every)

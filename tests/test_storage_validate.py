@@ -39,7 +39,10 @@ def test_landings_complete_only_with_task_yaml_and_etag_covers_every_object(stor
     [again] = storage.list_landings()
     assert again.key == landing.key and again.etag != landing.etag
     assert storage.landing(key) == again  # the one-landing lookup lists only that landing's objects
-    assert storage.landing(key.replace("sentiment", "nosuchtask")) is None and storage.landing(f"{prefix}incoming/datasets/x/train.jsonl") is None
+    assert (
+        storage.landing(key.replace("sentiment", "nosuchtask")) is None
+        and storage.landing(f"{prefix}incoming/datasets/x/train.jsonl") is None
+    )
     storage.mark(again, "rejected", {"reason": "because"})
     status = storage.status_of(again)
     assert status.pop("at") and status == {"key": key, "etag": again.etag, "status": "rejected", "reason": "because"}
@@ -74,8 +77,14 @@ def test_storage_urls_are_checked(tmp_path):
 
 def _manifest(task_names=("sentiment",)):
     return {
-        "base_model": {"id": BASE.model_id, "hash": "x"}, "target_modules": ["query", "value"], "head_modules": ["classifier"],
-        "layers": {f"bert.encoder.layer.{i}.attention.self.{m}": {"n": 32, "d": 32, "k_B": 4, "k_A": 4} for i in range(2) for m in ("query", "value")},
+        "base_model": {"id": BASE.model_id, "hash": "x"},
+        "target_modules": ["query", "value"],
+        "head_modules": ["classifier"],
+        "layers": {
+            f"bert.encoder.layer.{i}.attention.self.{m}": {"n": 32, "d": 32, "k_B": 4, "k_A": 4}
+            for i in range(2)
+            for m in ("query", "value")
+        },
         "tasks": [{"name": t} for t in task_names],
     }
 
@@ -91,7 +100,12 @@ def _adapter_landing(tmp_path, name, num_labels=2, **kw):
 
 
 def test_good_landings_pass(task_dirs, tmp_path):
-    assert validate_landing(task_dirs[1], "dataset", "topic", _manifest(), BASE).labels == ("food", "politics", "sports", "technology")
+    assert validate_landing(task_dirs[1], "dataset", "topic", _manifest(), BASE).labels == (
+        "food",
+        "politics",
+        "sports",
+        "technology",
+    )
     adapter = _adapter_landing(tmp_path, "number")
     assert validate_landing(adapter, "adapter", "number", _manifest(), BASE).name == "number"
 
@@ -103,14 +117,26 @@ def _edit_json_lines(path, fn):
 
 
 BAD_DATASETS = {
-    "label outside the label set": (lambda d: _edit_json_lines(d / "eval.jsonl", lambda r: r[0].update(label="maybe")), "expected one of"),
+    "label outside the label set": (
+        lambda d: _edit_json_lines(d / "eval.jsonl", lambda r: r[0].update(label="maybe")),
+        "expected one of",
+    ),
     "missing train.jsonl": (lambda d: (d / "train.jsonl").unlink(), "missing"),
     "invalid yaml": (lambda d: (d / "task.yaml").write_text("name: [unclosed\n"), "invalid YAML"),
-    "name differs from its directory": (lambda d: (d / "task.yaml").write_text((d / "task.yaml").read_text().replace("name: topic", "name: other")), "differs"),
-    "too few rows": (lambda d: _edit_json_lines(d / "train.jsonl", lambda r: r.__delitem__(slice(3, None))), "at least"),
+    "name differs from its directory": (
+        lambda d: (d / "task.yaml").write_text((d / "task.yaml").read_text().replace("name: topic", "name: other")),
+        "differs",
+    ),
+    "too few rows": (
+        lambda d: _edit_json_lines(d / "train.jsonl", lambda r: r.__delitem__(slice(3, None))),
+        "at least",
+    ),
     "not json": (lambda d: (d / "train.jsonl").write_text("{not json\n"), "invalid JSON"),
     "unknown file": (lambda d: (d / "model.py").write_text("import os"), "unexpected file"),
-    "causal-lm type": (lambda d: (d / "task.yaml").write_text("name: topic\ntype: causal-lm\n"), "serves 'sequence-classification' tasks"),
+    "causal-lm type": (
+        lambda d: (d / "task.yaml").write_text("name: topic\ntype: causal-lm\n"),
+        "serves 'sequence-classification' tasks",
+    ),
 }
 
 
@@ -141,7 +167,11 @@ BAD_ADAPTERS = {
     "other base model": (None, {"base_name": "bert-large"}, "base model"),
     "other layer shapes": (None, {"hidden_size": 48}, "base layer is 32×32"),
     "non-finite weights": (_nan, {}, "NaN/Inf"),
-    "truncated safetensors": (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:100]), {}, "corrupt"),
+    "truncated safetensors": (
+        lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:100]),
+        {},
+        "corrupt",
+    ),
     "head for another label count": (None, {"num_labels": 3}, "outputs for labels"),
 }
 

@@ -67,10 +67,17 @@ def test_efficient_merge_equals_full_svd_of_the_stack():
     old = shared_adapters(8, k0=12, seed=2, noise=0.01)
     base = S.build([b for b, _ in old], [a for _, a in old], S.KPolicy(k_max=16))
     g = torch.Generator().manual_seed(3)
-    new_dirs_b, new_dirs_a = torch.randn(N, 3, generator=g, dtype=torch.float64), torch.randn(D, 3, generator=g, dtype=torch.float64)
+    new_dirs_b, new_dirs_a = (
+        torch.randn(N, 3, generator=g, dtype=torch.float64),
+        torch.randn(D, 3, generator=g, dtype=torch.float64),
+    )
     # a trained task: uses the basis and its temporary directions
-    nb = base.basis_b @ torch.randn(16, R, generator=g, dtype=torch.float64) + new_dirs_b @ torch.randn(3, R, generator=g, dtype=torch.float64)
-    na = base.basis_a @ torch.randn(16, R, generator=g, dtype=torch.float64) + new_dirs_a @ torch.randn(3, R, generator=g, dtype=torch.float64)
+    nb = base.basis_b @ torch.randn(16, R, generator=g, dtype=torch.float64) + new_dirs_b @ torch.randn(
+        3, R, generator=g, dtype=torch.float64
+    )
+    na = base.basis_a @ torch.randn(16, R, generator=g, dtype=torch.float64) + new_dirs_a @ torch.randn(
+        3, R, generator=g, dtype=torch.float64
+    )
     policy = S.KPolicy(k_max=12)
     fast = S.merge(base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, new_dirs_b, new_dirs_a, [nb], [na], policy)
     # reference: full SVD of the n × (T·p) stack of every task's current factors
@@ -105,9 +112,16 @@ def test_merge_keeps_the_new_task_exactly_when_k_is_large_enough():
     old = shared_adapters(4, k0=8, seed=5)
     base = S.build([b for b, _ in old], [a for _, a in old], S.KPolicy(k_max=8))
     g = torch.Generator().manual_seed(6)
-    dirs_b, dirs_a = torch.randn(N, 2, generator=g, dtype=torch.float64), torch.randn(D, 2, generator=g, dtype=torch.float64)
-    nb = base.basis_b @ torch.randn(8, R, generator=g, dtype=torch.float64) + dirs_b @ torch.randn(2, R, generator=g, dtype=torch.float64)
-    na = base.basis_a @ torch.randn(8, R, generator=g, dtype=torch.float64) + dirs_a @ torch.randn(2, R, generator=g, dtype=torch.float64)
+    dirs_b, dirs_a = (
+        torch.randn(N, 2, generator=g, dtype=torch.float64),
+        torch.randn(D, 2, generator=g, dtype=torch.float64),
+    )
+    nb = base.basis_b @ torch.randn(8, R, generator=g, dtype=torch.float64) + dirs_b @ torch.randn(
+        2, R, generator=g, dtype=torch.float64
+    )
+    na = base.basis_a @ torch.randn(8, R, generator=g, dtype=torch.float64) + dirs_a @ torch.randn(
+        2, R, generator=g, dtype=torch.float64
+    )
     f = S.merge(base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, dirs_b, dirs_a, [nb], [na], S.KPolicy(k_max=32))
     assert f.basis_b.shape[1] == 10  # 8 old + 2 temporary directions kept, nothing dropped
     got = S.delta_weight(f.basis_b, f.coefs_b[-1], f.basis_a, f.coefs_a[-1], 1.0)
@@ -123,7 +137,9 @@ def test_absorbing_in_any_order_gives_the_same_subspace():
 
     def absorb(order):
         bs, as_ = [more[i][0] for i in order], [more[i][1] for i in order]
-        return S.merge(base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, torch.cat(bs, 1), torch.cat(as_, 1), bs, as_, policy)
+        return S.merge(
+            base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, torch.cat(bs, 1), torch.cat(as_, 1), bs, as_, policy
+        )
 
     f1, f2 = absorb([0, 1, 2, 3]), absorb([3, 1, 0, 2])
     k = f1.basis_b.shape[1]
@@ -214,10 +230,15 @@ def test_gram_errors_are_exactly_zero_where_nothing_is_dropped():
 
 def dense_errors(factors, basis_b, coefs_b, basis_a, coefs_a):
     """Relative ΔW error per task, from the n×d matrices themselves."""
-    return [S.relative_error(b @ a.T, S.delta_weight(basis_b, eb, basis_a, ea, 1.0)) for (b, a), eb, ea in zip(factors, coefs_b, coefs_a)]
+    return [
+        S.relative_error(b @ a.T, S.delta_weight(basis_b, eb, basis_a, ea, 1.0))
+        for (b, a), eb, ea in zip(factors, coefs_b, coefs_a)
+    ]
 
 
-@pytest.mark.parametrize("policy", [S.KPolicy(k_max=7), S.KPolicy(k_max=40, error_budget=0.05), S.KPolicy(k_max=30, energy=0.95)])
+@pytest.mark.parametrize(
+    "policy", [S.KPolicy(k_max=7), S.KPolicy(k_max=40, error_budget=0.05), S.KPolicy(k_max=30, energy=0.95)]
+)
 def test_fold_errors_are_the_true_delta_w_errors(policy):
     ads = shared_adapters(9, k0=14, seed=12, noise=0.03)
     f = S.build([b for b, _ in ads], [a for _, a in ads], policy)
@@ -225,9 +246,21 @@ def test_fold_errors_are_the_true_delta_w_errors(policy):
     if policy.error_budget is not None:
         assert max(f.errors) <= policy.error_budget  # the budget loop's Gram curve agrees with the result
     more = shared_adapters(3, k0=14, seed=13, noise=0.03)
-    m = S.merge(f.basis_b, f.basis_a, f.coefs_b, f.coefs_a, torch.cat([b for b, _ in more], 1), torch.cat([a for _, a in more], 1), [b for b, _ in more], [a for _, a in more], policy)
+    m = S.merge(
+        f.basis_b,
+        f.basis_a,
+        f.coefs_b,
+        f.coefs_a,
+        torch.cat([b for b, _ in more], 1),
+        torch.cat([a for _, a in more], 1),
+        [b for b, _ in more],
+        [a for _, a in more],
+        policy,
+    )
     current = [(f.basis_b @ eb, f.basis_a @ ea) for eb, ea in zip(f.coefs_b, f.coefs_a)] + more
-    assert m.errors == pytest.approx(dense_errors(current, m.basis_b, m.coefs_b, m.basis_a, m.coefs_a), rel=1e-9, abs=1e-12)
+    assert m.errors == pytest.approx(
+        dense_errors(current, m.basis_b, m.coefs_b, m.basis_a, m.coefs_a), rel=1e-9, abs=1e-12
+    )
 
 
 # ---- batched merges, the stored frames, batch absorb ------------------------------------------
@@ -269,14 +302,20 @@ def test_batch_absorb_of_100_adapters_into_one_version():
     base = S.build([b for b, _ in old], [a for _, a in old], policy)
     new = shared_adapters(100, k0=10, seed=41, noise=0.02)  # another shared subspace
     nb, na = [b for b, _ in new], [a for _, a in new]
-    f = S.merge(base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, torch.cat(nb, 1), torch.cat(na, 1), nb, na, policy)
+    f = S.merge(
+        base.basis_b, base.basis_a, base.coefs_b, base.coefs_a, torch.cat(nb, 1), torch.cat(na, 1), nb, na, policy
+    )
     assert len(f.coefs_b) == 120 and f.basis_b.shape == (N, 16)
     current = [(base.basis_b @ eb, base.basis_a @ ea) for eb, ea in zip(base.coefs_b, base.coefs_a)] + new
-    assert f.errors == pytest.approx(dense_errors(current, f.basis_b, f.coefs_b, f.basis_a, f.coefs_a), rel=1e-9, abs=1e-12)
+    assert f.errors == pytest.approx(
+        dense_errors(current, f.basis_b, f.coefs_b, f.basis_a, f.coefs_a), rel=1e-9, abs=1e-12
+    )
     # the same subspace as a full SVD of all 120 tasks' current factors
     full_b = torch.linalg.svd(torch.cat([b for b, _ in current], 1), full_matrices=False)[0][:, :16]
     full_a = torch.linalg.svd(torch.cat([a for _, a in current], 1), full_matrices=False)[0][:, :16]
-    recompute = dense_errors(current, full_b, [full_b.T @ b for b, _ in current], full_a, [full_a.T @ a for _, a in current])
+    recompute = dense_errors(
+        current, full_b, [full_b.T @ b for b, _ in current], full_a, [full_a.T @ a for _, a in current]
+    )
     total = lambda errs: sum(e * e * float((b @ a.T).norm()) ** 2 for e, (b, a) in zip(errs, current))  # noqa: E731
     assert total(f.errors) <= 1.01**2 * total(recompute) + 1e-24
 
@@ -285,11 +324,17 @@ def test_batch_absorb_of_100_adapters_into_one_version():
 def wide_stack(m, T, k0, noise, seed):
     g = torch.Generator().manual_seed(seed)
     u = orthonormal(m, k0, g)
-    return [u @ torch.randn(k0, R, generator=g, dtype=torch.float64) + noise * torch.randn(m, R, generator=g, dtype=torch.float64) for _ in range(T)]
+    return [
+        u @ torch.randn(k0, R, generator=g, dtype=torch.float64)
+        + noise * torch.randn(m, R, generator=g, dtype=torch.float64)
+        for _ in range(T)
+    ]
 
 
 @pytest.mark.parametrize("noise", [0.01, 1.0])  # a gap after the wanted pairs; a flat spectrum (falls back)
-@pytest.mark.parametrize("policy", [S.KPolicy(k_max=8), S.KPolicy(k_max=12, error_budget=0.2), S.KPolicy(k_max=12, energy=0.8)])
+@pytest.mark.parametrize(
+    "policy", [S.KPolicy(k_max=8), S.KPolicy(k_max=12, error_budget=0.2), S.KPolicy(k_max=12, energy=0.8)]
+)
 def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, policy, monkeypatch):
     fb, fa = wide_stack(160, 60, 12, noise, 50), wide_stack(150, 60, 12, noise, 51)
     fast = S.build(fb, fa, policy)
@@ -309,8 +354,19 @@ def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, policy,
 def test_merge_takes_old_coefficients_side_by_side_without_changing_a_bit():
     layers = [float32_layer(60 + i) for i in range(2)]
     as_lists = S.merge_layers(layers, S.KPolicy(k_max=12))
-    side_by_side = [(b, a, S.SideBySide(torch.cat(ob, 1), [e.shape[1] for e in ob]), S.SideBySide(torch.cat(oa, 1), [e.shape[1] for e in oa]), db, da, nb, na)
-                    for b, a, ob, oa, db, da, nb, na in layers]
+    side_by_side = [
+        (
+            b,
+            a,
+            S.SideBySide(torch.cat(ob, 1), [e.shape[1] for e in ob]),
+            S.SideBySide(torch.cat(oa, 1), [e.shape[1] for e in oa]),
+            db,
+            da,
+            nb,
+            na,
+        )
+        for b, a, ob, oa, db, da, nb, na in layers
+    ]
     for f, g in zip(as_lists, S.merge_layers(side_by_side, S.KPolicy(k_max=12))):
         assert torch.equal(f.stacked_b, g.stacked_b) and torch.equal(f.stacked_a, g.stacked_a)
         assert torch.equal(f.frame_b, g.frame_b) and torch.equal(f.basis_a, g.basis_a) and f.errors == g.errors
