@@ -54,7 +54,8 @@ def parse_args(
         "--out",
         type=Path,
         default=None,
-        help="results directory (default bench/results, or bench/results/quick with --quick; <that>/<model>-<device> for a model other than minilm)",
+        help="results directory (default bench/results, or bench/results/quick with --quick; "
+        "<that>/<model>-<device> for a model other than minilm)",
     )
     p.add_argument(
         "--threads", type=int, default=threads, help="torch threads (default: %(default)s; None = every available core)"
@@ -69,7 +70,8 @@ def parse_args(
         "--model",
         choices=MODELS,
         default="minilm",
-        help="base model: minilm = the packaged MiniLM classifier (default); llama-tiny / llama-0.5b / llama-1b = a randomly initialised "
+        help="base model: minilm = the packaged MiniLM classifier (default); "
+        "llama-tiny / llama-0.5b / llama-1b = a randomly initialised "
         "Llama-shaped causal LM built from a config (no download; llama-tiny for CPU smoke runs)",
     )
     if extra:  # the benchmark's own options
@@ -78,12 +80,14 @@ def parse_args(
     if args.model not in models:
         p.exit(
             2,
-            f"{p.prog}: --model {args.model} is not supported by this benchmark (it runs on: {', '.join(models)}){'; ' + model_note if model_note else ''}\n",
+            f"{p.prog}: --model {args.model} is not supported by this benchmark (it runs on: "
+            f"{', '.join(models)}){'; ' + model_note if model_note else ''}\n",
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(
             2,
-            f"{p.prog}: --device cuda: no CUDA device is available (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})\n",
+            f"{p.prog}: --device cuda: no CUDA device is available (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'})\n",
         )
     args.device = torch.device(
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -309,7 +313,8 @@ def write_report(
     if targets:
         parts += ["**Targets**", "", *[t.line() for t in targets], ""]
     parts += [
-        f"_Wall time {wall_s:.0f} s. {env_line(env)}; 1-min load at the end {os.getloadavg()[0]:.2f}. Command: `{env['command']}`._",
+        f"_Wall time {wall_s:.0f} s. {env_line(env)}; 1-min load at the end {os.getloadavg()[0]:.2f}. Command: "
+        f"`{env['command']}`._",
         "",
     ]
     md = out / f"{name}.md"

@@ -365,7 +365,8 @@ def summarize(runs: list[dict], tasks: list[str], methods: tuple[str, ...] = MET
         [[t, pts(majority[j]), *[pts(a["final"][j]) for a in agg.values()]] for j, t in enumerate(tasks)],
     )
     sections = [
-        "**Summary** (means over seeds; ACC = mean final score, BWT = mean over old tasks of final − just-learned score)",
+        "**Summary** (means over seeds; ACC = mean final score, BWT = mean over old tasks of final − just-learned "
+        "score)",
         summary,
         "**Final score per task (%)**, next to its baseline (majority class, or the untrained model for generation)",
         finals,
@@ -489,26 +490,35 @@ def main(argv: list[str] | None = None) -> None:
                     runs.append(RUNNERS[m](base, tasks, cfg, ft_cfg))
                     r = runs[-1]
                     print(
-                        f"seed {seed} {m}: ACC {pts(r['acc'])} BWT {pts(r['bwt'], True)} final {[pts(x) for x in r['final']]} ({r['seconds']:.0f} s, total {time.perf_counter() - t0:.0f} s)",
+                        f"seed {seed} {m}: ACC {pts(r['acc'])} BWT {pts(r['bwt'], True)} final "
+                        f"{[pts(x) for x in r['final']]} ({r['seconds']:.0f} s, total {time.perf_counter() - t0:.0f} "
+                        "s)",
                         flush=True,
                     )
     sections, agg = summarize(runs, list(names), methods)
     if causal:
         intro = (
-            f"A tiny Llama with random weights (share_core.synthetic.tiny_causal_lm: hidden 64, 2 layers, word-level tokenizer; no download), "
-            f"instruction tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)}; every method: LoRA rank 8, lora_alpha 16 on "
-            f"q/k/v/o/gate/up/down, {steps} AdamW steps per task (lr {lr:g}, batch 16, max {max_length} tokens), loss on the completion only; "
-            f"{n_train} training / {n_eval} held-out rows per task, scored by greedy generation (≤ {MAX_NEW_TOKENS} new tokens; exact match, ROUGE-L for count). "
+            "A tiny Llama with random weights (share_core.synthetic.tiny_causal_lm: hidden 64, 2 layers, word-level "
+            "tokenizer; no download), "
+            f"instruction tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)}; every "
+            "method: LoRA rank 8, lora_alpha 16 on "
+            f"q/k/v/o/gate/up/down, {steps} AdamW steps per task (lr {lr:g}, batch 16, max {max_length} tokens), "
+            "loss on the completion only; "
+            f"{n_train} training / {n_eval} held-out rows per task, scored by greedy generation (≤ {MAX_NEW_TOKENS} "
+            "new tokens; exact match, ROUGE-L for count). "
             f"Share: k ≤ {K}, φ = {PHI}. Baseline = the untrained model. Device {args.device}."
         )
         name, title = "continual-causal-lm", "Continual learning, causal LM: Share against LoRA baselines"
     else:
         intro = (
-            f"MiniLM, tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)} (data and training); every method: LoRA rank 8, "
-            f"lora_alpha 16, {steps} AdamW steps per task (lr {LR:g}, batch 16, max 32 tokens; joint LoRA: the same steps in one run, lr decaying linearly to 0), "
+            f"MiniLM, tasks {', '.join(names)} (share_core.tasks, this order), seeds {list(seeds)} (data and "
+            "training); every method: LoRA rank 8, "
+            f"lora_alpha 16, {steps} AdamW steps per task (lr {LR:g}, batch 16, max 32 tokens; joint LoRA: the same "
+            "steps in one run, lr decaying linearly to 0), "
             f"{n_train} training / {n_eval} held-out rows per task; the global torch seed is reset before each method. "
             f"Share: k ≤ {K}, φ = {PHI}; Share-full finetunes each old task {ft_steps} steps after every merge. "
-            "Params: Share = basis + coefficients + heads (share_core.metrics.accounting; its trainable count is for the next task, the first task trains a full LoRA); "
+            "Params: Share = basis + coefficients + heads (share_core.metrics.accounting; its trainable count is "
+            "for the next task, the first task trains a full LoRA); "
             f"LoRA methods = LoRA factors + heads; bytes at float32. Device {args.device}."
         )
         name, title = "continual", "Continual learning: Share against LoRA baselines"

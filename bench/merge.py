@@ -334,7 +334,9 @@ def build_contest(n: int, tasks: int, modules: int, k: int, threads: int, rounds
             samples[name].append(recv.recv())
             proc.join()
             print(
-                f"build {name}: {statistics.median(samples[name][-1]['times']):.3f} s (CPU {statistics.median(samples[name][-1]['cpu']):.3f} s), peak RSS {samples[name][-1]['peak_rss'] / 2**20:.0f} MiB",
+                f"build {name}: {statistics.median(samples[name][-1]['times']):.3f} s (CPU "
+                f"{statistics.median(samples[name][-1]['cpu']):.3f} s), peak RSS "
+                f"{samples[name][-1]['peak_rss'] / 2**20:.0f} MiB",
                 flush=True,
             )
     out = {}
@@ -517,9 +519,11 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
         err_ratio = one["error_ours"] / one["error_full"]
         targets += [
             Target(
-                f"k = {m['k']}: absorb one adapter into {m['tasks']} tasks × {m['modules']} modules at n = {m['n']} in ≤ 0.02 s",
+                f"k = {m['k']}: absorb one adapter into {m['tasks']} tasks × {m['modules']} modules at n = {m['n']} "
+                "in ≤ 0.02 s",
                 one["ours"].median <= 0.02,
-                f"CPU {one['ours'].median:.4f} s (wall {one['ours_wall'].median:.4f} s) with the old coefficients side by side as a fold returns them, CPU {one['ours_lists'].median:.4f} s from per-task lists "
+                f"CPU {one['ours'].median:.4f} s (wall {one['ours_wall'].median:.4f} s) with the old coefficients "
+                f"side by side as a fold returns them, CPU {one['ours_lists'].median:.4f} s from per-task lists "
                 f"(full SVD recompute {one['full_svd'].median:.2f} s, {ratio(one['full_svd'], one['ours'])} ours)",
             ),
             Target(
@@ -528,25 +532,34 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
                 f"{fmt(one['error_ours'])} vs {fmt(one['error_full'])} = {err_ratio:.4f}×",
             ),
             Target(
-                f"k = {m['k']}: batch absorb of {batch['adapters']} adapters into one version, ΔW error ≤ absorbing them one version at a time",
+                f"k = {m['k']}: batch absorb of {batch['adapters']} adapters into one version, ΔW error ≤ absorbing "
+                "them one version at a time",
                 batch["error_ours"] <= batch["error_one_at_a_time"] * (1 + 1e-9),
-                f"{batch['ours'].median:.3f} s for the batch vs {batch['one_at_a_time_s']:.2f} s one at a time; error {fmt(batch['error_ours'])} vs "
-                f"{fmt(batch['error_one_at_a_time'])} one at a time; a full recompute from every original factor reaches {fmt(batch['error_full'])} "
-                f"({batch['error_ours'] / batch['error_full']:.4f}×: the {m['tasks']} tasks were truncated to k before the batch arrived)",
+                f"{batch['ours'].median:.3f} s for the batch vs {batch['one_at_a_time_s']:.2f} s one at a time; "
+                f"error {fmt(batch['error_ours'])} vs "
+                f"{fmt(batch['error_one_at_a_time'])} one at a time; a full recompute from every original factor "
+                f"reaches {fmt(batch['error_full'])} "
+                f"({batch['error_ours'] / batch['error_full']:.4f}×: the {m['tasks']} tasks were truncated to k "
+                "before the batch arrived)",
             ),
         ]
     targets += [
         Target(
-            f"build from {builds['tasks']} adapters × {builds['modules']} modules (n = {builds['n']}, k = {builds['k']}) in ≤ the fastest peer's time",
+            f"build from {builds['tasks']} adapters × {builds['modules']} modules (n = {builds['n']}, k = "
+            f"{builds['k']}) in ≤ the fastest peer's time",
             ours["cpu"].median <= peers[fastest]["cpu"].median,
-            f"CPU time (one thread each, so the work itself, whatever else shares the cores): ours {ms(ours['cpu'])}, fastest peer {fastest} {ms(peers[fastest]['cpu'])} "
-            f"({ours['cpu'].median / peers[fastest]['cpu'].median:.2f}×); wall {ms(ours['time'])} vs {ms(peers[fastest]['time'])}",
+            "CPU time (one thread each, so the work itself, whatever else shares the cores): ours "
+            f"{ms(ours['cpu'])}, fastest peer {fastest} {ms(peers[fastest]['cpu'])} "
+            f"({ours['cpu'].median / peers[fastest]['cpu'].median:.2f}×); wall {ms(ours['time'])} vs "
+            f"{ms(peers[fastest]['time'])}",
         ),
         Target(
             "… at ≤ the leanest peer's peak memory (whole-process peak RSS over the first build in a fresh process)",
             ours["peak_rss"] <= peers[leanest]["peak_rss"],
-            f"ours {mib(ours['peak_rss'])} (+{mib(ours['peak_rss'] - ours['rss_before'])} over the loaded factors), leanest peer {leanest} {mib(peers[leanest]['peak_rss'])} "
-            f"(+{mib(peers[leanest]['peak_rss'] - peers[leanest]['rss_before'])}); a later build in the same process adds "
+            f"ours {mib(ours['peak_rss'])} (+{mib(ours['peak_rss'] - ours['rss_before'])} over the loaded factors), "
+            f"leanest peer {leanest} {mib(peers[leanest]['peak_rss'])} "
+            f"(+{mib(peers[leanest]['peak_rss'] - peers[leanest]['rss_before'])}); a later build in the same process "
+            "adds "
             + (
                 f"{mib(ours['warm_adds'])} (ours) vs {mib(peers[leanest]['warm_adds'])}"
                 if ours["warm_adds"] is not None and peers[leanest]["warm_adds"] is not None
@@ -554,25 +567,37 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
             ),
         ),
         Target(
-            "merge cost flat in T apart from the coefficient update (per-task cost independent of n: slope at the largest n ≤ 1.5× slope at the smallest)",
+            "merge cost flat in T apart from the coefficient update (per-task cost independent of n: slope at the "
+            "largest n ≤ 1.5× slope at the smallest)",
             0 < slope_ratio <= 1.5,
-            f"per-task slope {fmt(fits[ns[0]][1] * 1e6)} µs at n={ns[0]}, {fmt(fits[ns[-1]][1] * 1e6)} µs at n={ns[-1]} ({slope_ratio:.2f}×)",
+            f"per-task slope {fmt(fits[ns[0]][1] * 1e6)} µs at n={ns[0]}, {fmt(fits[ns[-1]][1] * 1e6)} µs at "
+            f"n={ns[-1]} ({slope_ratio:.2f}×)",
         ),
     ]
     intro = (
-        f"r = {R}, k = {K}, φ = {PHI}; B side n×(T·r), A side d = {D_IN}; factors from shared {DIM}-dim subspaces + {NOISE:.0%} noise, random gauges; "
-        f"float64 compute, {env['torch_threads']} torch thread(s). Ours = `share_core.subspace.build` / `merge`. Times are medians "
-        "(absorb and merge: 9 rounds interleaved across T after 2 warm-ups; other fast calls repeated up to 9×, calls over 0.5 s run once); "
-        "compare them within this run only: small-op code like a merge slows down far more than big LAPACK calls when other jobs share the cores. "
-        f"The eigh recompute (n×n covariance) runs at every T for n ≤ {EIGH_ALL_T_MAX_N} and at the largest T otherwise (its n×n eigendecomposition does not depend on T). "
+        f"r = {R}, k = {K}, φ = {PHI}; B side n×(T·r), A side d = {D_IN}; factors from shared {DIM}-dim subspaces + "
+        f"{NOISE:.0%} noise, random gauges; "
+        f"float64 compute, {env['torch_threads']} torch thread(s). Ours = `share_core.subspace.build` / `merge`. "
+        "Times are medians "
+        "(absorb and merge: 9 rounds interleaved across T after 2 warm-ups; other fast calls repeated up to 9×, "
+        "calls over 0.5 s run once); "
+        "compare them within this run only: small-op code like a merge slows down far more than big LAPACK calls "
+        "when other jobs share the cores. "
+        f"The eigh recompute (n×n covariance) runs at every T for n ≤ {EIGH_ALL_T_MAX_N} and at the largest T "
+        "otherwise (its n×n eigendecomposition does not depend on T). "
         "Errors: relative ΔW error over all tasks against the original factors."
     )
     build_intro = (
-        f"**Build from {builds['tasks']} adapters × {builds['modules']} modules** (n = d = {builds['n']}, r = {R}, k = {builds['k']}; {builds['threads']} torch thread(s)): "
-        "each builder in a fresh process (rounds with the order rotating); times = median over processes of each one's median build "
-        "(CPU time of the process: with one thread that is the build's own work, unlike wall time on cores shared with other jobs); "
-        "peak RSS = VmHWM over the process's first build, reset just before it (the first build also pays each library routine's first use); "
-        "'a later build adds' = VmHWM over the second build minus the RSS before it (its results from the first build dropped)"
+        f"**Build from {builds['tasks']} adapters × {builds['modules']} modules** (n = d = {builds['n']}, r = {R}, k "
+        f"= {builds['k']}; {builds['threads']} torch thread(s)): "
+        "each builder in a fresh process (rounds with the order rotating); times = median over processes of each "
+        "one's median build "
+        "(CPU time of the process: with one thread that is the build's own work, unlike wall time on cores shared "
+        "with other jobs); "
+        "peak RSS = VmHWM over the process's first build, reset just before it (the first build also pays each "
+        "library routine's first use); "
+        "'a later build adds' = VmHWM over the second build minus the RSS before it (its results from the first "
+        "build dropped)"
         + ("" if all(c["peak_reset"] for c in contenders.values()) else " (reset refused here: whole-process peak)")
         + ". lorashare centres the stack, so its ΔW error is its own; the others are the same truncated SVD."
     )
@@ -581,13 +606,18 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
         t_abs,
         "**Build from T+1 adapters** (the recompute baselines are exactly this computation)",
         t_build,
-        f"**Merge after training a task** (new task in [basis, φ = {PHI} temporary directions]; the recompute costs as in the absorb table)",
+        f"**Merge after training a task** (new task in [basis, φ = {PHI} temporary directions]; the recompute costs "
+        "as in the absorb table)",
         t_merge,
-        "**Absorb time against T** (ours): a fixed part that grows with n, plus a per-task coefficient update that should not",
+        "**Absorb time against T** (ours): a fixed part that grows with n, plus a per-task coefficient update that "
+        "should not",
         t_flat,
-        f"**The target case: {mods[0]['modules']} independent modules**, n = d = {mods[0]['n']}, {mods[0]['tasks']} tasks; one adapter, then {mods[0]['batch']['adapters']} at once, "
-        "absorbed into every module by one `merge_layers` call (modules of equal shapes batched). Medians of 15 interleaved rounds (3 for the batch); "
-        "CPU time of the one torch thread is the call's own work, wall time adds what other jobs on these shared cores take",
+        f"**The target case: {mods[0]['modules']} independent modules**, n = d = {mods[0]['n']}, {mods[0]['tasks']} "
+        f"tasks; one adapter, then {mods[0]['batch']['adapters']} at once, "
+        "absorbed into every module by one `merge_layers` call (modules of equal shapes batched). Medians of 15 "
+        "interleaved rounds (3 for the batch); "
+        "CPU time of the one torch thread is the call's own work, wall time adds what other jobs on these shared "
+        "cores take",
         t_mods,
         build_intro,
         t_builds,

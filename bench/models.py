@@ -122,12 +122,16 @@ def describe(name: str, bm: BenchModel) -> str:
     """One sentence for a report's intro."""
     n = param_count(bm.model)
     if name == "minilm":
-        return f"MiniLM (all-MiniLM-L6-v2, 6 layers, hidden 384, {n / 1e6:.1f} M params) with a 2-label classifier head per task"
+        params = f"{n / 1e6:.1f} M params"
+        return f"MiniLM (all-MiniLM-L6-v2, 6 layers, hidden 384, {params}) with a 2-label classifier head per task"
     c = LLAMA[name]
     return (
-        f"{name}: a randomly initialised LlamaForCausalLM (seed {SEED}, built from a LlamaConfig, no download; {c['num_hidden_layers']} layers, "
-        f"hidden {c['hidden_size']}, MLP {c['intermediate_size']}, {c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, "
-        f"vocabulary {c['vocab_size']}, {n / 1e6:,.1f} M params, {next(bm.model.parameters()).dtype}); causal-LM loss / logits on random token ids, no task heads"
+        f"{name}: a randomly initialised LlamaForCausalLM (seed {SEED}, built from a LlamaConfig, no download; "
+        f"{c['num_hidden_layers']} layers, "
+        f"hidden {c['hidden_size']}, MLP {c['intermediate_size']}, {c['num_attention_heads']} heads / "
+        f"{c['num_key_value_heads']} KV heads, "
+        f"vocabulary {c['vocab_size']}, {n / 1e6:,.1f} M params, {next(bm.model.parameters()).dtype}); causal-LM "
+        "loss / logits on random token ids, no task heads"
     )
 
 

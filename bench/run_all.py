@@ -73,8 +73,10 @@ def readme(runs: list[dict], out: Path, command: str, env: dict) -> str:
             if moved != env["git_commit"]
             else []
         ),
-        "Every comparison is measured side by side in the same run; absolute times come from a shared 2-core machine and "
-        "only mean something relative to each other. Each section below is also in `<name>.md` (tables) and `<name>.json` (every number).",
+        "Every comparison is measured side by side in the same run; absolute times come from a shared 2-core "
+        "machine and "
+        "only mean something relative to each other. Each section below is also in `<name>.md` (tables) and "
+        "`<name>.json` (every number).",
         "",
         "## Targets at a glance",
         "",
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         choices=MODELS,
         default="minilm",
-        help=f"passed to every benchmark run; other than minilm: only {', '.join(MODEL_READY)} unless --only says otherwise",
+        help=f"passed to every benchmark run; other than minilm: only {', '.join(MODEL_READY)} "
+        "unless --only says otherwise",
     )
     args = p.parse_args(argv)
     device = torch.device(

@@ -264,12 +264,14 @@ def main(argv: list[str] | None = None) -> None:
         Target(
             f"full re-scoring of every task ≤ 1.2× one bare mixed forward over all eval rows (T = {sizes[-1]})",
             largest["full_rescore_s"] <= 1.2 * largest["bare_forward_s"],
-            f"{largest['full_rescore_s']:.1f} s vs {largest['bare_forward_s']:.1f} s = {largest['full_rescore_s'] / largest['bare_forward_s']:.2f}×",
+            f"{largest['full_rescore_s']:.1f} s vs {largest['bare_forward_s']:.1f} s = "
+            f"{largest['full_rescore_s'] / largest['bare_forward_s']:.2f}×",
         ),
         Target(
             f"peak RSS during a landing at T = {hi} ≤ 1.3× T = {lo}",
             big["peak_rss"] <= 1.3 * small["peak_rss"],
-            f"{big['peak_rss'] / 2**20:.0f} MB vs {small['peak_rss'] / 2**20:.0f} MB = {big['peak_rss'] / small['peak_rss']:.2f}×",
+            f"{big['peak_rss'] / 2**20:.0f} MB vs {small['peak_rss'] / 2**20:.0f} MB = "
+            f"{big['peak_rss'] / small['peak_rss']:.2f}×",
         ),
         Target(
             f"bytes written per landing at T = {hi} ≤ 1.5× T = {lo}",
@@ -292,8 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         rows,
     )
     intro = (
-        f"MiniLM (or --model-path), adapters of rank 8 in one shared 16-dim subspace per layer (k_max 32), {eval_rows} eval rows per task, "
-        f"{landings} adapter landings per T through `continual-update` after `batch-absorb` grew the history to T. Medians over the landings; "
+        "MiniLM (or --model-path), adapters of rank 8 in one shared 16-dim subspace per layer (k_max 32), "
+        f"{eval_rows} eval rows per task, "
+        f"{landings} adapter landings per T through `continual-update` after `batch-absorb` grew the history to T. "
+        "Medians over the landings; "
         "peak RSS and threads are the worst landing's."
     )
     write_report(

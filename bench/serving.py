@@ -344,10 +344,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     intro = (
         f"{model_text}; LoRA r = {RANK} on {bm.targets} ({n_layers} modules); Share k = {K} per side; device {device}. "
-        f"Throughput: one batch mixing {tasks} tasks (each equally often, shuffled), Share `forward_mixed` vs PEFT `adapter_names=`, "
-        f"and the bare base model as the floor; {repeats} interleaved repeats, medians, no grad. No adapter method can beat the bare model, so "
-        "PEFT / base is the ceiling of the Share / PEFT throughput ratio on this device. Memory: bytes of the stored tensors, "
-        "and the process RSS growth while the adapter state is built/loaded (after gc and malloc_trim; includes allocator and loader overhead, so indicative)"
+        f"Throughput: one batch mixing {tasks} tasks (each equally often, shuffled), Share `forward_mixed` vs PEFT "
+        "`adapter_names=`, "
+        f"and the bare base model as the floor; {repeats} interleaved repeats, medians, no grad. No adapter method "
+        "can beat the bare model, so "
+        "PEFT / base is the ceiling of the Share / PEFT throughput ratio on this device. Memory: bytes of the "
+        "stored tensors, "
+        "and the process RSS growth while the adapter state is built/loaded (after gc and malloc_trim; includes "
+        "allocator and loader overhead, so indicative)"
         + ("; on the GPU, torch's allocated-memory growth for the same step." if cuda else ".")
     )
     results = {"model": args.model, "device": str(device), "throughput": runs, "memory": memory, "pyfunc": served}

@@ -142,9 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         Target("Share forward ≤ 1.1× a PEFT LoRA forward", r_fwd <= 1.1, f"{r_fwd:.3f}×"),
     ]
     intro = (
-        f"{info['model']}; LoRA targets {info['targets']} ({info['layers']} modules), r = {RANK}, lora_alpha = {ALPHA:g}; "
-        f"Share basis k = {K} per side built from {INIT_ADAPTERS} synthetic r = {RANK} adapters (k_B, k_A per layer: {info['k']}), φ = {PHI}. "
-        f"Same batch {batch_size} × {length} tokens for both{' (loss: next-token cross-entropy over the vocabulary)' if causal else ''}; "
+        f"{info['model']}; LoRA targets {info['targets']} ({info['layers']} modules), r = {RANK}, lora_alpha = "
+        f"{ALPHA:g}; "
+        f"Share basis k = {K} per side built from {INIT_ADAPTERS} synthetic r = {RANK} adapters (k_B, k_A per layer: "
+        f"{info['k']}), φ = {PHI}. "
+        f"Same batch {batch_size} × {length} tokens for "
+        f"both{' (loss: next-token cross-entropy over the vocabulary)' if causal else ''}; "
         f"device {device}; {repeats} interleaved repeats after {warmup} warm-up(s); medians."
         + (f" Peak device memory over both contenders: {peak / 2**30:.2f} GiB." if peak is not None else "")
     )

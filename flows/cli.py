@@ -136,7 +136,8 @@ def core_demo(
             cfg,
             KPolicy(k_max=k_max),
             on_step=lambda i, s: console.print(
-                f"[green]learned[/] {s.tasks[i]}: score {s.rows[i][i]:.3f} (majority {s.majority[i]:.3f}), ACC {s.acc(i):.3f}, BWT {s.bwt(i):+.3f}"
+                f"[green]learned[/] {s.tasks[i]}: score {s.rows[i][i]:.3f} (majority {s.majority[i]:.3f}), ACC "
+                f"{s.acc(i):.3f}, BWT {s.bwt(i):+.3f}"
             ),
         )
         wall = time.perf_counter() - t0
@@ -515,7 +516,8 @@ def info(
     console.print(table)
     ks = sorted({tuple(v) for v in acct["k"].values()})
     console.print(
-        f"layers {len(state.bases)}, (k_B, k_A) {ks}, φ {state.phi}; stored {acct['share_params']:,} params vs one LoRA per task {acct['lora_per_task_params']:,} (×{acct['ratio_vs_lora']:.2f})"
+        f"layers {len(state.bases)}, (k_B, k_A) {ks}, φ {state.phi}; stored {acct['share_params']:,} params vs one "
+        f"LoRA per task {acct['lora_per_task_params']:,} (×{acct['ratio_vs_lora']:.2f})"
     )
 
 
@@ -547,12 +549,14 @@ def serve(
     api = prefect_api_url()
     if api and ephemeral:
         raise CLIError(
-            f"--ephemeral conflicts with PREFECT_API_URL={redact_url(api)}: unset it, or drop --ephemeral to use that server",
+            f"--ephemeral conflicts with PREFECT_API_URL={redact_url(api)}: unset it, or drop --ephemeral to use "
+            "that server",
             code=2,
         )
     if not api and not ephemeral:
         raise CLIError(
-            'no Prefect server: set PREFECT_API_URL (`share stack up`, then eval "$(share stack env)"), or pass --ephemeral for a temporary one',
+            'no Prefect server: set PREFECT_API_URL (`share stack up`, then eval "$(share stack env)"), '
+            "or pass --ephemeral for a temporary one",
             code=2,
         )
     require_prefect(api)
@@ -577,7 +581,8 @@ def serve(
     if train_pool:
         train_deployment = deploy_train_version(train_pool)
         console.print(
-            f"training runs on work pool [bold]{train_pool}[/] (start a worker: prefect worker start --pool {train_pool})"
+            f"training runs on work pool [bold]{train_pool}[/] (start a worker: prefect worker start --pool "
+            f"{train_pool})"
         )
     deployments = build_deployments(
         storage,

@@ -162,7 +162,8 @@ def _built(ws: Workspace, version: str, parent: str | None, provenance: dict | N
     m = st.read_manifest(vdir)
     if m["extra"].get("provenance") != provenance or m["parent"] != parent:
         raise FileExistsError(
-            f"versions/{version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not this update"
+            f"versions/{version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not this "
+            "update"
         )
     return True
 
@@ -314,9 +315,12 @@ def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: s
     )
     acc = "n/a" if rec["acc"] is None else f"{rec['acc']:.3f}"
     md = (
-        f"# {out['version']} ← {rec['task']}\n\nParent {rec['parent'] or '—'}; {len(rec['tasks'])} tasks: re-scored {len(rec['rescored'])}, certified unchanged {len(rec['certified'])}.\n\n"
-        f"**ACC {acc}, BWT {rec['bwt']:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} against {gate.get('against') or 'no champion'}"
-        f" (worst drop {gate.get('worst_drop', 0.0):+.3f}); champion moved: {out.get('promoted')}.\n\nMLflow: {link}\n\n"
+        f"# {out['version']} ← {rec['task']}\n\nParent {rec['parent'] or '—'}; {len(rec['tasks'])} tasks: re-scored "
+        f"{len(rec['rescored'])}, certified unchanged {len(rec['certified'])}.\n\n"
+        f"**ACC {acc}, BWT {rec['bwt']:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} "
+        f"against {gate.get('against') or 'no champion'}"
+        f" (worst drop {gate.get('worst_drop', 0.0):+.3f}); champion moved: {out.get('promoted')}.\n\nMLflow: "
+        f"{link}\n\n"
         f"| task scored now | score | baseline |\n|---|---|---|\n{rows}\n"
     )
     create_markdown_artifact(

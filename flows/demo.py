@@ -136,7 +136,8 @@ def run_demo(
             results.append({"landing": landing.task, "kind": kind, **out})
             if out["status"] == "processed":
                 console.print(
-                    f"[green]{out['version']}[/] ← {kind} [bold]{landing.task}[/]: ACC {out['acc']:.3f}, BWT {out['bwt']:+.3f}, champion moved: {out['promoted']} ({took:.0f}s)"
+                    f"[green]{out['version']}[/] ← {kind} [bold]{landing.task}[/]: ACC {out['acc']:.3f}, BWT "
+                    f"{out['bwt']:+.3f}, champion moved: {out['promoted']} ({took:.0f}s)"
                 )
             else:
                 console.print(f"[yellow]{out['status']}[/] {kind} [bold]{landing.task}[/]: {out.get('reason', '')}")
@@ -155,17 +156,20 @@ def run_demo(
     versions = register.list_versions("share-subspace", tracking_uri=ws.tracking_uri)
     champion = next((v["version"] for v in versions if "champion" in v["aliases"]), None)
     console.print(
-        f"champion: [bold]{champion}[/]   candidate: [bold]{versions[-1]['version']}[/]   versions registered: {len(versions)}"
+        f"champion: [bold]{champion}[/]   candidate: [bold]{versions[-1]['version']}[/]   versions registered: "
+        f"{len(versions)}"
     )
     target = ws.version_ids()[-2]
     rb = rollback(str(root), target, reason="demo: roll back the adapter absorb")
     console.print(
-        f"rollback → [bold]{target}[/]: champion {rb.get('previous')} → {rb.get('champion')}, HEAD {ws.head()}, re-evaluation matches the recorded metrics: {rb['verified']}"
+        f"rollback → [bold]{target}[/]: champion {rb.get('previous')} → {rb.get('champion')}, HEAD {ws.head()}, "
+        f"re-evaluation matches the recorded metrics: {rb['verified']}"
     )
     timings["total_demo"] = time.perf_counter() - t_start
     orchestration = timings["total"] - timings["train"] - timings["evaluate"]
     console.print(
-        f"wall {timings['total_demo']:.0f}s; updates {timings['total']:.0f}s = training {timings['train']:.0f}s + evaluation {timings['evaluate']:.0f}s + orchestration {orchestration:.0f}s"
+        f"wall {timings['total_demo']:.0f}s; updates {timings['total']:.0f}s = training {timings['train']:.0f}s + "
+        f"evaluation {timings['evaluate']:.0f}s + orchestration {orchestration:.0f}s"
     )
     console.print(
         f"\nBrowse the versions: [bold]mlflow ui --backend-store-uri {ws.tracking_uri} --host 127.0.0.1 --port 5000[/]"

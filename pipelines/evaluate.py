@@ -332,7 +332,8 @@ def picture(ws: Workspace, record: dict, path: Path) -> None:
     ax2.legend(loc="lower left", fontsize=8)
     acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
     fig.suptitle(
-        f"{record['version']}: {len(record['tasks'])} tasks, ACC {acc}, BWT {record['bwt']:+.3f}; re-scored {len(record['rescored'])}, certified {len(record['certified'])}"
+        f"{record['version']}: {len(record['tasks'])} tasks, ACC {acc}, BWT {record['bwt']:+.3f}; re-scored "
+        f"{len(record['rescored'])}, certified {len(record['certified'])}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -5,7 +5,8 @@ whose deps are its landing(s) and its parent version and whose out is versions/<
 
     stages:
       v0002:
-        cmd: python -m pipelines.update --workspace . --landing landings/topic-1a2b… --kind dataset --out versions/v0002 --parent versions/v0001
+        cmd: python -m pipelines.update --workspace . --landing landings/topic-1a2b… --kind dataset
+             --out versions/v0002 --parent versions/v0001
         deps: [landings/topic-1a2b…, versions/v0001]
         params: [train, subspace, base]
         outs: [versions/v0002]

@@ -104,7 +104,8 @@ class SubspaceModel:
         unknown = sorted(set(tasks) - set(self.labels))
         if unknown:
             raise ValueError(
-                f"unknown task(s) {unknown[:5]} in version {self.config['version']}; it serves {sorted(self.labels)[:20]}"
+                f"unknown task(s) {unknown[:5]} in version {self.config['version']}; it serves "
+                f"{sorted(self.labels)[:20]}"
             )
         serving = self.config["serving"]
         with self.lock:
@@ -126,7 +127,8 @@ def _load_pyfunc(data_path: str) -> SubspaceModel:
     ws = Workspace(Path(os.environ.get("SHARE_WORKSPACE") or config["workspace"]))
     if not ws.versions.is_dir():
         raise FileNotFoundError(
-            f"no Share workspace at {ws.root} (the registered model opens its version there; set $SHARE_WORKSPACE to a clone of it)"
+            f"no Share workspace at {ws.root} (the registered model opens its version there; set $SHARE_WORKSPACE to "
+            "a clone of it)"
         )
     version = config["version"]
     lineage.checkout_version(
@@ -135,7 +137,8 @@ def _load_pyfunc(data_path: str) -> SubspaceModel:
     manifest = st.read_manifest(ws.version_dir(version))
     if manifest["state_sha256"] != config["state_sha256"]:
         raise ValueError(
-            f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model {config['state_sha256'][:12]}…: another chain"
+            f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model "
+            f"{config['state_sha256'][:12]}…: another chain"
         )
     model, tok = load_base(BaseSpec(**config["base"]), config["seed"])
     return SubspaceModel(config, ShareModel(model, st.load(ws.version_dir(version))).eval(), tok)

@@ -357,8 +357,10 @@ def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
     )
     acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
     return (
-        f"Share subspace {version} (parent {manifest['parent'] or 'none'}): {manifest['extra'].get('kind', '')} {added}. "
-        f"{len(manifest['tasks'])} tasks; ACC {acc}, BWT {record['bwt']:+.3f}. Scores: {scores}. Forgetting gate {verdict}."
+        f"Share subspace {version} (parent {manifest['parent'] or 'none'}): {manifest['extra'].get('kind', '')} "
+        f"{added}. "
+        f"{len(manifest['tasks'])} tasks; ACC {acc}, BWT {record['bwt']:+.3f}. Scores: {scores}. Forgetting gate "
+        f"{verdict}."
     )
 
 

@@ -336,7 +336,8 @@ def redact_url(url: str) -> str:
 
 
 def open_storage(url: str) -> Storage:
-    """`file:///abs/path[/prefix]` or a plain path → LocalStorage; `s3://bucket/prefix[?endpoint_url=…&region=…]` → S3Storage.
+    """`file:///abs/path[/prefix]` or a plain path → LocalStorage;
+    `s3://bucket/prefix[?endpoint_url=…&region=…]` → S3Storage.
     Errors name the URL only with its user info and option values redacted."""
     shown = bound_text(repr(redact_url(url)), 300)
     try:
@@ -360,7 +361,8 @@ def open_storage(url: str) -> Storage:
         if unknown:
             names = sorted(k if OPTION_NAME.match(k) else REDACTED for k in unknown)
             raise StorageError(
-                f"storage URL {shown}: unknown options {names} (known: {', '.join(S3_OPTIONS)}); credentials come from the AWS environment or profile, never the URL"
+                f"storage URL {shown}: unknown options {names} (known: {', '.join(S3_OPTIONS)}); credentials come "
+                "from the AWS environment or profile, never the URL"
             )
         endpoint = q.get("endpoint_url") or None
         if endpoint and "@" in urlparse(endpoint).netloc:

@@ -119,7 +119,8 @@ def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: Bas
     fam = family(base.family)
     if adapter.task_type and fam.peft_task_type and adapter.task_type != fam.peft_task_type:
         raise LandingRejected(
-            f"adapter_config.json: task_type {adapter.task_type!r} does not match this workspace's {base.family!r} base model (expected {fam.peft_task_type!r})"
+            f"adapter_config.json: task_type {adapter.task_type!r} does not match this workspace's {base.family!r} "
+            f"base model (expected {fam.peft_task_type!r})"
         )
     if manifest:
         shapes = {name: (t["n"], t["d"]) for name, t in manifest["layers"].items()}
@@ -137,7 +138,8 @@ def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: Bas
     outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
     if expected is not None and expected not in outs:
         raise LandingRejected(
-            f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} (found {sorted(outs)})"
+            f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} (found "
+            f"{sorted(outs)})"
         )
     if (local / EVAL_FILE).is_file():
         read_examples(local / EVAL_FILE, spec)

@@ -62,7 +62,8 @@ class BaseSpec:
         """Where the weights are: model_path, or the packaged MiniLM for its id."""
         if self.model_path is None and self.model_id != MINILM_ID:
             raise ValueError(
-                f"base.model_path is needed for base.model_id {self.model_id!r} (only {MINILM_ID!r} ships with the package)"
+                f"base.model_path is needed for base.model_id {self.model_id!r} (only {MINILM_ID!r} ships with the "
+                "package)"
             )
         return self.model_path or minilm_path()
 

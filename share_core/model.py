@@ -339,8 +339,8 @@ class ShareModel(nn.Module):
         heads = head_tensors(self.model, self.state.head_modules)
         if pend["finetune"]:
             coefs = {
-                ln: (l.slot["coef_b"].detach().cpu().clone(), l.slot["coef_a"].detach().cpu().clone())
-                for ln, l in self.layers.items()
+                ln: (layer.slot["coef_b"].detach().cpu().clone(), layer.slot["coef_a"].detach().cpu().clone())
+                for ln, layer in self.layers.items()
             }
             new_state = copy.copy(self.state)
             new_state.delta, new_state.content_hash = (
@@ -358,11 +358,11 @@ class ShareModel(nn.Module):
             }  # no entry for `name`: evaluation re-scores it
         else:
             factors = {}
-            for ln, l in self.layers.items():
+            for ln, layer in self.layers.items():
                 with torch.no_grad():
-                    b_hat, a_hat = l.slot_factors()
-                    dirs_b = l.slot["dirs_b"] if "dirs_b" in l.slot else b_hat[:, :0]
-                    dirs_a = l.slot["dirs_a"] if "dirs_a" in l.slot else a_hat[:, :0]
+                    b_hat, a_hat = layer.slot_factors()
+                    dirs_b = layer.slot["dirs_b"] if "dirs_b" in layer.slot else b_hat[:, :0]
+                    dirs_a = layer.slot["dirs_a"] if "dirs_a" in layer.slot else a_hat[:, :0]
                 factors[ln] = (b_hat.cpu(), a_hat.cpu(), dirs_b.detach().cpu(), dirs_a.detach().cpu())
             record = TaskRecord(name, pend["rank"], pend["scale"], {}, heads, {"source": "dataset", **pend["info"]})
             new_state, errors = _merged_state(self.state, [record], factors, policy or self.state.policy)

@@ -272,7 +272,8 @@ def _gram_eig(gram: torch.Tensor, want: int, partial: bool = False) -> tuple[tor
     """Left singular vectors (…×q×ℓ, descending) and singular values (…×ℓ) of coordinates C from
     their Gram C Cᵀ (…×q×q, float64): a symmetric eigendecomposition of a q×q matrix, batched,
     with ℓ = q; or, for one large Gram and when the caller can do with them (`partial`), the
-    leading ℓ ≥ `want` pairs when `_top_eig` certifies them. The vectors are as accurate as an SVD's where it matters (ε·s₁²/gap); singular values
+    leading ℓ ≥ `want` pairs when `_top_eig` certifies them. The vectors are as accurate as an SVD's
+    where it matters (ε·s₁²/gap); singular values
     are resolved down to ~√(q·ε)·s₁, which `numerical_rank` takes as its floor."""
     q = gram.shape[-1]
     if partial and gram.shape[0] == 1 and q >= TOP_EIG_MIN_Q and q >= 4 * (want + _extra(want)):
@@ -659,7 +660,8 @@ def merge(
     """Fold new tasks into a subspace without touching old data.
 
     basis_b: β (n×k_B), basis_a: α (d×k_A), orthonormal. old_b/old_a: old tasks'
-    coefficients E_B (k_B×p), E_A (k_A×p): a list, or side by side (`SideBySide`). new_dirs_*: columns outside the basis that the new
+    coefficients E_B (k_B×p), E_A (k_A×p): a list, or side by side (`SideBySide`).
+    new_dirs_*: columns outside the basis that the new
     factors may use (temporary directions after training; the adapters' own factors when
     absorbing), n×c / d×c'. new_b/new_a: new tasks' factors B̂ (n×p), Â (d×p), each in
     span([basis, new_dirs]). Returned coefficients: old tasks first, then new ones; the old

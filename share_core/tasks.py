@@ -80,7 +80,8 @@ def _sentiment(rng: random.Random) -> Example:
     def clause(positive: bool) -> str:
         negate = rng.random() < 0.3  # "not great" is negative: the adjective alone does not decide
         word = _pick(rng, good if positive != negate else bad)
-        return f"{_pick(rng, things)} {'was not' if negate else _pick(rng, ['was', 'was really', 'felt', 'seemed'])} {word}"
+        verb = "was not" if negate else _pick(rng, ["was", "was really", "felt", "seemed"])
+        return f"{_pick(rng, things)} {verb} {word}"
 
     label = rng.choice(["positive", "negative"])
     if rng.random() < 0.3:  # contrast: the clause after "but" carries the verdict

@@ -116,7 +116,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def moto_s3():
-    """A moto S3 server bound to loopback (127.0.0.1; its default is all interfaces), stopped at the end of the session."""
+    """A moto S3 server bound to loopback (127.0.0.1; its default is all interfaces), stopped at the end of the
+    session."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()

@@ -148,8 +148,8 @@ def test_a_text_value_over_the_limit_names_file_and_row(topic):
     with pytest.raises(LandingRejected) as err:
         validate_landing(topic, "dataset", "topic", _manifest(), BASE)
     assert (
-        err.value.reason
-        == f"eval.jsonl:5: field 'text' is {MAX_TEXT_BYTES + 2} bytes; the limit is {MAX_TEXT_BYTES} bytes per text value"
+        err.value.reason == f"eval.jsonl:5: field 'text' is {MAX_TEXT_BYTES + 2} bytes; "
+        f"the limit is {MAX_TEXT_BYTES} bytes per text value"
     )
     # exactly at the limit is fine
     (topic / "eval.jsonl").write_bytes(b"".join(rows[:4]) + _row("é" * (MAX_TEXT_BYTES // 2)) + b"".join(rows[4:]))

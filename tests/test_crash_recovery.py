@@ -22,7 +22,10 @@ from share_core.tasks import generate_tasks
 
 BASE_ID = "tiny-minilm"
 MODEL = "share-crash"
-UPDATE = "from flows.continual import continual_update; import sys; continual_update(key=sys.argv[1], storage_url=sys.argv[2], workspace=sys.argv[3], model_name=sys.argv[4], tolerance=1.0)"
+UPDATE = (
+    "from flows.continual import continual_update; import sys; continual_update(key=sys.argv[1], "
+    "storage_url=sys.argv[2], workspace=sys.argv[3], model_name=sys.argv[4], tolerance=1.0)"
+)
 
 
 @pytest.fixture
@@ -41,7 +44,8 @@ def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
     ):
         write_landing(tmp_path / "src", a, template)
     storage = LocalStorage(tmp_path / "bucket")
-    # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here (tests/test_lock.py covers the global one)
+    # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here
+    # (tests/test_lock.py covers the global one)
     monkeypatch.setenv("SHARE_CHAIN_LOCK", "local")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
     return {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "env": env}
@@ -139,7 +143,10 @@ def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
     assert rerun(chain, c)["version"] == "v0004"
 
 
-BATCH = "from flows.continual import batch_absorb; import sys; batch_absorb(storage_url=sys.argv[1], workspace=sys.argv[2], model_name=sys.argv[3], tolerance=1.0)"
+BATCH = (
+    "from flows.continual import batch_absorb; import sys; batch_absorb(storage_url=sys.argv[1], "
+    "workspace=sys.argv[2], model_name=sys.argv[3], tolerance=1.0)"
+)
 
 
 def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):

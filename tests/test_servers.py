@@ -121,7 +121,8 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
         rows = [r["text"] for r in load_task(task_dir).eval[:3]]
         probe = (
             f"import json, mlflow.pyfunc, pandas as pd; m = mlflow.pyfunc.load_model('models:/{MODEL}@champion'); "
-            f"print(json.dumps(m.predict(pd.DataFrame({{'task': ['sentiment'] * 3, 'text': {rows!r}}}))['label'].tolist()))"
+            f"print(json.dumps(m.predict(pd.DataFrame({{'task': ['sentiment'] * 3, 'text': "
+            f"{rows!r}}}))['label'].tolist()))"
         )
         py = subprocess.run(
             [sys.executable, "-c", probe],
