@@ -514,6 +514,19 @@ def _error_curve(side: _Side, u: torch.Tensor, layer: int, cap: int) -> tuple[to
     return head, tail
 
 
+def _positive_columns(basis: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """The sign convention of every basis column (…×n×k): its largest-magnitude entry is positive.
+    Singular vectors are defined up to sign; fixing it here, where bases are made, means a
+    refactor that keeps the math keeps the numbers (flipped columns re-seed every later task's
+    random start). Flips `rot` (…×q×k, the columns' coordinates) in place to match, so
+    coefficients and frames derived from it flip with the basis and ΔW is unchanged."""
+    idx = basis.abs().argmax(-2, keepdim=True)  # …×1×k
+    sign = torch.where(basis.gather(-2, idx) < 0, -1.0, 1.0).to(basis.dtype)
+    signed = basis * sign  # before flipping `rot`: in a build without QR, `basis` is `rot` itself
+    rot.mul_(sign.to(rot.dtype))
+    return signed
+
+
 def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, merging: bool) -> list[Fold]:
     """Best bases for L layers, both sides: the SVD of each layer's coordinates via their q×q
     Gram (one batched eigendecomposition per side), k per layer by `policy`, then bases,
@@ -546,8 +559,9 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
     for (kb, ka), idx in groups.items():
         sides = []
         for side, u, k in ((side_b, u_b, kb), (side_a, u_a, ka)):
-            u_idx = u if len(idx) == layers else u[idx]
-            sides.append((side, u_idx, k, side.prepare(u_idx, idx, k), side.basis(u_idx[..., :k], idx).to(dtype)))
+            u_idx = (u if len(idx) == layers else u[idx]).clone()
+            basis = _positive_columns(side.basis(u_idx[..., :k], idx), u_idx[..., :k])
+            sides.append((side, u_idx, k, side.prepare(u_idx, idx, k), basis.to(dtype)))
         for i, layer in enumerate(
             idx
         ):  # per layer: every product here scales with the tasks, so each layer's stays in cache

@@ -375,3 +375,35 @@ def test_merge_takes_old_coefficients_side_by_side_without_changing_a_bit():
 def test_an_all_zero_wide_stack_is_rejected():
     with pytest.raises(ValueError, match="all zero"):
         S.build([torch.zeros(160, R)] * 60, [torch.zeros(150, R)] * 60, S.KPolicy(k_max=8))
+
+
+def _signed(u):
+    """The sign convention: each column's largest-magnitude entry positive."""
+    idx = u.abs().argmax(0, keepdim=True)
+    return u * torch.where(u.gather(0, idx) < 0, -1.0, 1.0)
+
+
+def test_bases_follow_one_sign_convention_so_equal_math_gives_equal_numbers():
+    """Built and merged bases equal the full SVD's singular vectors under the fixed sign
+    convention (not just up to sign), and coefficients flip with them: ΔW is unchanged."""
+    g = torch.Generator().manual_seed(5)
+    fb = [torch.randn(N, R, generator=g, dtype=torch.float64) for _ in range(5)]
+    fa = [torch.randn(D, R, generator=g, dtype=torch.float64) for _ in range(5)]
+    f = S.build(fb, fa, S.KPolicy(k_max=9))
+    for basis, stack in ((f.basis_b, torch.cat(fb, 1)), (f.basis_a, torch.cat(fa, 1))):
+        u = torch.linalg.svd(stack, full_matrices=False)[0][:, :9]
+        assert torch.allclose(basis, _signed(u), atol=1e-10)
+        assert (basis.gather(0, basis.abs().argmax(0, keepdim=True)) > 0).all()
+    for b, a, eb, ea in zip(fb, fa, f.coefs_b, f.coefs_a):  # coefficients are the projections onto the signed basis
+        assert torch.allclose(eb, f.basis_b.T @ b, atol=1e-12) and torch.allclose(ea, f.basis_a.T @ a, atol=1e-12)
+    nb, na = (
+        [torch.randn(N, R, generator=g, dtype=torch.float64)],
+        [torch.randn(D, R, generator=g, dtype=torch.float64)],
+    )
+    m = S.merge(f.basis_b, f.basis_a, f.coefs_b, f.coefs_a, nb[0], na[0], nb, na, S.KPolicy(k_max=9))
+    cur_b = [f.basis_b @ e for e in f.coefs_b] + nb
+    u = torch.linalg.svd(torch.cat(cur_b, 1), full_matrices=False)[0][:, :9]
+    assert torch.allclose(m.basis_b, _signed(u), atol=1e-8)
+    for j in range(5):  # the frames carry the sign: old coefficients moved by them equal the merge's
+        assert torch.allclose(S.apply_frame(m.frame_b, f.coefs_b[j], torch.float64), m.coefs_b[j], atol=1e-12)
+        assert torch.allclose(m.basis_b @ m.coefs_b[j], u @ (u.T @ cur_b[j]), atol=1e-10)
