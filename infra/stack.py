@@ -1,11 +1,13 @@
-"""The local stack: moto S3, an MLflow server and a Prefect server, all bound to 127.0.0.1.
+"""The local stack: an S3 server (moto, on disk), an MLflow server and a Prefect server, all bound
+to 127.0.0.1.
 
 `up` starts what is not already running (detached, in its own session, so it outlives the CLI
-call), waits until each answers its health URL and creates the artifact bucket; `down` stops
+call), waits until each answers its health URL and creates the landing bucket; `down` stops
 them; `status` reports them; `env` gives the variables a client exports to use them (`shell_exports`:
 as `export` lines for `eval`).
-State lives in `data_dir`: `<name>.pid`, `logs/<name>.log`, the MLflow and Prefect sqlite files.
-moto keeps S3 in memory: restarting it loses the bucket's contents (it is a test double).
+State lives in `data_dir` and survives `down` / `up` and a crash: `<name>.pid`, `logs/<name>.log`,
+the MLflow and Prefect sqlite files, MLflow's artifacts (`mlartifacts/`, served by MLflow) and the
+S3 buckets (`s3/buckets/`, written through by `infra/s3_server.py` before each response).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"  # loopback only: the stack has no authentication
 # moto accepts any credentials; these dummies keep real ones from ever reaching it.
+S3_SERVER = Path(__file__).with_name("s3_server.py")
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -88,7 +91,7 @@ def shell_exports(cfg: StackConfig) -> str:
 
 
 def _services(cfg: StackConfig) -> list[_Service]:
-    """In start order; MLflow comes last because its artifact bucket must exist first."""
+    """In start order; MLflow comes last (after the landing bucket exists)."""
     d, bin_ = cfg.data_dir, Path(sys.executable).parent  # this virtualenv's executables, not PATH's
     base = {**os.environ, **env(cfg), "NO_PROXY": f"{HOST},localhost", "no_proxy": f"{HOST},localhost"}
     # clients' settings, not the servers'; and no real AWS session/profile next to moto's dummies
@@ -100,7 +103,14 @@ def _services(cfg: StackConfig) -> list[_Service]:
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{d / 'prefect' / 'prefect.db'}",
     }
     return [
-        _Service("s3", cfg.s3_port, "/", [str(bin_ / "moto_server"), "-H", HOST, "-p", str(cfg.s3_port)], base, "moto"),
+        _Service(
+            "s3",
+            cfg.s3_port,
+            "/",
+            [sys.executable, str(S3_SERVER), "--host", HOST, "--port", str(cfg.s3_port), "--data", str(d / "s3")],
+            base,
+            "s3_server",
+        ),
         _Service(
             "prefect",
             cfg.prefect_port,
@@ -125,7 +135,7 @@ def _services(cfg: StackConfig) -> list[_Service]:
                 "--backend-store-uri",
                 f"sqlite:///{d / 'mlflow.db'}",
                 "--artifacts-destination",
-                f"s3://{cfg.bucket}/mlartifacts",
+                str(d / "mlartifacts"),  # on disk, served (proxied) by MLflow: clients need no S3 for models
             ],
             {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             "mlflow",
@@ -278,7 +288,7 @@ def up(cfg: StackConfig) -> None:
     started: list[_Service] = []
     try:
         for svc in services.values():
-            if svc.name == "mlflow":  # its artifact store must exist before it serves
+            if svc.name == "mlflow":  # the landing bucket exists once the stack is up
                 _wait_healthy(cfg, services["s3"])
                 _ensure_bucket(cfg)
             if svc in todo:
