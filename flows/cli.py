@@ -318,9 +318,31 @@ def demo(
 def land(
     task_dir: Path = typer.Argument(..., help="a task directory: task.yaml plus its data (or an adapter)"),
     storage: str | None = STORAGE,
-    kind: str = typer.Option("dataset", help="dataset | adapter"),
+    kind: str = typer.Option("dataset", help="dataset | adapter (a PEFT LoRA directory plus task.yaml)"),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="validate the directory before uploading (--no-check: upload as it is)"
+    ),
 ) -> None:
-    """Upload a task directory to the storage (task.yaml last: it marks the landing complete)."""
+    """Validate a task directory, then upload it to the storage (task.yaml last: it marks the
+    landing complete).
+
+    The directory is checked first, as the pipeline will check it (files, task.yaml, rows,
+    labels, an adapter's weights): a landing that would be rejected is refused here with the
+    reason and nothing is uploaded. What needs the workspace (its base model, the tasks already
+    in the chain) is checked when the landing is processed (`share status` shows the outcome)."""
+    if not task_dir.is_dir():
+        raise CLIError(f"{task_dir} is not a directory", hint="pass a task directory: task.yaml plus its data", code=2)
+    if check:
+        from pipelines.validate import LandingRejected, precheck_landing
+
+        try:
+            precheck_landing(task_dir, kind, task_dir.name)
+        except LandingRejected as e:
+            raise CLIError(
+                f"refused {kind} {task_dir.name}, nothing uploaded: {e.reason}",
+                hint="fix the directory and land it again (`python -m pipelines.validate DIR --kind KIND` checks it)",
+                code=1,
+            ) from None
     s = open_storage_arg(storage)
     key = s.upload_task(task_dir, kind, task_dir.name)
     console.print(f"landed {kind} [bold]{task_dir.name}[/] in {s.describe()} ({key})")
@@ -576,7 +598,7 @@ def serve(
     from .deployments import build_deployments, deploy_train_version, quiet_queueing
     from .watcher import Watcher
 
-    lineage.init_workspace(ws.root)
+    lineage.init_workspace(ws.root, storage_url=storage)  # a DVC remote beside the landings, if it has none
     train_deployment = None
     if train_pool:
         train_deployment = deploy_train_version(train_pool)
@@ -616,7 +638,8 @@ def serve(
 
 
 stack_app = typer.Typer(
-    no_args_is_help=True, help="The local stack: moto S3, MLflow server, Prefect server on 127.0.0.1."
+    no_args_is_help=True,
+    help="The local stack: S3 (moto, on disk), MLflow server, Prefect server on 127.0.0.1; durable in --data-dir.",
 )
 app.add_typer(stack_app, name="stack")
 DATA_DIR = typer.Option(Path(".share-stack"), help="where the stack keeps its data, logs and pids")
@@ -667,7 +690,7 @@ def stack_env(data_dir: Path = DATA_DIR) -> None:
 
 @stack_app.command("down")
 def stack_down(data_dir: Path = DATA_DIR) -> None:
-    """Stop every service of the stack (moto's in-memory S3 contents are lost)."""
+    """Stop every service of the stack (what it stores stays in --data-dir for the next `up`)."""
     from infra import stack
 
     stack.down(stack.StackConfig(data_dir=data_dir))

@@ -55,13 +55,33 @@ def _git(root: Path, *args: str) -> str:
 
 
 def init_workspace(
-    root: Path, remote: str | None = None, endpoint_url: str | None = None, params: Params | None = None
+def storage_remote(storage_url: str) -> tuple[str, str | None]:
+    """The DVC remote (url, endpoint_url) that goes with a landing storage: `dvcstore/` beside
+    `incoming/` under its prefix (s3://bucket/prefix/dvcstore, or <dir>/dvcstore), so the
+    versions are kept where the landings are, on the same server and credentials."""
+    from .storage import LocalStorage, open_storage
+
+    s = open_storage(storage_url)
+    if isinstance(s, LocalStorage):
+        return str(s.root.resolve() / "dvcstore"), None
+    return f"s3://{s.bucket}/{s.prefix + '/' if s.prefix else ''}dvcstore", s.endpoint_url
+
+
+    root: Path,
+    remote: str | None = None,
+    endpoint_url: str | None = None,
+    params: Params | None = None,
+    storage_url: str | None = None,
 ) -> None:
     """Make `root` a git + DVC repo with params.yaml (`params`, default: the defaults; an
     existing one is kept), an empty dvc.yaml and (optionally) a default remote (a local path or
-    s3://…; credentials stay in the AWS environment). Idempotent."""
+    s3://…; credentials stay in the AWS environment). With `storage_url` and no `remote`, a
+    workspace without a remote gets `storage_remote(storage_url)` (what `share serve` does; an
+    existing remote is kept). Idempotent."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    if remote is None and storage_url and not has_remote(root):
+        remote, endpoint_url = storage_remote(storage_url)
     if not (root / ".git").exists():
         _git(root, "init", "-q", "-b", "main")
     for key, value in (("user.name", "share pipeline"), ("user.email", "share@localhost")):

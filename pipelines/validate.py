@@ -71,6 +71,17 @@ def check_names(names: list[str], kind: str) -> None:
                 f"{name}: pickle-based weights are refused (unsafe to load); upload adapter_model.safetensors"
             )
     required, optional = ALLOWED[kind]
+    other = next(k for k in ALLOWED if k != kind)
+    if kind == "dataset" and {"adapter_config.json", "adapter_model.safetensors"} & set(names):
+        raise LandingRejected(
+            "this is an adapter (adapter_config.json / adapter_model.safetensors), landed as a dataset: land it "
+            "with `share land DIR --kind adapter` (it goes under incoming/adapters/<task>/)"
+        )
+    if kind == "adapter" and "train.jsonl" in names and "adapter_config.json" not in names:
+        raise LandingRejected(
+            f"this is a dataset (train.jsonl), landed as an {kind}: land it with `share land DIR --kind {other}` "
+            "(the default; it goes under incoming/datasets/<task>/)"
+        )
     missing = sorted(required - set(names))
     if missing:
         raise LandingRejected(f"{kind} landing is missing {missing} (a {kind} needs {sorted(required)})")
@@ -171,6 +182,46 @@ def validate_landing(
             raise
         raise LandingRejected(landing_reason(str(e), local)) from None
     return spec
+
+
+def precheck_landing(local: Path, kind: str, task: str) -> TaskSpec:
+    """The checks a landing passes before it is uploaded (`share land`), without a workspace:
+    the same names, sizes, task.yaml, data rows and labels as `validate_landing`, the adapter's
+    safetensors, PEFT task type and head size judged against the task's own type. What needs the
+    workspace (its base model and family, the tasks already in the chain, the adapter's layer
+    shapes) is checked when the landing is processed. Raises LandingRejected."""
+    local = Path(local)
+    names = sorted(p.name for p in local.iterdir())
+    check_names(names, kind)
+    try:
+        _check_sizes(local, names)
+        spec = read_task_spec(local / SPEC_FILE)
+        if spec.name != task:
+            raise LandingRejected(f"{SPEC_FILE}: name {spec.name!r} differs from the landing's directory {task!r}")
+        fam = family(spec.type)
+        if kind == "dataset":
+            _check_dataset(local)
+            return spec
+        adapter = read_adapter(local, name=spec.name)
+        if adapter.task_type and fam.peft_task_type and adapter.task_type != fam.peft_task_type:
+            raise LandingRejected(
+                f"adapter_config.json: task_type {adapter.task_type!r} does not match the task's type {spec.type!r} "
+                f"(expected {fam.peft_task_type!r})"
+            )
+        expected = fam.num_labels(spec)
+        outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
+        if expected is not None and expected not in outs:
+            raise LandingRejected(
+                f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} "
+                f"(found {sorted(outs)})"
+            )
+        if (local / EVAL_FILE).is_file():
+            read_examples(local / EVAL_FILE, spec)
+        return spec
+    except (TaskFormatError, AdapterError, ValueError) as e:
+        if isinstance(e, LandingRejected):
+            raise
+        raise LandingRejected(landing_reason(str(e), local)) from None
 
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -213,12 +213,57 @@ def test_serve_with_the_prefect_api_down_fails_fast(tmp_path):
 
 
 # ---- storage: $SHARE_STORAGE default, bad URLs in one line -------------------------------------
-def task_dir(tmp_path, name="mytask") -> Path:
+def task_dir(tmp_path, name="mytask", rows: int = 8, labels: str = "[bad, good]") -> Path:
+    """A dataset landing directory that passes validation (`rows` rows, labels bad/good)."""
     d = tmp_path / "tasks" / name
     d.mkdir(parents=True)
-    (d / "train.jsonl").write_text('{"text": "a", "label": "x"}\n')
-    (d / "task.yaml").write_text(f"name: {name}\n")
+    data = "".join(f'{{"text": "review {i}", "label": "{("bad", "good")[i % 2]}"}}\n' for i in range(rows))
+    (d / "train.jsonl").write_text(data)
+    (d / "eval.jsonl").write_text(data)
+    (d / "task.yaml").write_text(f"name: {name}\ntype: sequence-classification\nlabels: {labels}\n")
     return d
+
+
+@pytest.mark.parametrize(
+    "problem, reason",
+    [
+        ("two rows", "train.jsonl: 2 rows; at least 8"),
+        ("undeclared label", "expected one of"),
+        ("adapter as dataset", "--kind adapter"),
+        ("dataset as adapter", "--kind dataset"),
+    ],
+)
+def test_land_validates_before_uploading_and_refuses_with_the_reason(tmp_path, problem, reason):
+    d = task_dir(
+        tmp_path, rows=2 if problem == "two rows" else 8, labels="[bad, fine]" if "label" in problem else "[bad, good]"
+    )
+    kind = "adapter" if problem == "dataset as adapter" else "dataset"
+    if problem == "adapter as dataset":
+        for f in ("train.jsonl", "eval.jsonl"):
+            (d / f).unlink()
+        (d / "adapter_config.json").write_text("{}")
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    t0 = time.monotonic()
+    r = invoke(["land", str(d), "--storage", str(bucket), "--kind", kind])
+    took = time.monotonic() - t0
+    assert r.exit_code == 1, r.output
+    assert_short_error(r.stderr, "nothing uploaded", reason, max_lines=2)
+    assert not list(bucket.rglob("*"))  # nothing uploaded
+    assert took < 5, took  # the check itself: no server, no model
+
+
+def test_land_uploads_a_valid_dataset_and_no_check_skips_validation(tmp_path):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    r = invoke(["land", str(task_dir(tmp_path)), "--storage", str(bucket)])
+    assert r.exit_code == 0, r.output
+    assert (bucket / "incoming/datasets/mytask/task.yaml").is_file()
+    bad = task_dir(tmp_path, name="tiny", rows=2)
+    r = invoke(["land", str(bad), "--storage", str(bucket), "--no-check"])  # the pipeline will reject it
+    assert r.exit_code == 0, r.output
+    assert (bucket / "incoming/datasets/tiny/task.yaml").is_file()
 
 
 @pytest.mark.parametrize("url", ["ftp://x/y", "s3://", "MISSING_DIR"])
@@ -380,3 +425,25 @@ def test_every_command_and_option_has_help():
     for sub in (["stack", "up"], ["stack", "down"], ["stack", "status"], ["stack", "env"], ["status"], ["serve"]):
         r = invoke([*sub, "--help"])
         assert r.exit_code == 0 and "Usage" in r.stdout
+
+
+def test_a_serve_made_workspace_gets_a_dvc_remote_beside_the_landings(tmp_path):
+    """`share serve` initialises its workspace with the storage's DVC remote (what the demo has):
+    `dvc status -c` works; an existing remote is kept; the S3 form lives under the prefix."""
+    from pipelines import lineage
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    ws = tmp_path / "ws"
+    lineage.init_workspace(ws, storage_url=str(bucket))  # the call `share serve` makes
+    dvc = str(Path(sys.executable).parent / "dvc")
+    r = subprocess.run([dvc, "remote", "list"], cwd=ws, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split()[:2] == ["storage", str(bucket.resolve() / "dvcstore")], r.stdout
+    r = subprocess.run([dvc, "status", "-c"], cwd=ws, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lineage.init_workspace(ws, storage_url=str(tmp_path))  # a later serve: the remote stays
+    assert str(bucket.resolve() / "dvcstore") in (ws / ".dvc" / "config").read_text()
+    assert lineage.storage_remote("s3://share/tasks?endpoint_url=http://127.0.0.1:9100") == (
+        "s3://share/tasks/dvcstore",
+        "http://127.0.0.1:9100",
+    )
