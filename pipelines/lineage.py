@@ -54,7 +54,6 @@ def _git(root: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def init_workspace(
 def storage_remote(storage_url: str) -> tuple[str, str | None]:
     """The DVC remote (url, endpoint_url) that goes with a landing storage: `dvcstore/` beside
     `incoming/` under its prefix (s3://bucket/prefix/dvcstore, or <dir>/dvcstore), so the
@@ -67,6 +66,7 @@ def storage_remote(storage_url: str) -> tuple[str, str | None]:
     return f"s3://{s.bucket}/{s.prefix + '/' if s.prefix else ''}dvcstore", s.endpoint_url
 
 
+def init_workspace(
     root: Path,
     remote: str | None = None,
     endpoint_url: str | None = None,
@@ -79,9 +79,9 @@ def storage_remote(storage_url: str) -> tuple[str, str | None]:
     workspace without a remote gets `storage_remote(storage_url)` (what `share serve` does; an
     existing remote is kept). Idempotent."""
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     if remote is None and storage_url and not has_remote(root):
         remote, endpoint_url = storage_remote(storage_url)
+    root.mkdir(parents=True, exist_ok=True)
     if not (root / ".git").exists():
         _git(root, "init", "-q", "-b", "main")
     for key, value in (("user.name", "share pipeline"), ("user.email", "share@localhost")):
