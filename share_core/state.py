@@ -5,8 +5,10 @@ A version directory (DESIGN §5, §8: "a version stores what it changed"):
                          parent, how the state is stored, sha256 of every file, content hash
     basis.safetensors    "<layer>.beta" (n×k_B), "<layer>.alpha" (d×k_A); in a delta also the
                          frames "<layer>.frame_b" (k_B×k_B_parent), "<layer>.frame_a" (float64)
-    tasks.safetensors    the tasks this version stores: "<task>/coef_b.<layer>" (k_B×p),
-                         "<task>/coef_a.<layer>" (k_A×p), "<task>/head.<key>"
+    tasks.safetensors    the tasks this version stores: "coef_b.<layer>" (k_B×Σp), "coef_a.<layer>"
+                         (k_A×Σp), their coefficients side by side in manifest order (storage
+                         layout "stacked"; older versions: "<task>/coef_b.<layer>" per task),
+                         and "<task>/head.<key>"
 A *snapshot* stores every task. A *delta* stores only the tasks it added plus the frames: a
 merge moves every old task by the same per-module change of coordinates (E' = frame·E), so the
 old tasks' coefficients are the frames applied to the parent's (`subspace.apply_frame`, float64,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -198,19 +201,22 @@ def validate(state: SubspaceState) -> None:
             if state.tasks and not torch.isfinite(_stacked([t.coefs[layer][side] for t in state.tasks])).all():
                 bad = next(t.name for t in state.tasks if not torch.isfinite(t.coefs[layer][side]).all())
                 raise VersionError(f"task {bad}, layer {layer}: non-finite coefficients")
+    layers = set(state.bases)
     for t in state.tasks:
-        extra_layers = set(t.coefs) - set(state.bases)
-        if extra_layers:
-            raise VersionError(f"task {t.name}: coefficients for unknown layers {sorted(extra_layers)}")
-        for key, h in t.heads.items():
-            if not torch.isfinite(h).all():
-                raise VersionError(f"task {t.name}: head tensor {key} is not finite")
+        if t.coefs.keys() != layers:
+            raise VersionError(f"task {t.name}: coefficients for unknown layers {sorted(set(t.coefs) - layers)}")
+    heads = [h.reshape(-1) for t in state.tasks for h in t.heads.values()]
+    if heads and not torch.isfinite(torch.cat(heads)).all():  # one check for every head, then find the culprit
+        for t in state.tasks:
+            for key, h in t.heads.items():
+                if not torch.isfinite(h).all():
+                    raise VersionError(f"task {t.name}: head tensor {key} is not finite")
 
 
 def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
     """Snapshot or delta: a delta needs the merge's frames, computed against the parent version
     that sits beside `path` with exactly the content hash the frames were computed from."""
-    snapshot = {"kind": "snapshot", "chain": [], "stored_tasks": state.task_names}
+    snapshot = {"kind": "snapshot", "layout": "stacked", "chain": [], "stored_tasks": state.task_names}
     d = state.delta
     if d is None or state.parent is None or d.base_hash is None:
         return snapshot
@@ -230,6 +236,7 @@ def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
         return snapshot
     return {
         "kind": "delta",
+        "layout": "stacked",
         "chain": chain,
         "parent_content_hash": d.base_hash,
         "stored_tasks": state.task_names[d.n_old :],
@@ -263,13 +270,15 @@ def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COM
                 basis[f"{layer}.frame_a"] = fa.detach().cpu().double().contiguous()
         save_file(basis, tmp / "basis.safetensors")
         tensors = {}
-        for name in plan["stored_tasks"]:
-            t = state.task(name)
-            for layer, (eb, ea) in t.coefs.items():
-                tensors[f"{name}/coef_b.{layer}"] = eb.detach().cpu().contiguous()
-                tensors[f"{name}/coef_a.{layer}"] = ea.detach().cpu().contiguous()
+        by_name = {t.name: t for t in state.tasks}
+        stored = [by_name[name] for name in plan["stored_tasks"]]
+        if stored:  # the stored tasks' coefficients side by side, one tensor per layer and side
+            for layer in state.bases:
+                for i, s in enumerate("ba"):
+                    tensors[f"coef_{s}.{layer}"] = torch.cat([t.coefs[layer][i].detach().cpu() for t in stored], 1)
+        for t in stored:
             for key, h in t.heads.items():
-                tensors[f"{name}/head.{key}"] = h.detach().cpu().contiguous()
+                tensors[f"{t.name}/head.{key}"] = h.detach().cpu().contiguous()
         save_file(tensors, tmp / "tasks.safetensors")
         files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
         manifest = _manifest(state, files, plan)
@@ -302,11 +311,55 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view into one buffer read at once: O(bytes) plus a
+    few microseconds per tensor (safetensors' own loader costs ~60 µs per tensor, which a
+    thousand tasks' coefficients turn into seconds). The header is checked as strictly as the
+    library does (known dtypes, shapes matching byte ranges that tile the data); anything else
+    falls back to the library, which raises on a corrupt file."""
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise VersionError(f"{path}: unreadable safetensors ({e})") from None
+    try:
+        return _parse_safetensors(raw)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise VersionError(f"{path}: unreadable safetensors ({e})") from None
+
+
+def _parse_safetensors(raw: bytes) -> dict[str, torch.Tensor]:
+    n = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 + n:
+        raise ValueError("header longer than the file")
+    header = json.loads(raw[8 : 8 + n].decode())
+    header.pop("__metadata__", None)
+    data = bytearray(raw[8 + n :])  # one writable copy: the tensors are views into it
+    buf = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    out, spans = {}, []
+    for key, info in header.items():
+        dtype = _DTYPES[info["dtype"]]
+        shape = [int(x) for x in info["shape"]]
+        start, stop = (int(x) for x in info["data_offsets"])
+        count = math.prod(shape)
+        if not 0 <= start <= stop <= len(data) or stop - start != count * dtype.itemsize:
+            raise ValueError(f"{key}: byte range does not match its shape")
+        spans.append((start, stop))
+        out[key] = buf[start:stop].view(dtype).view(shape) if count else torch.zeros(shape, dtype=dtype)
+    spans.sort()
+    pos = 0
+    for start, stop in spans:
+        if start != pos:
+            raise ValueError("tensors overlap or leave gaps")
+        pos = stop
+    if pos != len(data):
+        raise ValueError("trailing bytes after the tensors")
+    return out
 
 
 def _get(tensors: dict, key: str, where: str) -> torch.Tensor:
@@ -356,7 +409,7 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
         old = [t["name"] for t in parent.manifest["tasks"]]
         if names != old + new:
             raise VersionError(f"{path}: tasks {names} are not the parent's {old} followed by the stored {new}")
-        coefs = {
+        prefix = {
             layer: [
                 apply_frame(_get(basis, f"{layer}.frame_{s}", "basis.safetensors"), parent.coefs[layer][i])
                 for i, s in enumerate("ba")
@@ -367,19 +420,36 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
     else:
         if new != names:
             raise VersionError(f"{path}: a snapshot must store every task")
-        coefs = {
-            layer: [torch.zeros(bases[layer][0].shape[1], 0), torch.zeros(bases[layer][1].shape[1], 0)]
-            for layer in m["layers"]
-        }
+        prefix = {layer: [None, None] for layer in m["layers"]}
         heads = {}
+    # One pass over the stored keys files every head under its task; every layer and side is then
+    # assembled with one concatenation (the parent's framed block first): O(stored tensors), not
+    # one growing copy per task and one scan of every key per task.
+    stored_heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in stored.items():
+        task, sep, rest = key.partition("/")
+        if sep and rest.startswith("head."):
+            stored_heads.setdefault(task, {})[rest[len("head.") :]] = value
     for name in new:
         check_task_name(name)
-        where = f"tasks.safetensors ({name})"
-        for layer in m["layers"]:
-            for i, s in enumerate("ba"):
-                coefs[layer][i] = torch.cat([coefs[layer][i], _get(stored, f"{name}/coef_{s}.{layer}", where)], 1)
-        prefix = f"{name}/head."
-        heads[name] = {k[len(prefix) :]: v for k, v in stored.items() if k.startswith(prefix)}
+        heads[name] = stored_heads.get(name, {})
+    stacked = storage.get("layout") == "stacked"  # else (older versions) one tensor per task, layer and side
+    coefs = {}
+    for layer in m["layers"]:
+        coefs[layer] = []
+        for i, s in enumerate("ba"):
+            parts = [] if prefix[layer][i] is None else [prefix[layer][i]]
+            if stacked and new:
+                parts.append(_get(stored, f"coef_{s}.{layer}", "tasks.safetensors"))
+            elif not stacked:
+                parts += [_get(stored, f"{name}/coef_{s}.{layer}", f"tasks.safetensors ({name})") for name in new]
+            if not parts:
+                coefs[layer].append(torch.zeros(bases[layer][i].shape[1], 0))
+            else:
+                try:
+                    coefs[layer].append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+                except RuntimeError as e:
+                    raise VersionError(f"{path}: layer {layer}: coefficients do not line up ({e})") from None
     return _Stacked(m, bases, coefs, heads)
 
 

@@ -71,3 +71,53 @@ def test_bytes_written_per_version_do_not_grow_with_tasks(tmp_path):
     size = lambda v: sum(f.stat().st_size for f in (vdir / v).glob("*.safetensors"))  # noqa: E731
     # with k saturated (k_max=6), versions 3..9 differ only by the task count
     assert size("v0009") <= size("v0003") * 1.05
+
+
+def _legacy(vdir, version: str) -> None:
+    """Rewrite a stored version in the per-task layout older versions used ("<task>/coef_b.<layer>"),
+    its manifest re-hashed as such a version's was."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = vdir / version
+    m = json.loads((path / "manifest.json").read_text())
+    stored = load_file(path / "tasks.safetensors")
+    widths = {t["name"]: t["rank"] for t in m["tasks"]}
+    names = m["storage"]["stored_tasks"]
+    legacy = {k: v for k, v in stored.items() if "/head." in k}
+    for key in [k for k in stored if k.startswith("coef_")]:
+        side, layer = key.split(".", 1)
+        for name, block in zip(names, torch.split(stored[key], [widths[n] for n in names], 1)):
+            legacy[f"{name}/{side}.{layer}"] = block.contiguous()
+    save_file(legacy, path / "tasks.safetensors")
+    del m["storage"]["layout"], m["content_hash"]
+    m["files"]["tasks.safetensors"] = hashlib.sha256((path / "tasks.safetensors").read_bytes()).hexdigest()
+    m["content_hash"] = hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_stacked_layout_one_tensor_per_layer_and_side_and_older_layout_still_loads(tmp_path):
+    """A version stores its tasks' coefficients side by side (one tensor per layer and side, so a
+    load concatenates once per layer, not once per task); a version written per task still loads
+    bit-exactly."""
+    from safetensors import safe_open
+
+    vdir, memory = _chain(tmp_path, 3, compact_every=8)
+    with safe_open(vdir / "v0001" / "tasks.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if "/coef_" in k] and [k for k in keys if k.startswith("coef_b.")]
+    _legacy(vdir, "v0001")
+    assert st.state_sha256(st.load(vdir / "v0001")) == memory["v0001"]
+
+
+def test_a_corrupt_tensor_file_is_refused(tmp_path):
+    vdir, _ = _chain(tmp_path, 2, compact_every=8)
+    f = vdir / "v0001" / "tasks.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) - 8])
+    with pytest.raises(st.VersionError, match="sha256"):
+        st.load(vdir / "v0001")
+    with pytest.raises(st.VersionError, match="unreadable"):
+        st._load_tensors(f)
