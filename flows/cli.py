@@ -643,6 +643,9 @@ stack_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 DATA_DIR = typer.Option(Path(".share-stack"), help="where the stack keeps its data, logs and pids")
+S3_PORT = typer.Option(None, help="S3 port (default: the data dir's last `up`, else 9100)")
+MLFLOW_PORT = typer.Option(None, help="MLflow port (default: the data dir's last `up`, else 5000)")
+PREFECT_PORT = typer.Option(None, help="Prefect port (default: the data dir's last `up`, else 4200)")
 
 
 def _stack_table(cfg) -> Table:
@@ -657,14 +660,19 @@ def _stack_table(cfg) -> Table:
 
 
 @stack_app.command("up")
-def stack_up(data_dir: Path = DATA_DIR) -> None:
+def stack_up(
+    data_dir: Path = DATA_DIR,
+    s3_port: int | None = S3_PORT,
+    mlflow_port: int | None = MLFLOW_PORT,
+    prefect_port: int | None = PREFECT_PORT,
+) -> None:
     """Start the stack (what is not running yet) and wait until it is healthy.
 
     stdout gets only `export KEY=value` lines, so `eval "$(share stack up)"` configures the
     shell; progress and the status table go to stderr."""
     from infra import stack
 
-    cfg = stack.StackConfig(data_dir=data_dir)
+    cfg = stack.config(data_dir, s3_port=s3_port, mlflow_port=mlflow_port, prefect_port=prefect_port)
     err = Console(stderr=True)
     err.print(f"starting the local stack in {cfg.data_dir} (up to a minute the first time) …")
     stack.up(cfg)
@@ -681,7 +689,7 @@ def stack_env(data_dir: Path = DATA_DIR) -> None:
     are shell-quoted. A note on stderr says when the stack is not running."""
     from infra import stack
 
-    cfg = stack.StackConfig(data_dir=data_dir)
+    cfg = stack.config(data_dir)
     typer.echo(stack.shell_exports(cfg), nl=False)
     down = [name for name, s in stack.status(cfg).items() if not s["healthy"]]
     if down:
@@ -693,7 +701,7 @@ def stack_down(data_dir: Path = DATA_DIR) -> None:
     """Stop every service of the stack (what it stores stays in --data-dir for the next `up`)."""
     from infra import stack
 
-    stack.down(stack.StackConfig(data_dir=data_dir))
+    stack.down(stack.config(data_dir))
     console.print("stack stopped")
 
 
@@ -702,7 +710,7 @@ def stack_status(data_dir: Path = DATA_DIR) -> None:
     """Each service's pid, whether it runs and answers its health check, and its URL."""
     from infra import stack
 
-    console.print(_stack_table(stack.StackConfig(data_dir=data_dir)))
+    console.print(_stack_table(stack.config(data_dir)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ S3 buckets (`s3/buckets/`, written through by `infra/s3_server.py` before each r
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 HOST = "127.0.0.1"  # loopback only: the stack has no authentication
 # moto accepts any credentials; these dummies keep real ones from ever reaching it.
 S3_SERVER = Path(__file__).with_name("s3_server.py")
+STATE_FILE = "stack.json"  # the ports and bucket of the last `up`, read by `config`
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -70,6 +72,20 @@ class _Service:
     argv: list[str]
     env: dict[str, str]
     marker: str  # a word of its command line: tells our process from a recycled pid
+
+
+def config(data_dir: Path = Path(".share-stack"), **ports: int | None) -> StackConfig:
+    """The stack of `data_dir`: ports given here win, else those its last `up` recorded in
+    `<data_dir>/stack.json`, else the defaults (so `env`/`down`/`status` find a stack started on
+    other ports)."""
+    data_dir = Path(data_dir).expanduser().resolve()
+    try:
+        saved = json.loads((data_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        saved = {}
+    fields = ("s3_port", "mlflow_port", "prefect_port", "bucket")
+    chosen = {k: v for k, v in {**{k: saved.get(k) for k in fields}, **ports}.items() if v is not None}
+    return StackConfig(data_dir=data_dir, **chosen)
 
 
 def env(cfg: StackConfig) -> dict[str, str]:
@@ -281,6 +297,8 @@ def up(cfg: StackConfig) -> None:
     If one fails, stop what this call started and raise StackError naming its log."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     services = {s.name: s for s in _services(cfg)}
+    state = {"s3_port": cfg.s3_port, "mlflow_port": cfg.mlflow_port, "prefect_port": cfg.prefect_port}
+    (cfg.data_dir / STATE_FILE).write_text(json.dumps({**state, "bucket": cfg.bucket}) + "\n")
     todo = [s for s in services.values() if _read_pid(cfg, s) is None]
     busy = [f"{s.name} ({HOST}:{s.port})" for s in todo if not _port_free(s.port)]
     if busy:  # checked before starting anything: a foreign server would pass our health checks

@@ -447,3 +447,27 @@ def test_a_serve_made_workspace_gets_a_dvc_remote_beside_the_landings(tmp_path):
         "s3://share/tasks/dvcstore",
         "http://127.0.0.1:9100",
     )
+
+
+def test_stack_ports_are_options_and_remembered_by_the_data_dir(tmp_path, monkeypatch):
+    """`share stack up --s3-port …` records its ports in the data dir: `env`/`down`/`status`
+    of that data dir use them without the flags (a stack on free ports is still one command)."""
+    started = []
+    monkeypatch.setattr(stack, "up", started.append)
+    monkeypatch.setattr(stack, "status", lambda cfg: {})
+    d = tmp_path / "stack"
+    r = invoke(
+        ["stack", "up", "--data-dir", str(d), "--s3-port", "9911", "--mlflow-port", "9912", "--prefect-port", "9913"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (started[0].s3_port, started[0].mlflow_port, started[0].prefect_port) == (9911, 9912, 9913)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / stack.STATE_FILE).write_text('{"s3_port": 9911, "mlflow_port": 9912, "prefect_port": 9913, "bucket": "share"}')
+    r = invoke(["stack", "env", "--data-dir", str(d)])
+    out = bash_eval(r.stdout, ["MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL"])
+    assert out == {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9912",
+        "PREFECT_API_URL": "http://127.0.0.1:9913/api",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9911",
+    }
+    assert stack.config(d, mlflow_port=9000).mlflow_port == 9000  # a flag wins over the record
