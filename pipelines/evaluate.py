@@ -24,7 +24,6 @@ Cost follows the work, not the history (DESIGN §8):
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import threading
@@ -94,15 +93,47 @@ SCORING = (
 )  # a mixed batch sets per-row task ids on the cached model's layers: one scoring at a time per process
 
 
-@functools.lru_cache(maxsize=1)
+_LOADED: dict[tuple[str, str, str], tuple] = {}  # one entry: the version this process scored or built last
+_LOADED_LOCK = threading.Lock()
+_LOAD_COUNT = [0]
+
+
 def loaded(root: str, version: str, content_hash: str):
     """(ShareModel, tokenizer, params) of one version, loaded once per process (a worker keeps
-    the last version it scored; content_hash makes a rebuilt version a new key)."""
-    ws = Workspace(Path(root))
-    params = load_params(ws.params_path)
-    model, tok = load_base(params.base, params.train.seed)
-    share = ShareModel(model, st.load(ws.version_dir(version))).eval()
-    return share, tok, params
+    the last version it scored; content_hash makes a rebuilt version a new key). A process that
+    has just built the version (`seed_loaded`, from `pipelines.update.build_version`) hands its
+    model over instead, so a landing loads its version once: the build loads the parent, the
+    evaluation reuses what the build made."""
+    key = (str(root), version, content_hash)
+    with _LOADED_LOCK:
+        hit = _LOADED.get(key)
+        if hit is not None:
+            return hit
+        ws = Workspace(Path(root))
+        params = load_params(ws.params_path)
+        model, tok = load_base(params.base, params.train.seed)
+        share = ShareModel(model, st.load(ws.version_dir(version))).eval()
+        _LOAD_COUNT[0] += 1
+        _LOADED.clear()
+        _LOADED[key] = (share, tok, params)
+        return _LOADED[key]
+
+
+def seed_loaded(root: str, version: str, content_hash: str, share: ShareModel, tok, params) -> None:
+    """Make `share` (a ShareModel whose state was just saved as `version` with `content_hash`)
+    what `loaded` returns for that key: no second load of the version in this process."""
+    if share.state.content_hash != content_hash:
+        raise ValueError(f"{version}: the model's state is {share.state.content_hash}, not {content_hash}")
+    share.activate(None)
+    share.eval()
+    with _LOADED_LOCK:
+        _LOADED.clear()
+        _LOADED[(str(root), version, content_hash)] = (share, tok, params)
+
+
+def loads() -> int:
+    """How many versions this process loaded from disk for evaluation (a counter for tests and benchmarks)."""
+    return _LOAD_COUNT[0]
 
 
 def eval_data(ws: Workspace, entry: dict) -> TaskData | None:

@@ -22,8 +22,9 @@ from share_core.model import ShareModel
 from share_core.peft_io import read_adapter
 from share_core.taskdata import data_hash, load_task, read_task_spec
 
+from . import evaluate
 from .params import Params, load_params
-from .workspace import Workspace
+from .workspace import VERSION_ID, Workspace
 
 
 def landing_hash(landing: Path, kind: str) -> str:
@@ -94,7 +95,10 @@ def build_version(
             k: v for k, v in accounting(share.state).items() if k != "k"
         },  # what MLflow logs, without a reload
     }
-    st.save(share.state, out, params.subspace.compact_every)
+    content_hash = st.save(share.state, out, params.subspace.compact_every)
+    if VERSION_ID.match(out.name) and (out.parent.parent / "params.yaml").is_file():
+        # in a workspace: this process's evaluation of the version reuses this model (no second load)
+        evaluate.seed_loaded(str(out.parent.parent), out.name, content_hash, share, tok, params)
     return st.read_manifest(out)
 
 

@@ -148,3 +148,18 @@ def test_a_finetuned_task_is_rescored_once_and_the_others_keep_their_certificate
     build(ws, "v0003", "v0002", ["t2"])  # inside the shared subspace: nothing old moves
     p = ev.plan(ws, "v0003", params.evaluate)
     assert p["score"] == ["t2"] and sorted(p["certified"]) == ["t0", "t1"]
+
+
+def test_a_landing_loads_its_version_once(ws, tiny_model_dir):
+    """build_version hands the model it built to this process's evaluation: evaluating the new
+    version loads nothing more, and scores exactly what a fresh load of the stored version scores."""
+    build(ws, "v0001", None, ["t0", "t1"])
+    before = ev.loads()
+    r1 = ev.evaluate_version(ws, "v0001")
+    assert ev.loads() == before  # the built model, not a second load
+    ev._LOADED.clear()  # another process: loads the stored version
+    fresh = ev.score_tasks(ws, "v0001", ["t0", "t1"])
+    assert ev.loads() == before + 1
+    assert {r["task"]: (r["score"], r["margin"]) for r in fresh} == {
+        t: (r1["results"][t]["score"], r1["results"][t]["margin"]) for t in ("t0", "t1")
+    }
