@@ -10,8 +10,8 @@ orthonormal basis that spans everything (a merge: QR of [basis, new directions];
 stack itself, or its QR when it is taller than wide), take the SVD of C through its small q×q
 Gram C Cᵀ (one symmetric eigendecomposition, batched over layers of equal shapes), and rotate
 (`_fold`). A merge never multiplies out the old tasks' coordinates: their Gram is P(E Eᵀ)Pᵀ and
-they move by a k'×k frame (`frame_product`, the same product a stored version replays with
-`apply_frame`). Per-task ΔW errors come from p×p Grams (`task_errors`), never from anything
+they move by a k'×k frame (`linalg.frame_product`, the same product a stored version replays with
+`apply_frame`). Per-task ΔW errors come from p×p Grams (`linalg.task_errors`), never from anything
 q×q per task. Nothing here is ever centred: for reconstruction an orthonormal basis of the
 uncentred stack is the Eckart–Young optimum, and centring would add a mean that every task's
 ΔW would have to carry.
@@ -19,14 +19,14 @@ uncentred stack is the Eckart–Young optimum, and centring would add a mean tha
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
 import torch
+
+from . import linalg
 
 
 @dataclass(frozen=True)
@@ -106,132 +106,13 @@ class Fold:
         return SideBySide(self.stacked_a, self.widths)
 
 
-def _rank_tol(q: int, eps: float) -> float:
-    return max(q * eps * 10, 10 * math.sqrt(q * torch.finfo(torch.float64).eps))
-
-
-def numerical_rank(s: torch.Tensor, eps: float, q: int | None = None) -> int:
-    """Rank from the leading singular values s (descending) of q (default: all of them given)
-    of data stored with machine epsilon `eps`.
-
-    Float32 factors carry ~1e-7 relative noise: directions below that level are not signal.
-    Singular values taken from a float64 Gram's eigenvalues (`_gram_eig`) are resolved only down
-    to ~√(q·ε₆₄)·s₁, so that is the floor (it binds for float64 factors only: float32 noise is
-    far above it).
-    """
-    if s.numel() == 0 or s[0] <= 0:
-        return 0
-    return int((s > s[0] * _rank_tol(q or s.numel(), eps)).sum())
-
-
-def _ranks(s: torch.Tensor, eps: float, q: int) -> list[int]:
-    """`numerical_rank` of every row of s (L×ℓ, the leading singular values of q), in one pass."""
-    return torch.where(s[:, :1] > 0, (s > s[:, :1] * _rank_tol(q, eps)).sum(-1, keepdim=True), 0)[:, 0].tolist()
-
-
 def _energy_k(s: torch.Tensor, rank: int, energy: float, total: float) -> int:
     """Smallest k whose leading singular energy is ≥ `energy` of the stack's `total` ‖C‖²_F."""
     cum = s[:rank].pow(2).cumsum(0)
     return min(int((cum / total < energy - 1e-12).sum()) + 1, rank)
 
 
-def frame_product(frame: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """frame · E in float64 (frame: k'×k float64; stacked: k×Σp, tasks side by side).
-
-    The one product behind `apply_frame` and a merge's old-task coefficients, so that a merge
-    and a later load of its stored frame give the same bits.
-    """
-    return frame @ stacked.double()
-
-
-def _by_task(rows: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """Per-task blocks of rows (…×r×Σp, task j's p_j columns in order) as …×T×r×P, zero-padded to
-    P = max p_j. Zero columns add nothing to a task's ΔW, so padding changes no norm."""
-    width = max(widths)
-    if all(w == width for w in widths):  # the usual case: one rank for every task, a view
-        return rows.unflatten(-1, (len(widths), width)).movedim(-2, -3)
-    out = rows.new_zeros(*rows.shape[:-2], len(widths), rows.shape[-2], width)
-    for j, block in enumerate(torch.split(rows, widths, dim=-1)):
-        out[..., j, :, : block.shape[-1]] = block
-    return out
-
-
-def task_grams(*rows: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    """Per-task Grams XⱼᵀXⱼ (T×P×P) of each of some row blocks X (r×Σp, every task's columns
-    side by side) of the tasks' coordinates, from one task-major copy of all the blocks (and one
-    batched matmul per block). Zero rows (r = 0) give exact zeros."""
-    width, cuts = max(widths), [0]
-    for x in rows:
-        cuts.append(cuts[-1] + x.shape[0])
-    if len(set(widths)) == 1:  # one rank for every task: tasks are P×Σr blocks of the transpose
-        x = torch.cat([x.mT for x in rows], -1).unflatten(0, (len(widths), width))
-    else:
-        x = _by_task(torch.cat(rows, 0), widths).mT
-    return [x[..., a:b] @ x[..., a:b].mT for a, b in zip(cuts, cuts[1:])]
-
-
 CHUNK_BYTES = 3 << 20  # float64 columns a build reads at a time: its memory stays O(m·chunk)
-
-
-def _symmetric_gram(xt: torch.Tensor, blocks: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
-    """XᵀX (m×m) of a tall xt (N×m), computing only the lower block triangle (blocks×blocks of
-    column blocks, ~(b+1)/2b of the flops of a full product) and mirroring it, so the result is
-    exactly symmetric. With `out`, the lower block triangle is added to it in place and nothing
-    is mirrored (summing chunks of rows; `_mirror` finishes)."""
-    m = xt.shape[1]
-    g = xt.new_zeros(m, m) if out is None else out
-    if m < 64 * blocks:
-        return g.addmm_(xt.T, xt)
-    cuts = [m * i // blocks for i in range(blocks + 1)]
-    for a, b in zip(cuts, cuts[1:]):
-        g[a:b, :b].addmm_(xt[:, a:b].T, xt[:, :b])
-    return _mirror(g, cuts) if out is None else g
-
-
-def _mirror(g: torch.Tensor, cuts: list[int] | None = None) -> torch.Tensor:
-    """Copy the lower block triangle of g (column-block boundaries `cuts`) onto the upper one."""
-    m = g.shape[0]
-    cuts = cuts or [m * i // 4 for i in range(5)]
-    if m < 64 * (len(cuts) - 1):
-        return g
-    for a, b in zip(cuts, cuts[1:]):
-        g[:a, a:b] = g[a:b, :a].T
-    return g
-
-
-def _task_major_grams(xt: torch.Tensor, widths: list[int], split: int | None = None):
-    """Per-task Grams (T×P×P) of rows X given as Xᵀ (Σp×r, task-major): no copy when every task
-    has the same rank. With `split`, the Grams of rows :split and split: (a pair)."""
-    if len(set(widths)) == 1:
-        x = xt.unflatten(0, (len(widths), widths[0]))
-        if split is None:
-            return x @ x.mT
-        return x[..., :split] @ x[..., :split].mT, x[..., split:] @ x[..., split:].mT
-    if split is None:
-        return task_grams(xt.T, widths=widths)[0]
-    return tuple(task_grams(xt[:, :split].T, xt[:, split:].T, widths=widths))
-
-
-def task_errors(gk_b: torch.Tensor, gd_b: torch.Tensor, gk_a: torch.Tensor, gd_a: torch.Tensor) -> torch.Tensor:
-    """Relative ΔW error per task (…×T) of truncating every task's coordinates C_B (q_B×p),
-    C_A (q_A×p) in the singular bases to their first (k_B, k_A) rows, from p×p Grams only:
-    gk_* = G(C[:k]), gd_* = G(C[k:]) with G(X) = XᵀX (…×T×P×P).
-
-    With orthonormal bases ‖β M αᵀ‖_F = ‖M‖_F for M = C_B C_Aᵀ; truncation keeps M[:k_B, :k_A],
-    so the squared error is the dropped entries' ‖C_B[k_B:] C_Aᵀ‖² + ‖C_B[:k_B] C_A[k_A:]ᵀ‖²
-    = tr(G(C_B[k_B:]) G(C_A)) + tr(G(C_B[:k_B]) G(C_A[k_A:])): two traces of products of PSD
-    matrices, each ≥ 0, and G(C_A) = G(C_A[:k_A]) + G(C_A[k_A:]) is a sum of PSD parts; ‖M‖²
-    adds the kept block's tr(G(C_B[:k_B]) G(C_A[:k_A])) ≥ 0. Nothing cancels (‖M‖² − ‖kept‖²
-    would, to ~1e-8 where the error is 0). Cost O(T·p²), never anything T×q×q.
-    """
-    g_a = gk_a + gd_a
-    dropped_b = (gd_b * g_a).sum((-2, -1))  # ‖C_B[k:] C_Aᵀ‖²
-    dropped_a = (gk_b * gd_a).sum((-2, -1))  # ‖C_B[:k] C_A[k:]ᵀ‖²
-    kept = (gk_b * gk_a).sum((-2, -1))  # ‖C_B[:k] C_A[:k]ᵀ‖²
-    dropped = (dropped_b + dropped_a).clamp_min(0)
-    total = (dropped + kept.clamp_min(0)).sqrt()
-    dropped = dropped.sqrt()
-    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(total.dtype).tiny), dropped)
 
 
 def choose_k(
@@ -249,7 +130,7 @@ def choose_k(
     errors_at(cap_b, cap_a) → errors(k_B, k_A): the per-task errors (T) for any k ≤ cap, needed
     only by an error budget (cumulative p×p Grams, see `_error_curve`: each step is O(T·p²)).
     """
-    rank_b, rank_a = ranks or (numerical_rank(s_b, eps), numerical_rank(s_a, eps))
+    rank_b, rank_a = ranks or (linalg.numerical_rank(s_b, eps), linalg.numerical_rank(s_a, eps))
     if rank_b == 0 or rank_a == 0:
         raise ValueError("the stacked factors are all zero: there is no subspace to keep")
     cap_b, cap_a = min(policy.k_max, rank_b), min(policy.k_max, rank_a)
@@ -266,111 +147,6 @@ def choose_k(
                 break
             kb, ka = min(kb + 1, cap_b), min(ka + 1, cap_a)
     return min(kb, cap_b), min(ka, cap_a)
-
-
-def _gram_eig(gram: torch.Tensor, want: int, partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors (…×q×ℓ, descending) and singular values (…×ℓ) of coordinates C from
-    their Gram C Cᵀ (…×q×q, float64): a symmetric eigendecomposition of a q×q matrix, batched,
-    with ℓ = q; or, for one large Gram and when the caller can do with them (`partial`), the
-    leading ℓ ≥ `want` pairs when `_top_eig` certifies them. The vectors are as accurate as an SVD's
-    where it matters (ε·s₁²/gap); singular values
-    are resolved down to ~√(q·ε)·s₁, which `numerical_rank` takes as its floor."""
-    q = gram.shape[-1]
-    if partial and gram.shape[0] == 1 and q >= TOP_EIG_MIN_Q and q >= 4 * (want + _extra(want)):
-        top = _top_eig(gram[0], want)
-        if top is not None:
-            return top[0].unsqueeze(0), top[1].unsqueeze(0)
-    lam, v = torch.linalg.eigh(gram)
-    return v.flip(-1), lam.flip(-1).clamp_min(0).sqrt()
-
-
-TOP_EIG_MIN_Q = 128  # below this a full eigendecomposition costs about as little as the iteration
-TOP_EIG_ITERATIONS = 10
-
-
-def _extra(want: int) -> int:
-    return max(16, want)
-
-
-TOP_EIG_TOL = 1e-10  # residual ‖G u − θ u‖ / θ₁ of a certified pair
-
-
-def _top_eig(gram: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The leading ℓ = want + max(16, want) eigenpairs of a PSD q×q `gram` (float64) by
-    subspace iteration with Rayleigh–Ritz, or None when they are not certified within
-    TOP_EIG_ITERATIONS steps (the caller then takes the full eigendecomposition).
-
-    Each step costs O(q²·ℓ) instead of a full eigendecomposition's O(q³) (with a slow
-    tridiagonal reduction); a spectrum with a gap after the wanted pairs (shared low-rank
-    structure plus noise) converges in a few steps. Certified means: (1) every wanted pair's
-    residual ‖G u − θ u‖ ≤ TOP_EIG_TOL·θ₁ (1e-10), so the kept subspace is exact to
-    ~1e-10·θ₁/gap (orders below the 6e-8 that float32 bases and coefficients store; ΔW errors
-    move by its square) and the values, which converge with the square of the residual, to
-    rounding; and (2) no eigenvector the block missed can carry an eigenvalue above the last
-    wanted one: ‖G‖²_F − Σ θ² (≥ the energy outside the block) < θ_want². The start is a fixed
-    pseudo-random block, so the result is a deterministic function of the Gram.
-    """
-    q, width = gram.shape[0], min(gram.shape[0], want + _extra(want))
-    x = torch.linalg.qr(gram @ _start_block(q, width, gram.dtype))[0]
-    frob2, tiny = float(torch.linalg.vector_norm(gram)) ** 2, torch.finfo(gram.dtype).tiny
-    if frob2 == 0:  # nothing to find (the caller's full eigendecomposition reports rank 0)
-        return None
-    last = None
-    for step in range(TOP_EIG_ITERATIONS):
-        y = gram @ x
-        theta, w = torch.linalg.eigh(x.T @ y)
-        theta, w = theta.flip(0).clamp_min(0), w.flip(1)
-        u, gu = x @ w, y @ w
-        residual = float((gu[:, :want] - u[:, :want] * theta[:want]).norm(dim=0).max()) / max(float(theta[0]), tiny)
-        if residual <= TOP_EIG_TOL and frob2 - float(theta.pow(2).sum()) < float(theta[want - 1]) ** 2:
-            return u, theta.sqrt()
-        if (
-            last is not None and residual > TOP_EIG_TOL
-        ):  # give up early when the convergence rate cannot get there in time
-            rate = residual / last if last > 0 else math.inf
-            if rate >= 1 or math.log(TOP_EIG_TOL / residual) / math.log(rate) > TOP_EIG_ITERATIONS - step - 1:
-                return None
-        last = residual
-        x = _orthonormal_columns(gu / theta.clamp_min(theta[0] * 1e-8))
-    return None
-
-
-_STARTS: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
-
-
-def _start_block(q: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """A fixed pseudo-random q×width start block (seed 0), made once per shape."""
-    key = (q, width, dtype)
-    if key not in _STARTS:
-        _STARTS[key] = torch.randn(q, width, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    return _STARTS[key]
-
-
-def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of y's columns (q×ℓ): CholeskyQR twice (two small Grams, two
-    triangular solves) when y is well conditioned, as G·U scaled by the Ritz values is near
-    convergence; Householder QR when a Cholesky factor fails."""
-    for _ in range(2):
-        chol, info = torch.linalg.cholesky_ex(y.T @ y)
-        if int(info) != 0:
-            return torch.linalg.qr(y)[0]
-        y = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)  # y·L⁻ᵀ with yᵀy = L·Lᵀ
-    return y
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(slot: int, rows: int, cols: int) -> torch.Tensor:
-    """A rows×cols float64 work matrix, reused across calls by this thread (slot 0 or 1): a
-    build's chunks would otherwise be fresh multi-MB tensors, each costing a page fault per
-    4 KiB every time."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
-    if bufs[slot].numel() < rows * cols:
-        bufs[slot] = torch.empty(rows * cols, dtype=torch.float64)
-    return bufs[slot][: rows * cols].view(rows, cols)
 
 
 class _Side:
@@ -405,10 +181,10 @@ class _Side:
             for layer in range(len(self.c)):
                 g = None
                 for _, chunk in self._chunks(layer):
-                    g = _symmetric_gram(
+                    g = linalg.symmetric_gram(
                         chunk.T, out=g if g is not None else chunk.new_zeros(chunk.shape[0], chunk.shape[0])
                     )
-                grams.append(_mirror(g))
+                grams.append(linalg.mirror(g))
             return torch.stack(grams) if len(grams) > 1 else grams[0].unsqueeze(0)
         g = self.c_new @ self.c_new.mT if self.c_new is not None else 0
         if self.e is not None:
@@ -431,7 +207,7 @@ class _Side:
         or old tasks, new tasks), per-task G(C[:k]) and G(C[k:]) (T×P×P)).
 
         For a merge the frame u_kᵀP (k×k_old) moves the old coefficients, with `exact` through
-        `frame_product` (bit-identical to `apply_frame` on the stored frame); the dropped rows
+        `linalg.frame_product` (bit-identical to `apply_frame` on the stored frame); the dropped rows
         are u[:, k:]ᵀC. In a build whose dropped rows outnumber the kept ones, G(C[k:]) is the
         Gram of the residual C − u_k·kept instead (the same, since u is orthogonal, at O(q·k·Σp)
         rather than O(q²·Σp)), a chunk of tasks at a time."""
@@ -445,18 +221,18 @@ class _Side:
                     start = 0
                     for a in range(0, len(widths), 32):
                         stop = start + sum(widths[a : a + 32])
-                        residual = _scratch(1, stop - start, chunk.shape[0])
+                        residual = linalg.scratch(1, stop - start, chunk.shape[0])
                         torch.addmm(chunk[:, start:stop].T, part[:, start:stop].T, uk.T, alpha=-1, out=residual)
-                        dropped.append(_task_major_grams(residual, widths[a : a + 32]))
+                        dropped.append(linalg.task_major_grams(residual, widths[a : a + 32]))
                         start = stop
                 else:
-                    dropped.append(_task_major_grams(chunk.T @ u[:, k:], widths))
+                    dropped.append(linalg.task_major_grams(chunk.T @ u[:, k:], widths))
                 rows.append(part)
             kept = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
             return (
                 None,
                 [kept],
-                _task_major_grams(kept.T, self.widths),
+                linalg.task_major_grams(kept.T, self.widths),
                 torch.cat(dropped, 0) if len(dropped) > 1 else dropped[0],
             )
         rotated, new = prepared
@@ -464,14 +240,14 @@ class _Side:
         rows_t = u.new_empty(sum(self.widths), u.shape[0])  # every task's rotated rows, task-major: [kept | dropped]
         n_old = sum(self.parts[0]) if self.e is not None else 0
         if self.e is not None:
-            rows = frame_product(frame, self.e[layer]) if exact else frame @ self.e[layer]
+            rows = linalg.frame_product(frame, self.e[layer]) if exact else frame @ self.e[layer]
             rows_t[:n_old, :k] = rows.T
             rows_t[:n_old, k:] = (rotated[i, k:] @ self.e[layer]).T
             parts.append(rows)
         if new is not None:
             rows_t[n_old:] = new[i].T
             parts.append(new[i, :k])
-        gk, gd = _task_major_grams(rows_t, self.widths, k)
+        gk, gd = linalg.task_major_grams(rows_t, self.widths, k)
         return frame, parts, gk, gd
 
     def _chunks(self, layer: int):
@@ -481,7 +257,7 @@ class _Side:
         rows, total = cols[0].shape[0], sum(self.widths)
         count = max(1, -(-total * rows * 8 // CHUNK_BYTES))
         per = -(-total // count)  # balanced chunks of whole tasks
-        scratch = _scratch(0, rows, max(per, max(self.widths)) + max(self.widths))
+        scratch = linalg.scratch(0, rows, max(per, max(self.widths)) + max(self.widths))
         j = 0
         while j < len(cols):
             stop, width = j, 0
@@ -506,7 +282,7 @@ def _error_curve(side: _Side, u: torch.Tensor, layer: int, cap: int) -> tuple[to
     cap rows' outer products summed forwards and backwards (onto G(C[cap:])): sums of PSD
     matrices only, so every k's errors are exact without recomputing any coordinates."""
     _, kept, _, rest = side.split(u[layer], side.prepare(u[layer : layer + 1], [layer], cap), 0, layer, cap)
-    x = _by_task(torch.cat(kept, 1), side.widths)  # T×cap×P
+    x = linalg.by_task(torch.cat(kept, 1), side.widths)  # T×cap×P
     outer = x.unsqueeze(-1) * x.unsqueeze(-2)  # T×cap×P×P
     zero = torch.zeros_like(outer[:, :1])
     head = torch.cat([zero, outer.cumsum(1)], 1)
@@ -535,7 +311,7 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
     merge: nothing n×n or n×Σp is formed, and no step loops over tasks in Python."""
     gram_b, gram_a = side_b.gram(), side_a.gram()
     (u_b, s_b), (u_a, s_a) = (
-        _gram_eig(g, policy.k_max, partial=side.c is not None) for g, side in ((gram_b, side_b), (gram_a, side_a))
+        linalg.gram_eig(g, policy.k_max, partial=side.c is not None) for g, side in ((gram_b, side_b), (gram_a, side_a))
     )
     totals = list(
         zip(gram_b.diagonal(0, -2, -1).sum(-1).tolist(), gram_a.diagonal(0, -2, -1).sum(-1).tolist())
@@ -546,12 +322,12 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
     def errors_at(layer):
         def at(cap_b, cap_a):
             (hb, tb), (ha, ta) = _error_curve(side_b, u_b, layer, cap_b), _error_curve(side_a, u_a, layer, cap_a)
-            return lambda kb, ka: task_errors(hb[:, kb], tb[:, kb], ha[:, ka], ta[:, ka])
+            return lambda kb, ka: linalg.task_errors(hb[:, kb], tb[:, kb], ha[:, ka], ta[:, ka])
 
         return at
 
     groups: dict[tuple[int, int], list[int]] = {}
-    for layer, ranks in enumerate(zip(_ranks(s_b, eps, q_b), _ranks(s_a, eps, q_a))):
+    for layer, ranks in enumerate(zip(linalg.ranks(s_b, eps, q_b), linalg.ranks(s_a, eps, q_a))):
         groups.setdefault(
             choose_k(s_b[layer], s_a[layer], policy, eps, errors_at(layer), ranks, totals[layer]), []
         ).append(layer)
@@ -579,7 +355,7 @@ def _fold(side_b: _Side, side_a: _Side, policy: KPolicy, dtype: torch.dtype, mer
                 widths=side_b.widths,
                 singular_b=s_b[layer].to(dtype),
                 singular_a=s_a[layer].to(dtype),
-                errors=task_errors(gk_b, gd_b, gk_a, gd_a).tolist(),
+                errors=linalg.task_errors(gk_b, gd_b, gk_a, gd_a).tolist(),
                 rotation_b=rot_b,
                 rotation_a=rot_a,
                 frame_b=frame_b,
@@ -700,10 +476,10 @@ def apply_frame(
     what makes a version's state a deterministic function of its chain.
     """
     if isinstance(coefs, torch.Tensor):
-        return frame_product(frame, coefs).to(dtype)
+        return linalg.frame_product(frame, coefs).to(dtype)
     if not coefs:
         return []
-    out = frame_product(frame, torch.cat(coefs, 1)).to(dtype)
+    out = linalg.frame_product(frame, torch.cat(coefs, 1)).to(dtype)
     return list(torch.split(out, [c.shape[1] for c in coefs], dim=1))
 
 

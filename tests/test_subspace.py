@@ -4,6 +4,7 @@ low-rank subspace, with arbitrary per-task gauge (B G, G⁻¹ A) rotations."""
 import pytest
 import torch
 
+from share_core import linalg
 from share_core import subspace as S
 
 N, D, R = 96, 80, 4
@@ -194,9 +195,9 @@ def gram_errors(cb, ca, kb, ka):
     """task_errors on the same coordinates (q×Σp side by side, every task's P columns)."""
     stack = lambda c: c.transpose(0, 1).reshape(c.shape[1], -1)  # noqa: E731  T×q×P → q×T·P
     widths = [cb.shape[2]] * cb.shape[0]
-    gk_b, gd_b = S.task_grams(stack(cb)[:kb], stack(cb)[kb:], widths=widths)
-    gk_a, gd_a = S.task_grams(stack(ca)[:ka], stack(ca)[ka:], widths=widths)
-    return S.task_errors(gk_b, gd_b, gk_a, gd_a)
+    gk_b, gd_b = linalg.task_grams(stack(cb)[:kb], stack(cb)[kb:], widths=widths)
+    gk_a, gd_a = linalg.task_grams(stack(ca)[:ka], stack(ca)[ka:], widths=widths)
+    return linalg.task_errors(gk_b, gd_b, gk_a, gd_a)
 
 
 def singular_coordinates(T=12, q_b=20, q_a=18, p=R, seed=11):
@@ -337,18 +338,18 @@ def wide_stack(m, T, k0, noise, seed):
 )
 def test_build_of_a_wide_stack_equals_the_full_eigendecomposition(noise, policy, monkeypatch):
     fb, fa = wide_stack(160, 60, 12, noise, 50), wide_stack(150, 60, 12, noise, 51)
-    certified, top_eig = [], S._top_eig
+    certified, top_eig = [], linalg.top_eig
 
     def spy(gram, want):
         pairs = top_eig(gram, want)
         certified.append(pairs is not None)
         return pairs
 
-    monkeypatch.setattr(S, "_top_eig", spy)
+    monkeypatch.setattr(linalg, "top_eig", spy)
     fast = S.build(fb, fa, policy)
     # the fast path really ran: certified where the spectrum has a gap, a fallback where it is flat
     assert certified == [noise < 0.1, noise < 0.1]
-    monkeypatch.setattr(S, "TOP_EIG_MIN_Q", 10**9)
+    monkeypatch.setattr(linalg, "TOP_EIG_MIN_Q", 10**9)
     full = S.build(fb, fa, policy)
     k = full.basis_b.shape[1]
     assert fast.basis_b.shape[1] == k and fast.basis_a.shape[1] == full.basis_a.shape[1]
