@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY=PASSIVE
 # pip on these machines warns about every missing local mirror folder; keep the log readable
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# the edit loop: unit tests of the method and the steps, no servers, no training of the real model
+test-fast: venv
+	$(PY) -m pytest -q -m "not integration and not slow"
+
+# CI runs this before the tests: formatting and lint (pyproject.toml [tool.ruff], line length 120)
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench: venv
 	$(PY) -m bench.run_all

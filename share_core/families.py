@@ -122,18 +122,28 @@ class Family:
 
 
 class _Tally:
-    """Running mean of a task's per-row metric and the smallest margin seen."""
+    """Running mean of a task's per-row metric and the smallest margin seen; every row's metric
+    and margin in the order scored ("values", "margins": what per-row certificates start from)."""
 
     def __init__(self) -> None:
         self.total, self.n, self.margin = 0.0, 0, math.inf
+        self.values: list[float] = []
+        self.margins: list[float] = []
 
     def add(self, value: float, margin: float) -> None:
         self.total += value
         self.n += 1
         self.margin = min(self.margin, margin)
+        self.values.append(value)
+        self.margins.append(margin)
 
     def result(self) -> dict:
-        return {"score": self.total / max(self.n, 1), "margin": None if self.margin == math.inf else self.margin}
+        return {
+            "score": self.total / max(self.n, 1),
+            "margin": None if self.margin == math.inf else self.margin,
+            "values": self.values,
+            "margins": self.margins,
+        }
 
 
 def _top2_gap(logits: torch.Tensor) -> torch.Tensor:

@@ -182,3 +182,30 @@ def wait_for(what: str, fn, timeout: float, procs: dict, poll: float = 0.5):
         time.sleep(poll)
     logs = "\n".join(f"---- {name}\n{log.read_text()[-2500:]}" for name, (_, log) in procs.items())
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
+
+
+# ---- `make test-fast`: the edit loop runs everything but the integration tests ----
+# A test is an integration test when it needs the Prefect harness or lives in a module that starts
+# servers, kills processes or trains the real model; `pytest -m "not integration"` leaves them out.
+INTEGRATION_MODULES = {
+    "test_servers",
+    "test_stack",
+    "test_crash_recovery",
+    "test_schedules",
+    "test_lock",
+    "test_train_pool",
+    "test_flows",
+    "test_pipeline_e2e",
+    "test_repo_pipeline",
+    "test_minilm",
+    "test_causal_pipeline",
+    "test_service",
+    "test_readme",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in INTEGRATION_MODULES or "prefect_harness" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
