@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 from pathlib import Path
 
@@ -45,6 +46,12 @@ from .params import EvalParams, load_params  # noqa: E402
 from .workspace import Workspace, write_atomic  # noqa: E402
 
 FLOAT32_ROUNDING = 1.2e-7  # relative change of a ΔW from storing its coefficients in float32 once
+SAFETY = 2.0  # a row is certified while its top-2 gap ≥ SAFETY × the gap change its drift can cause
+MEASURABLE = 1e-5  # drift below which a gap change is rounding noise, not a measured sensitivity
+MIN_MEASURED = 4  # rows measured before a task's own sensitivity replaces the prior
+SENSITIVITY_FLOOR = 0.01  # a measured sensitivity is never taken below this × the prior
+CHECKS = ("scored", "rows", "screened", "certified")  # how a task was checked, most work first
+MAX_ROUNDS = 3  # sensitivity re-checks per evaluation before the rest of a task's rows are re-scored
 RECENT = 20  # versions × tasks drawn as the heatmap
 
 
@@ -54,8 +61,75 @@ def read_record(ws: Workspace, version: str | None) -> dict | None:
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
+def rows_path(ws: Workspace, version: str) -> Path:
+    """evaluations/<version>.rows.json: the row tables of the tasks whose rows were (re)scored in
+    `version` (append-only: a version writes only the tables it changed)."""
+    return ws.evaluations / f"{version}.rows.json"
+
+
+def prior_sensitivity(cfg: EvalParams) -> float:
+    """A task's assumed sensitivity (top-2 logit gap change per unit relative ΔW drift) until it
+    is measured: the ratio the task-level rule has always used (margin_floor / certify_tolerance)."""
+    return cfg.margin_floor / cfg.certify_tolerance
+
+
+def sensitivity(entry: dict, cfg: EvalParams) -> float:
+    """The sensitivity a task's rows are certified with: the prior until MIN_MEASURED rows have
+    been measured at a drift ≥ MEASURABLE, then the largest ratio ever measured (never below
+    SENSITIVITY_FLOOR × the prior: a change below rounding still bounds nothing)."""
+    prior = prior_sensitivity(cfg)
+    if entry.get("sensitivity_rows", 0) < MIN_MEASURED:
+        return prior
+    return max(entry["sensitivity_max"], SENSITIVITY_FLOOR * prior)
+
+
+def _read_rows(ws: Workspace, version: str, task: str, files: dict[str, dict]) -> dict:
+    """A copy of `task`'s row table as `version` wrote it (files: the row files read so far)."""
+    if version not in files:
+        files[version] = json.loads(rows_path(ws, version).read_text())
+    return {k: list(x) for k, x in files[version][task].items()}
+
+
+def _budget(margin: float | None, sigma: float) -> float:
+    """How much more drift a row scored with top-2 gap `margin` takes before it could flip:
+    margin / (SAFETY · σ); a row with a single output (no margin) never flips."""
+    return math.inf if margin is None else margin / (SAFETY * sigma)
+
+
+def _expires(table: dict, sigma: float) -> float:
+    """The task's cumulative drift at which its first row's certificate expires."""
+    return min((at + _budget(m, sigma) for m, at in zip(table["margin"], table["at"])), default=math.inf)
+
+
+def _due(table: dict, cum: float, sigma: float, skip: set[int] = frozenset()) -> list[int]:
+    return [
+        i
+        for i, (m, at) in enumerate(zip(table["margin"], table["at"]))
+        if i not in skip and cum - at > _budget(m, sigma)
+    ]
+
+
+def _measure(entry: dict, table: dict, idx: list[int], rows: dict, cum: float) -> None:
+    """Update a task's measured sensitivity (entry's sensitivity_max / sensitivity_rows) from
+    re-scored rows `idx` (their new values and margins in `rows`) against the row table they were
+    certified from, at the task's cumulative drift `cum`: each row's gap change over its drift."""
+    for i, v, m in zip(idx, rows["value"], rows["margin"]):
+        d, old = cum - table["at"][i], table["margin"][i]
+        if d >= MEASURABLE and old is not None and m is not None:
+            change = abs(m - old) if v == table["value"][i] else m + old  # a flip moved the gap through 0
+            entry["sensitivity_max"] = max(entry.get("sensitivity_max", 0.0), change / d)
+            entry["sensitivity_rows"] = entry.get("sensitivity_rows", 0) + 1
+
+
 def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> dict:
-    """{"score": tasks to re-score, "certified": {task: carried entry}} for `version`."""
+    """{"score": tasks to re-score in full, "certified": {task: its entry}} for `version`.
+
+    A task's entry says how it was checked ("check"): "certified" (every row's certificate
+    holds: its recorded score is kept), "rows" (the rows whose certificate expired were re-scored
+    here, the others certified: the score is exact unless a certificate is wrong), "screened"
+    (only screening rows were re-scored). Re-scoring those rows happens here, in this process
+    (one load, shared with the build): it is what keeps a saturated stream's evaluation bounded.
+    New tasks, tasks whose every row expired and tasks without row tables are in "score"."""
     manifest = st.read_manifest(ws.version_dir(version))
     tasks = [t["name"] for t in manifest["tasks"]]
     parent = read_record(ws, manifest["parent"])
@@ -63,21 +137,104 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
         return {"score": tasks, "certified": {}}
     added = set(manifest["extra"].get("added", []))
     errors = manifest["extra"].get("reconstruction_error", {})
-    score, certified = [], {}
+    files: dict[str, dict] = {}
+
+    def table(t: str, entry: dict) -> dict:
+        return _read_rows(ws, entry["rows_in"], t, files)
+
+    score, certified, due, tables = [], {}, {}, {}
     for t in tasks:
         prev = parent["results"].get(t)
         if t in added or prev is None or t not in errors:
             score.append(t)
             continue
-        drift = prev["drift"] + errors[t] + FLOAT32_ROUNDING
-        margin = prev.get("margin")
-        if prev["score"] is None or (
-            drift <= cfg.certify_tolerance and margin is not None and margin >= cfg.margin_floor
-        ):
-            certified[t] = {**prev, "drift": drift, "certified": True}
-        else:
-            score.append(t)
+        step = errors[t] + FLOAT32_ROUNDING
+        entry = {**prev, "drift": prev["drift"] + step, "certified": True, "check": "certified", "rows_rescored": 0}
+        if prev["score"] is None:
+            certified[t] = entry
+            continue
+        if "rows_in" not in prev:  # a record from before row certificates: the task-level rule
+            margin = prev.get("margin")
+            if entry["drift"] <= cfg.certify_tolerance and margin is not None and margin >= cfg.margin_floor:
+                certified[t] = entry
+            else:
+                score.append(t)
+            continue
+        entry["cum_drift"] = prev["cum_drift"] + step
+        sigma = sensitivity(prev, cfg)
+        stale = sigma != prev["sensitivity"]  # the params' prior changed since the expiry was computed
+        if stale or entry["cum_drift"] > prev["expires"]:  # some row's certificate may have expired: which ones
+            tb = table(t, prev)
+            rows = _due(tb, entry["cum_drift"], sigma)
+            if stale:
+                entry.update(sensitivity=sigma, expires=_expires(tb, sigma))
+            if len(rows) == len(tb["margin"]):
+                score.append(t)
+                continue
+            if rows:
+                due[t], tables[t] = rows, tb
+        certified[t] = entry
+    # the screen: a seeded sample of certified rows of tasks this merge truncated, re-scored to
+    # measure each one's sensitivity (a certificate that would have been wrong shows up here)
+    moved = sorted(t for t, e in certified.items() if errors.get(t, 0.0) >= MEASURABLE and "rows_in" in e)
+    rng = random.Random(manifest["content_hash"])
+    screened: dict[str, list[int]] = {}
+    for t in rng.sample(moved, min(cfg.screen_rows, len(moved))):
+        if t not in tables:
+            tables[t] = table(t, certified[t])
+        left = sorted(set(range(len(tables[t]["margin"]))) - set(due.get(t, [])))
+        if left:
+            screened[t] = [rng.choice(left)]
+    if due or screened:
+        _check_rows(ws, version, cfg, certified, tables, due, screened)
     return {"score": score, "certified": certified}
+
+
+def _check_rows(
+    ws: Workspace,
+    version: str,
+    cfg: EvalParams,
+    certified: dict[str, dict],
+    tables: dict[str, dict],
+    due: dict[str, list[int]],
+    screened: dict[str, list[int]],
+) -> None:
+    """Re-score the due and screened rows (one mixed batch over every task), update each task's
+    row table, its measured sensitivity and its entry; when a measurement raises a task's
+    sensitivity, the rows it no longer certifies are re-scored in a further round."""
+    pending = {t: sorted(set(due.get(t, [])) | set(screened.get(t, []))) for t in set(due) | set(screened)}
+    done: dict[str, set[int]] = {t: set() for t in pending}
+    for rnd in range(MAX_ROUNDS + 1):
+        if not pending:
+            break
+        fresh = {r["task"]: r for r in score_tasks(ws, version, list(pending), rows=pending)}
+        nxt = {}
+        for t, idx in pending.items():
+            e, tb, cum = certified[t], tables[t], certified[t]["cum_drift"]
+            old_sigma = sensitivity(e, cfg)
+            rows = fresh[t]["rows"]
+            _measure(e, tb, idx, rows, cum)
+            for i, v, m in zip(idx, rows["value"], rows["margin"]):
+                tb["value"][i], tb["margin"][i], tb["at"][i] = v, m, cum
+            done[t] |= set(idx)
+            sigma = sensitivity(e, cfg)
+            if sigma > old_sigma:  # certified with too small a sensitivity: check the rest again
+                again = _due(tb, cum, sigma, skip=done[t])
+                if again:
+                    nxt[t] = again if rnd < MAX_ROUNDS - 1 else sorted(set(range(len(tb["margin"]))) - done[t])
+        pending = nxt
+    for t, rescored in done.items():
+        e, tb = certified[t], tables[t]
+        values = [v for v in tb["value"] if v is not None]
+        e["score"] = sum(values) / len(values) if values else None
+        margins = [m for m in tb["margin"] if m is not None]
+        e["margin"] = min(margins) if margins else None
+        e["rows_rescored"] = len(rescored)
+        e["check"] = "screened" if rescored == set(screened.get(t, [])) else "rows"
+        e["sensitivity"] = sensitivity(e, cfg)
+        e["expires"] = _expires(tb, e["sensitivity"])
+        e["drift"] = e["cum_drift"] - min(tb["at"])
+        e["_rows"] = tb  # written by summarize into this version's row tables
 
 
 def shards(tasks: list[str], n: int) -> list[list[str]]:
@@ -145,10 +302,12 @@ def eval_data(ws: Workspace, entry: dict) -> TaskData | None:
     return TaskData(spec=spec, train=[], eval=read_examples(landing / EVAL_FILE, spec), root=landing)
 
 
-def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
-    """[{"task", "score", "majority", "margin"}] for `tasks` of `version` (score None: no eval
-    data; majority: the family's trivial baseline). margin: the smallest gap between the top
-    two logits behind any prediction of the task (see share_core.families)."""
+def score_tasks(ws: Workspace, version: str, tasks: list[str], rows: dict[str, list[int]] | None = None) -> list[dict]:
+    """[{"task", "score", "majority", "margin", "rows"}] for `tasks` of `version` (score None: no
+    eval data; majority: the family's trivial baseline). margin: the smallest gap between the top
+    two logits behind any prediction of the task (see share_core.families); rows: every scored
+    row's metric and margin ({"value": [...], "margin": [...]}, None for a margin-less row).
+    With `rows`, only those eval rows (indices) of the tasks it names are scored (score: their mean)."""
     manifest = st.read_manifest(ws.version_dir(version))
     share, tok, params = loaded(str(ws.root), version, manifest["content_hash"])
     fam = family(params.base.family)
@@ -158,7 +317,8 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
         data = eval_data(ws, entries[t])
         if data is not None and data.eval:
             baselines[t] = fam.baseline(data)
-            items += [(t, data.spec, row) for row in data.eval]
+            picked = data.eval if rows is None or t not in rows else [data.eval[i] for i in rows[t]]
+            items += [(t, data.spec, row) for row in picked]
     cfg = params.evaluate
     with SCORING:
         scores = fam.score(
@@ -169,12 +329,23 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str]) -> list[dict]:
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
         )
-    return [
-        {"task": t, "score": scores[t]["score"], "majority": baselines[t], "margin": scores[t]["margin"]}
-        if t in scores
-        else {"task": t, "score": None, "majority": None, "margin": None}
-        for t in tasks
-    ]
+    out = []
+    for t in tasks:
+        if t not in scores:
+            out.append({"task": t, "score": None, "majority": None, "margin": None, "rows": None})
+            continue
+        r = scores[t]
+        margins = [None if m == math.inf else m for m in r["margins"]]
+        out.append(
+            {
+                "task": t,
+                "score": r["score"],
+                "majority": baselines[t],
+                "margin": r["margin"],
+                "rows": {"value": r["values"], "margin": margins},
+            }
+        )
+    return out
 
 
 # ---- the version's record --------------------------------------------------------------------
@@ -193,22 +364,46 @@ def summarize(
     """Write the version's evaluation record (O(T)) and picture; return the record."""
     manifest = st.read_manifest(ws.version_dir(version))
     tasks = [t["name"] for t in manifest["tasks"]]
-    results = {
-        r["task"]: {
+    cfg = load_params(ws.params_path).evaluate
+    parent = read_record(ws, manifest["parent"])
+    before = parent["results"] if parent else {}
+    errors = manifest["extra"].get("reconstruction_error", {})
+    results, tables, files = {}, {}, {}
+    for r in scored:
+        entry = {
             "score": r["score"],
             "majority": r["majority"],
             "margin": r.get("margin"),
             "drift": 0.0,
             "certified": False,
             "scored_in": version,
+            "check": "scored",
         }
-        for r in scored
-    }
-    results.update(certified or {})
+        if r.get("rows"):  # every row scored here: its row table starts now (cumulative drift 0)
+            prev = before.get(r["task"], {})
+            measured = {k: prev[k] for k in ("sensitivity_max", "sensitivity_rows") if k in prev}
+            if "rows_in" in prev and r["task"] in errors:  # re-scored after a merge moved it: measure
+                old = _read_rows(ws, prev["rows_in"], r["task"], files)
+                if len(old["value"]) == len(r["rows"]["value"]):
+                    cum = prev["cum_drift"] + errors[r["task"]] + FLOAT32_ROUNDING
+                    _measure(measured, old, list(range(len(old["value"]))), r["rows"], cum)
+            tb = {"value": list(r["rows"]["value"]), "margin": list(r["rows"]["margin"])}
+            tb["at"] = [0.0] * len(tb["value"])
+            entry.update(measured, cum_drift=0.0, rows_rescored=len(tb["value"]))
+            entry["sensitivity"] = sensitivity(entry, cfg)
+            entry["expires"] = _expires(tb, entry["sensitivity"])
+            tables[r["task"]] = tb
+        results[r["task"]] = entry
+    for t, e in (certified or {}).items():
+        e = dict(e)
+        if "_rows" in e:
+            tables[t] = e.pop("_rows")
+        results[t] = e
+    for t, tb in tables.items():
+        results[t]["rows_in"] = version
     missing = set(tasks) - set(results)
     if missing:
         raise ValueError(f"{version}: no evaluation result for tasks {sorted(missing)}")
-    parent = read_record(ws, manifest["parent"])
     first = dict(parent["first_scores"]) if parent else {}
     for t in tasks:
         first.setdefault(t, results[t]["score"])
@@ -230,10 +425,16 @@ def summarize(
         "first_scores": {t: first[t] for t in tasks},
         "rescored": sorted(r["task"] for r in scored),
         "certified": sorted(certified or {}),
+        "checks": {c: sum(results[t].get("check") == c for t in tasks) for c in CHECKS},
+        "rows_rescored": sum(
+            results[t].get("rows_rescored", 0) for t in tasks if results[t].get("check") != "certified"
+        ),
         "acc": _mean(results[t]["score"] for t in tasks),
         "bwt": sum(drops) / len(drops) if drops else 0.0,
     }
     ws.evaluations.mkdir(exist_ok=True)
+    if tables:
+        write_atomic(rows_path(ws, version), json.dumps(tables, separators=(",", ":")))
     picture(ws, record, ws.evaluations / f"{version}.png")
     write_atomic(ws.evaluation_path(version), json.dumps(record, indent=1))
     return record

@@ -68,8 +68,11 @@ class EvalParams:
     workers: int = 1
     dask_address: str | None = None
     max_new_tokens: int = 16
+    screen_rows: int = 16  # certified rows of truncated tasks re-scored per landing to check the sensitivity
 
     def __post_init__(self) -> None:
+        if self.screen_rows < 0:
+            raise ValueError("evaluate.screen_rows must be ≥ 0")
         if self.mode not in ("changed-only", "full"):
             raise ValueError(f"evaluate.mode must be 'changed-only' or 'full', got {self.mode!r}")
         if self.workers < 1 or self.batch_size < 1 or self.max_new_tokens < 1:

@@ -95,7 +95,17 @@ def forgetting_gate(new: dict, champion: dict | None, tolerance: float) -> dict:
         if s is not None and champion["scores"].get(t) is not None
     }
     worst = max(drops.values(), default=0.0)
-    return {"passed": worst <= tolerance, "drops": drops, "worst_drop": worst, "against": champion["version"]}
+    results = new.get("results", {})
+    return {
+        "passed": worst <= tolerance,
+        "drops": drops,
+        "worst_drop": worst,
+        "against": champion["version"],
+        # how the new scores were checked (pipelines.evaluate: scored / rows / screened / certified):
+        # a certified score is the recorded one, carried because no row of it can have flipped
+        "checks": new.get("checks", {}),
+        "carried": sorted(t for t in drops if results.get(t, {}).get("check") in ("certified", "screened")),
+    }
 
 
 def gate_for(

@@ -63,11 +63,16 @@ def shared_subspace_adapters(
     scale: float = 2.0,
     seed: int = 0,
     first: int = 0,
+    private: float = 0.0,
 ) -> list[LoraAdapter]:
     """One LoRA per name on `model`'s `targets`, all inside the same dim-dim subspaces (fixed by
     `seed`); task i (counting from `first`) draws its coefficients from seed + i, so adapters
     made in separate calls are the same as in one call. Heads: the model's head with a fresh
-    last Linear of `num_labels` outputs (std 1: confident, well-separated predictions)."""
+    last Linear of `num_labels` outputs (std 1: confident, well-separated predictions).
+
+    private > 0: trained-like adapters — each task's factors also get a component of its own
+    outside the shared subspace (relative size `private`, random directions of the full
+    space), so the union of many tasks needs more than any k_max and every merge truncates."""
     layers = {
         name: in_out_features(mod)
         for name, mod in model.named_modules()
@@ -84,6 +89,14 @@ def shared_subspace_adapters(
         for layer, (u_b, u_a) in bases.items():
             b = u_b @ torch.randn(dim, rank, generator=gi, dtype=torch.float64) * (0.05 / rank**0.5)
             a = u_a @ torch.randn(dim, rank, generator=gi, dtype=torch.float64) * (1.0 / rank**0.5)
+            if private:  # norms: ‖u·G‖ ≈ √(dim·rank)·σ, a random m×rank block ≈ √(m·rank)·σ, so scale by √(dim/m)
+                n_b, n_a = u_b.shape[0], u_a.shape[0]
+                b = b + torch.randn(n_b, rank, generator=gi, dtype=torch.float64) * (
+                    private * 0.05 / rank**0.5 * (dim / n_b) ** 0.5
+                )
+                a = a + torch.randn(n_a, rank, generator=gi, dtype=torch.float64) * (
+                    private * 1.0 / rank**0.5 * (dim / n_a) ** 0.5
+                )
             factors[layer] = (b.float(), a.T.float().contiguous())
         h = dict(base_heads)
         d_in = h[f"{last}.weight"].shape[1]
