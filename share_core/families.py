@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from .base import set_head_outputs
+from .base import _FAMILIES, register_family, set_head_outputs
+from .base import family as family  # noqa: PLC0414 - the registry lives in the leaf module base
 from .model import ShareModel
 from .taskdata import CAUSAL_LM, CLASSIFICATION, TaskData, TaskSpec
 
@@ -283,6 +284,50 @@ def completion_metric(metric: str, prediction: str, reference: str) -> float:
     raise ValueError(f"unknown causal-LM metric {metric!r}")
 
 
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # ChatML, Llama 3, Gemma, Phi-3
+
+
+def uses_chat(tok) -> bool:
+    """Whether prompts go through the tokenizer's chat template (`base.chat_template: none`
+    removes the template from the loaded tokenizer)."""
+    return bool(getattr(tok, "chat_template", None))
+
+
+def render_prompt(tok, prompt: str) -> str:
+    """The text the model reads for `prompt`: one user turn and the assistant's header through
+    the chat template (with the template's default system turn), or the prompt as it is."""
+    if not uses_chat(tok):
+        return prompt
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+def prompt_token_ids(tok, prompt: str) -> list[int]:
+    if uses_chat(tok):  # the template writes the special tokens itself
+        return tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
+def turn_end_id(tok) -> int | None:
+    """The token a completion ends with: the chat template's end of turn when there is one in
+    the vocabulary, else EOS."""
+    if uses_chat(tok):
+        vocab = tok.get_vocab()
+        for name in TURN_END_TOKENS:
+            if name in vocab:
+                return vocab[name]
+    return tok.eos_token_id
+
+
+def stop_ids(tok, model=None) -> list[int]:
+    """Every token id that ends a greedy completion: the turn end, EOS, and the model's
+    generation config's EOS ids."""
+    ids = [turn_end_id(tok), tok.eos_token_id]
+    inner = getattr(model, "model", model) if isinstance(model, ShareModel) else model
+    eos = getattr(getattr(inner, "generation_config", None), "eos_token_id", None)
+    ids += eos if isinstance(eos, list) else [eos]
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
 class CausalLM(Family):
     """Instruction tasks: a prompt and its completion. Loss on the completion tokens only (the
     completion ends with EOS so the model learns to stop); scored by greedy generation."""
@@ -301,17 +346,22 @@ class CausalLM(Family):
         return model, tok
 
     def prompt_ids(self, tok, spec: TaskSpec, row: dict, max_length: int, room: int = 0) -> list[int]:
-        """The prompt's token ids (with the tokenizer's special tokens), keeping its last
-        max_length − room tokens: the end of a prompt is what the completion follows."""
-        ids = tok(row[spec.prompt_field])["input_ids"]
+        """The prompt's token ids as the model reads it: through the tokenizer's chat template
+        (a user turn and the assistant's header) when the tokenizer has one, else the text with
+        the tokenizer's special tokens; keeping its last max_length − room tokens (the end of a
+        prompt is what the completion follows)."""
+        ids = prompt_token_ids(tok, row[spec.prompt_field])
         keep = max(1, max_length - room)
         return ids[-keep:]
 
     def completion_ids(self, tok, spec: TaskSpec, row: dict, max_length: int) -> list[int]:
-        ids = tok(" " + row[spec.completion_field].strip(), add_special_tokens=False)["input_ids"][
-            : max(1, max_length - 2)
-        ]
-        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        """The completion's ids and the token that ends it (the end of the assistant's turn for
+        a chat model, EOS otherwise): what the model learns to generate, and to stop."""
+        text = row[spec.completion_field].strip()
+        ids = tok(text if uses_chat(tok) else " " + text, add_special_tokens=False)["input_ids"]
+        ids = ids[: max(1, max_length - 2)]
+        end = turn_end_id(tok)
+        return ids + ([end] if end is not None else [])
 
     def encode(self, tok, spec, rows, max_length, device):
         seqs, masks = [], []
@@ -375,6 +425,7 @@ class CausalLM(Family):
         """Greedy completions of a left-padded batch, and each row's smallest top-2 logit gap
         over the tokens it generated (up to and including its EOS)."""
         device = next(model.parameters()).device
+        stops = stop_ids(tok, model)
         prompts = [self.prompt_ids(tok, spec, row, max_length) for _, spec, row in chunk]
         width, pad = max(map(len, prompts)), tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -385,7 +436,7 @@ class CausalLM(Family):
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             output_scores=True,
             return_dict_in_generate=True,
         )
@@ -404,19 +455,15 @@ class CausalLM(Family):
         texts, margins = [], []
         for i in range(len(chunk)):
             ids = new[i].tolist()
-            end = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+            end = next((j + 1 for j, x in enumerate(ids) if x in stops), len(ids))
             texts.append(tok.decode(ids[:end], skip_special_tokens=True).strip())
             margins.append(float(gaps[i, :end].min()) if end else math.inf)
         return texts, margins
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SequenceClassification(), CausalLM())}
-
-
-def family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ValueError(f"unknown task family {name!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[name]
+for _f in (SequenceClassification(), CausalLM()):
+    register_family(_f)
+FAMILIES: dict[str, Family] = _FAMILIES  # every registered family by name
 
 
 def family_of(spec: TaskSpec) -> Family:

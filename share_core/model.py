@@ -18,14 +18,10 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from . import subspace
-from .base import base_model_hash, head_tensors, last_linear
+from .base import base_model_hash, head_tensors, last_linear, pick_device  # noqa: F401 - pick_device: re-exported
 from .layer import ShareLinear, in_out_features
 from .peft_io import TASK_CARD, AdapterError, LoraAdapter, write_adapter
 from .state import Delta, SubspaceState, TaskRecord, check_task_name
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def is_target(module_name: str, targets: list[str]) -> bool:
