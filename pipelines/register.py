@@ -30,6 +30,7 @@ from .workspace import Workspace, parse_version_id
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
+MAX_DESCRIBED = 20  # changed scores written out in a model version's description
 SENSITIVE = ("secret", "password", "token", "access_key", "credential")
 
 
@@ -199,9 +200,10 @@ def log_run(
             "tasks_certified": len(record.get("certified", [])),
             "tasks_rescored": len(rescored),
         }
-        # every task's score (a chart per task across versions); its majority baseline and the
-        # merge's ΔW error only for the tasks scored now (a certified task's did not change)
-        metrics.update({f"score.{t}": s for t, s in record["scores"].items()})
+        # a task's score only where it changed against the parent's record (new tasks, re-scored
+        # rows that moved it): O(changes), not O(T) per version; MLflow's chart of score.<task>
+        # steps from the last logged value. The whole row is the evaluation artifact (and DVC's).
+        metrics.update({f"score.{t}": s for t, s in changed_scores(ws, manifest, record).items()})
         metrics.update({f"majority.{t}": record["majority"][t] for t in rescored})
         metrics.update(
             {
@@ -283,7 +285,7 @@ def register_model_version(
         source=f"{run.info.artifact_uri}/subspace",
         run_id=run_id,
         tags=dict(run.data.tags),
-        description=_description(version, manifest, record, gate),
+        description=_description(version, manifest, record, gate, changed_scores(ws, manifest, record)),
     )
     return str(mv.version)
 
@@ -359,9 +361,19 @@ def registration(version: str, model_version: str, run_id: str, gate: dict) -> d
     }
 
 
-def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
+def changed_scores(ws: Workspace, manifest: dict, record: dict) -> dict[str, float]:
+    """The scores of `record` that differ from its parent version's record (all of them without one)."""
+    path = ws.evaluation_path(manifest["parent"]) if manifest["parent"] else None
+    before = json.loads(path.read_text())["scores"] if path is not None and path.is_file() else {}
+    return {t: s for t, s in record["scores"].items() if s is not None and (t not in before or before[t] != s)}
+
+
+def _description(version: str, manifest: dict, record: dict, gate: dict, changed: dict[str, float]) -> str:
     added = ", ".join(manifest["extra"].get("added", [])) or "—"
-    scores = ", ".join(f"{t} {s:.3f}" for t, s in record["scores"].items() if s is not None)
+    shown = list(changed.items())[:MAX_DESCRIBED]
+    scores = ", ".join(f"{t} {s:.3f}" for t, s in shown) or "none changed"
+    if len(changed) > len(shown):
+        scores += f" and {len(changed) - len(shown)} more"
     verdict = (
         "passed" if gate["passed"] else f"failed (worst drop {gate.get('worst_drop', 0):.3f} vs {gate['against']})"
     )
@@ -369,7 +381,8 @@ def _description(version: str, manifest: dict, record: dict, gate: dict) -> str:
     return (
         f"Share subspace {version} (parent {manifest['parent'] or 'none'}): {manifest['extra'].get('kind', '')} "
         f"{added}. "
-        f"{len(manifest['tasks'])} tasks; ACC {acc}, BWT {record['bwt']:+.3f}. Scores: {scores}. Forgetting gate "
+        f"{len(manifest['tasks'])} tasks; ACC {acc}, BWT {record['bwt']:+.3f}. Scores that changed: {scores}. "
+        "Forgetting gate "
         f"{verdict}."
     )
 
