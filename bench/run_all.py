@@ -23,7 +23,7 @@ import torch
 from .common import QUICK_RESULTS, RESULTS, env_line, environment, md_table
 from .models import MODELS, results_dir
 
-BENCHMARKS = ["merge", "train_step", "serving", "continual", "continual-causal-lm", "pipeline", "scale"]
+BENCHMARKS = ["merge", "train_step", "serving", "continual", "continual-causal-lm", "pipeline", "scale", "soak"]
 VARIANTS = {"continual-causal-lm": ("continual", ["--family", "causal-lm"])}  # result name → (module, its flags)
 MODEL_READY = [
     "train_step",

@@ -102,6 +102,14 @@ def parse_state_dict(
             heads[rel] = t
         else:
             raise AdapterError(f"{source}: key {key!r} is neither a LoRA factor nor in modules_to_save {heads_modules}")
+    # PEFT's task types add their usual head names (SEQ_CLS: classifier and score, whichever the model has, and
+    # repeats one a user also named): the heads are the listed modules whose tensors were saved
+    saved = [
+        m
+        for m in dict.fromkeys(heads_modules)
+        if any(r == m or r.startswith(m + ".") or f".{m}." in f".{r}" for r in heads)
+    ]
+    heads_modules = saved if heads else heads_modules
     if set(a_side) != set(b_side):
         raise AdapterError(f"{source}: lora_A/lora_B pairs incomplete for {sorted(set(a_side) ^ set(b_side))}")
     if not a_side:
