@@ -505,7 +505,7 @@ class Soak:
         log("final stack restart")
         self.share("stack", "down", "--data-dir", str(self.stack_dir))
         self.stack_up()
-        loads = {c: self._load_champion(c) for c in CHAINS}
+        loads = {c: self._load_champion(c, champions[c]["champion"]) for c in CHAINS}
         self.share("stack", "down", "--data-dir", str(self.stack_dir))
 
         beyond = [x.outcome_at - x.uploaded - x.train_s for x in self.landings if x.outcome_at is not None]
@@ -585,24 +585,23 @@ class Soak:
             body = {"unparsed": r.stdout[-500:]}
         return {"rc": r.returncode, "clean": r.returncode == 0 and not body, "out": body, "err": r.stderr[-500:]}
 
-    def _load_champion(self, chain: str) -> dict:
+    def _load_champion(self, chain: str, champion: str | None) -> dict:
+        """mlflow.pyfunc.load_model of the chain's champion in a fresh process, and one prediction for
+        each of its tasks."""
+        from pipelines.workspace import Workspace
+
+        tasks = sorted(self._tasks(Workspace(self.workspace(chain)), champion))
+        if not tasks:
+            return {"ok": False, "error": "no champion with tasks"}
         probe = (
-            "import json, mlflow.pyfunc, pandas as pd\n"
+            "import json, sys, mlflow.pyfunc, pandas as pd\n"
             f"m = mlflow.pyfunc.load_model('models:/soak-{chain}@champion')\n"
-            "tasks = m.metadata.get_input_schema() and None\n"
-            "import sys; task = sys.argv[1]\n"
-            "out = m.predict(pd.DataFrame({'task': [task], 'text': ['a great film']}))\n"
+            "tasks = sys.argv[1:]\n"
+            "out = m.predict(pd.DataFrame({'task': tasks, 'text': ['a great film'] * len(tasks)}))\n"
             "print(json.dumps(out['label'].tolist()))\n"
         )
-        processed = [
-            x.task
-            for x in self.landings
-            if x.chain == chain and x.outcomes and x.outcomes[-1].get("status") == "processed"
-        ]
-        if not processed:
-            return {"ok": False, "error": "no processed task"}
         r = subprocess.run(
-            [sys.executable, "-c", probe, processed[0]],
+            [sys.executable, "-c", probe, *tasks],
             env={
                 **self.env,
                 "SHARE_WORKSPACE": str(self.workspace(chain)),
@@ -610,11 +609,13 @@ class Soak:
             },
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=600,
         )
         return {
-            "ok": r.returncode == 0,
-            "task": processed[0],
+            "ok": r.returncode == 0 and len(json.loads(r.stdout.strip().splitlines()[-1] or "[]")) == len(tasks)
+            if r.returncode == 0
+            else False,
+            "tasks": len(tasks),
             "out": r.stdout.strip()[-200:],
             "error": r.stderr[-800:] if r.returncode else "",
         }

@@ -99,7 +99,9 @@ def test_readme_mlflow_models_serve_as_written(clone, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlflow.set_experiment("readme")
+    mlflow.set_experiment(
+        experiment_id=mlflow.create_experiment("readme", artifact_location=(tmp_path / "art").as_uri())
+    )
     with mlflow.start_run():
         code = tmp_path / "echo_model.py"  # a model from code: the server process need not import the tests
         code.write_text(ECHO_MODEL)
