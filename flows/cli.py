@@ -506,7 +506,7 @@ def export(
         raise CLIError(f"{version} has no task {task!r}; its tasks: {', '.join(state.task_names) or 'none'}", code=2)
     params = load_params(ws.params_path)
     model, _ = load_base(params.base, params.train.seed)
-    ShareModel(model, state).export_task(task, out, params.base.family_impl().peft_task_type)
+    ShareModel(model, state).export_task(task, out, params.base.family_impl().peft_task_type, base=params.base)
     console.print(f"exported {version}/{task} → {out} (load with peft.PeftModel.from_pretrained)")
 
 

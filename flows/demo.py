@@ -19,8 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 MARKER = ".share-demo"
-DEMO_STEPS = {"sequence-classification": 60, "causal-lm": 150}  # per task; the tiny Llama starts from random weights
-CAUSAL_TRAIN = {"lr": 5e-3, "max_length": 24}  # the tiny Llama's recipe (tests/test_instruction_tasks.py)
+# the causal-LM demo's base: the packaged SmolLM2-135M-Instruct learning real CLDR tasks
+# (pipelines.realtasks), or, with SHARE_DEMO_BASE=tiny, a tiny random Llama on generated word games
+TINY_TRAIN = {"lr": 5e-3, "max_length": 24}  # the tiny Llama's recipe (tests/test_instruction_tasks.py)
+SMOLLM2_TRAIN = {"lr": 5e-3, "max_length": 64, "batch_size": 4, "steps": 24}  # a pretrained 135M model learns fast
+SMOLLM2_EVAL = {"max_new_tokens": 16, "batch_size": 16}
+REAL_DEMO_TASKS = ("date_de_short", "number_in", "list_fr", "price_de_eur", "time_us")  # pipelines/realtasks.py
 
 
 def _prepare(workspace: Path) -> Path:
@@ -77,39 +81,77 @@ def _bad_landing(tmp: Path, good: Path, family: str) -> Path:
     return bad
 
 
+def demo_base() -> str:
+    """`smollm2` (default) or `tiny` ($SHARE_DEMO_BASE): the causal-LM demo's base model."""
+    base = os.environ.get("SHARE_DEMO_BASE", "smollm2").strip().lower()
+    if base not in ("smollm2", "tiny"):
+        raise SystemExit(f"SHARE_DEMO_BASE must be 'smollm2' or 'tiny', got {base!r}")
+    return base
+
+
 def demo_params(root: Path, family: str, steps: int | None, seed: int):
-    """The demo workspace's params: MiniLM for classification; for causal LM a tiny Llama
-    built from a config with random weights in <root>/base-model (no download)."""
+    """The demo workspace's params: MiniLM for classification; for causal LM the packaged
+    SmolLM2-135M-Instruct (its chat template on), or a tiny Llama built from a config with
+    random weights in <root>/base-model (no download)."""
     from pipelines.params import Params
+    from share_core.base import SMOLLM2_ID
+    from share_core.families import family as family_of
     from share_core.synthetic import tiny_causal_lm
     from share_core.taskdata import CAUSAL_LM
 
     params = Params()
-    if family == CAUSAL_LM:
+    default_steps = family_of(family).demo_steps
+    if family == CAUSAL_LM and demo_base() == "tiny":
         path = tiny_causal_lm(root / "base-model", "llama", seed=seed)
         params = params.replace(
-            base={"family": CAUSAL_LM, "model_id": "tiny-llama", "model_path": str(path)}, train=CAUSAL_TRAIN
+            base={"family": CAUSAL_LM, "model_id": "tiny-llama", "model_path": str(path)}, train=TINY_TRAIN
         )
-    return params.replace(train={"steps": steps or DEMO_STEPS[family], "seed": seed})
+    elif family == CAUSAL_LM:
+        params = params.replace(
+            base={"family": CAUSAL_LM, "model_id": SMOLLM2_ID, "chat_template": "auto"},
+            train=SMOLLM2_TRAIN,
+            evaluate=SMOLLM2_EVAL,
+        )
+        default_steps = SMOLLM2_TRAIN["steps"]
+    return params.replace(train={"steps": steps or default_steps, "seed": seed})
+
+
+def demo_tasks(out: Path, family: str, count: int, seed: int) -> list[Path]:
+    """`count` task directories of the demo: generated classification tasks, real CLDR
+    instruction tasks on SmolLM2, generated word games on the tiny Llama."""
+    from share_core.taskdata import CAUSAL_LM
+    from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES, generate_tasks
+
+    if family == CAUSAL_LM and demo_base() == "smollm2":
+        from pipelines.realtasks import generate_real_tasks
+
+        names = list(REAL_DEMO_TASKS)
+        _check_count(count, names)
+        return generate_real_tasks(out, names[:count], seed=seed, n_train=128, n_eval=16)
+    names = INSTRUCTION_TASK_NAMES if family == CAUSAL_LM else TASK_NAMES
+    _check_count(count, names)
+    return generate_tasks(out, names=list(names[:count]), seed=seed)
+
+
+def _check_count(count: int, names) -> None:
+    if not 3 <= count <= len(names):
+        raise SystemExit(f"--tasks must be between 2 and {len(names) - 1} (one more task lands as an adapter)")
 
 
 def run_demo(
     workspace: Path, tasks: int, steps: int | None, seed: int, console: Console, family: str = "sequence-classification"
 ) -> dict:
     from share_core.families import FAMILIES
-    from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES
 
-    names = INSTRUCTION_TASK_NAMES if family == "causal-lm" else TASK_NAMES
     if family not in FAMILIES:
         raise SystemExit(f"--family must be one of {sorted(FAMILIES)}")
-    if not 2 <= tasks < len(names):
-        raise SystemExit(f"--tasks must be between 2 and {len(names) - 1} (one more task lands as an adapter)")
+    with tempfile.TemporaryDirectory() as check:  # the count is checked before anything is created
+        demo_tasks(Path(check), family, tasks + 1, seed)
     root = _prepare(workspace)
     from pipelines import evaluate as ev
     from pipelines import lineage, register
     from pipelines.storage import LocalStorage
     from pipelines.workspace import Workspace
-    from share_core.tasks import generate_tasks
 
     from .continual import continual_update, rollback
     from .watcher import Watcher
@@ -144,7 +186,7 @@ def run_demo(
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dirs = generate_tasks(tmp / "datasets", names=list(names[: tasks + 1]), seed=seed)
+        dirs = demo_tasks(tmp / "datasets", family, tasks + 1, seed)
         for d in dirs[:tasks]:
             process("dataset", d)
         process("dataset", _bad_landing(tmp, dirs[0], family))

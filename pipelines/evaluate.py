@@ -318,6 +318,8 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str], rows: dict[str, l
         data = eval_data(ws, entries[t])
         if data is not None and data.eval:
             baselines[t] = fam.baseline(data)
+            if baselines[t] is None:  # no trivial predictor: the untrained base's score, measured at landing
+                baselines[t] = entries[t]["info"].get("baseline")
             picked = data.eval if rows is None or t not in rows else [data.eval[i] for i in rows[t]]
             items += [(t, data.spec, row) for row in picked]
     cfg = params.evaluate

@@ -10,8 +10,10 @@ copied into MLflow (DVC stores them once): the loader opens the version in its w
 remote when it is not there, and refuses a version whose bytes differ from the registered
 `state_sha256`. Nothing is unpickled: the flavor is a loader module, not a pickled object.
 
-Input rows: `task` and `text` (classification) or `task` and `prompt` (causal LM). Output:
-`label` and `probabilities` (in the order of the task's labels), or `completion`.
+Input rows: `task` and the family's input column; output: the family's columns
+(`share_core.families`: classification reads `text` and returns `label` and `probabilities`,
+in the order of the task's labels; causal LM reads `prompt`, renders it through the base's chat
+template when it has one, and returns the greedy `completion`).
 """
 
 from __future__ import annotations
@@ -23,27 +25,23 @@ from pathlib import Path
 
 from share_core import state as st
 from share_core.families import family
-from share_core.taskdata import CAUSAL_LM
 
 from .params import load_params
 from .workspace import Workspace
 
 CONFIG = "share_model.json"
-INPUT = {CAUSAL_LM: "prompt"}  # the text column per family; "text" otherwise
 
 
 def signature(family_name: str):
+    """The family's serving schema as an MLflow signature."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema
 
-    column = INPUT.get(family_name, "text")
-    outputs = (
-        [ColSpec("string", "completion")]
-        if family_name == CAUSAL_LM
-        else [ColSpec("string", "label"), ColSpec(Array("double"), "probabilities")]
-    )
+    fam = family(family_name)
+    types = {"string": "string", "double[]": Array("double")}
+    outputs = [ColSpec(types[kind], name) for name, kind in fam.output_columns]
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "task"), ColSpec("string", column)]), outputs=Schema(outputs)
+        inputs=Schema([ColSpec("string", "task"), ColSpec("string", fam.input_column)]), outputs=Schema(outputs)
     )
 
 
@@ -87,7 +85,7 @@ class SubspaceModel:
     def __init__(self, config: dict, share, tok) -> None:
         self.config, self.share, self.tok = config, share, tok
         self.family = family(config["family"])
-        self.column = INPUT.get(config["family"], "text")
+        self.column = self.family.input_column
         self.labels = {t.name: list(t.info.get("labels", [])) for t in share.state.tasks}
         self.lock = (
             threading.Lock()
@@ -110,10 +108,7 @@ class SubspaceModel:
         serving = self.config["serving"]
         with self.lock:
             out = self.family.predict(self.share, self.tok, tasks, inputs, **serving)
-        if self.config["family"] == CAUSAL_LM:
-            return pd.DataFrame({"completion": out})
-        labels = [self.labels[t][max(range(len(p)), key=p.__getitem__)] for t, p in zip(tasks, out)]
-        return pd.DataFrame({"label": labels, "probabilities": out})
+        return pd.DataFrame(self.family.serve_rows(tasks, out, self.labels))
 
 
 def _load_pyfunc(data_path: str) -> SubspaceModel:

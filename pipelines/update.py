@@ -20,7 +20,7 @@ from share_core.continual import learn
 from share_core.metrics import accounting
 from share_core.model import ShareModel
 from share_core.peft_io import read_adapter
-from share_core.taskdata import data_hash, load_task, read_task_spec
+from share_core.taskdata import TaskData, data_hash, load_task, read_examples, read_task_spec
 
 from . import evaluate
 from .params import Params, load_params
@@ -64,6 +64,19 @@ def build_version(
                 "landing": landing.name,
             }
         )
+    fam = params.base.family_impl()
+    scoring = dict(
+        max_length=params.train.max_length,
+        batch_size=params.evaluate.batch_size,
+        max_new_tokens=params.evaluate.max_new_tokens,
+    )
+    for landing, info in zip(landings, infos):  # a generative task's baseline: the untrained base's own score
+        if (landing / "eval.jsonl").is_file():
+            spec = read_task_spec(landing / "task.yaml")
+            data = TaskData(spec=spec, train=[], eval=read_examples(landing / "eval.jsonl", spec), root=landing)
+            zero = fam.zero_shot(share if share is not None else model, tok, data, **scoring)
+            if zero is not None:
+                info["baseline"] = zero
     if kind == "dataset":
         task = load_task(landings[0])
         share, _ = learn(

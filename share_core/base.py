@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .packaged import MINILM_ID, SMOLLM2_ID, PackagedModelError, is_packaged, resolve
+from .packaged import MINILM_ID, PACKAGES, SMOLLM2_ID, PackagedModelError, is_packaged, resolve
 
 __all__ = ["MINILM_ID", "SMOLLM2_ID", "BaseSpec", "PackagedModelError", "load_base", "register_family"]
 CHAT_TEMPLATE_MODES = ("auto", "none")
@@ -107,6 +107,17 @@ class BaseSpec:
         if self.model_path:
             return {"path": self.model_path}
         return dict(_resolved(self.model_id).source) if is_packaged(self.model_id) else {}
+
+    def export_card(self) -> dict:
+        """What an exported adapter's share_task.json says about its base: the local directory
+        it loads from offline, how to get it on another machine, and the prompt format."""
+        card = {"base_model_path": self.path, "chat_template": self.chat_template}
+        if not self.model_path and is_packaged(self.model_id):
+            card["base_model_source"] = {**self.source, "install": PACKAGES[self.model_id].install}
+            card["base_model_how"] = (
+                f"{PACKAGES[self.model_id].install}, then share_core.packaged.resolve({self.model_id!r}).path"
+            )
+        return card
 
     def model_type(self) -> str:
         """The architecture named in the model's config.json (e.g. 'bert', 'llama', 'gpt2')."""

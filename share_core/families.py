@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from .base import _FAMILIES, register_family, set_head_outputs
 from .base import family as family  # noqa: PLC0414 - the registry lives in the leaf module base
 from .model import ShareModel
-from .taskdata import CAUSAL_LM, CLASSIFICATION, TaskData, TaskSpec
+from .taskdata import CAUSAL_LM, CLASSIFICATION, TaskData, TaskSpec, register_task_type
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,6 +45,16 @@ class Family:
     peft_task_type: str | None = None  # adapter_config.json task_type written on export and accepted on landing
     targets: dict[str, list[str]] = {}
     heads: dict[str, list[str]] = {}
+    # serving (the MLflow pyfunc schema): the row's input column beside `task`, and the output
+    # columns as (name, type) with type "string" or "double[]"
+    input_column: str = "text"
+    output_columns: tuple[tuple[str, str], ...] = ()
+    demo_steps: int = 60  # training steps per task in `share demo`
+    # the task format (share_core.taskdata): the TaskSpec fields naming a row's keys, the metrics
+    # (the first is the default) and whether tasks have a label set (the last field is the label)
+    spec_fields: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    labelled: bool = False
 
     def load(self, path: str):
         model = self.auto_class.from_pretrained(path, **self.load_kwargs())
@@ -83,12 +93,28 @@ class Family:
         """The score a trivial predictor gets (shown next to every score); None: not defined."""
         return None
 
+    def zero_shot(self, model: nn.Module, tok, data: TaskData, **scoring) -> float | None:
+        """The base model's own score on the task, untrained (the baseline of a family without
+        a trivial predictor); None where `baseline` is defined. `model`: the base, or a
+        ShareModel (scored with no task active)."""
+        if self.baseline(data) is not None or not data.eval:
+            return None
+        if isinstance(model, ShareModel):
+            model.activate(None)
+        items = [(data.spec.name, data.spec, row) for row in data.eval]
+        return self.score(model, tok, items, mixed=False, **scoring)[data.spec.name]["score"]
+
     def encode(
         self, tok, spec: TaskSpec, rows: list[dict], max_length: int, device: torch.device
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def serve_rows(self, tasks: list[str], outputs: list, labels: dict[str, list[str]]) -> dict[str, list]:
+        """The output columns of `predict`'s results (row i of task tasks[i]); `labels`: each
+        task's label names."""
         raise NotImplementedError
 
     def predict(
@@ -178,8 +204,18 @@ class SequenceClassification(Family):
         **{t: ["score"] for t in LLAMA_LIKE},
     }
 
+    input_column = "text"
+    output_columns = (("label", "string"), ("probabilities", "double[]"))
+    spec_fields = ("text_field", "label_field")
+    metrics = ("accuracy",)
+    labelled = True
+
     def load_kwargs(self) -> dict:
         return {"num_labels": 2}  # every task installs a head of its own label count
+
+    def serve_rows(self, tasks, outputs, labels):
+        best = [labels[t][max(range(len(p)), key=p.__getitem__)] for t, p in zip(tasks, outputs)]
+        return {"label": best, "probabilities": outputs}
 
     def load(self, path):
         model, tok = super().load(path)
@@ -337,6 +373,14 @@ class CausalLM(Family):
     peft_task_type = "CAUSAL_LM"
     targets = {"gpt2": ["c_attn", "c_proj", "c_fc"], **{t: LLAMA_TARGETS for t in LLAMA_LIKE}}
     heads = {t: [] for t in ("gpt2", *LLAMA_LIKE)}
+    input_column = "prompt"
+    output_columns = (("completion", "string"),)
+    spec_fields = ("prompt_field", "completion_field")
+    metrics = ("exact_match", "rouge_l")
+    demo_steps = 150  # the tiny random Llama starts from nothing
+
+    def serve_rows(self, tasks, outputs, labels):
+        return {"completion": outputs}
 
     def load(self, path):
         model, tok = super().load(path)
@@ -463,6 +507,7 @@ class CausalLM(Family):
 
 for _f in (SequenceClassification(), CausalLM()):
     register_family(_f)
+    register_task_type(_f.name, _f.spec_fields, _f.metrics, _f.labelled)
 FAMILIES: dict[str, Family] = _FAMILIES  # every registered family by name
 
 

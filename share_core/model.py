@@ -262,7 +262,7 @@ class ShareModel(nn.Module):
             base_model_name=self.state.base_model_id,
         )
 
-    def export_task(self, task: str, path, task_type: str | None = None) -> Path:
+    def export_task(self, task: str, path, task_type: str | None = None, base=None) -> Path:
         """Write task t as a standard PEFT LoRA directory that PeftModel.from_pretrained loads
         (task_type: PEFT's, e.g. CAUSAL_LM, from the base's family), with `share_task.json`:
         what building the base model needs (num_labels, id2label, label2id) and where it came from."""
@@ -276,6 +276,8 @@ class ShareModel(nn.Module):
             "base_model_hash": self.state.base_model_hash,
             "peft_task_type": task_type,
         }
+        if base is not None:  # a share_core.base.BaseSpec: where the base loads from offline, and how to get it
+            card.update(base.export_card())
         if labels:  # the head's size comes from the adapter (modules_to_save), whatever the checkpoint's head was
             card["from_pretrained_kwargs"] = {
                 "num_labels": len(labels),

@@ -26,11 +26,21 @@ import yaml
 SPEC_FILE, TRAIN_FILE, EVAL_FILE = "task.yaml", "train.jsonl", "eval.jsonl"
 TASK_FILES = (SPEC_FILE, TRAIN_FILE, EVAL_FILE)
 CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
-METRICS = {CLASSIFICATION: ("accuracy",), CAUSAL_LM: ("exact_match", "rouge_l")}  # the first is the default
-FIELDS = {
-    CLASSIFICATION: ("text_field", "label_field"),
-    CAUSAL_LM: ("prompt_field", "completion_field"),
-}  # what a row carries
+# What each task type's task.yaml and rows carry. The task families (share_core.families) own
+# these and register them when share_core is imported: `fields` are the TaskSpec attributes that
+# name a row's keys, `metrics` the allowed metrics (the first is the default), `labelled` whether
+# the type has a label set (its last field is then the label).
+METRICS: dict[str, tuple[str, ...]] = {}
+FIELDS: dict[str, tuple[str, ...]] = {}
+LABELLED: set[str] = set()
+
+
+def register_task_type(name: str, fields: tuple[str, ...], metrics: tuple[str, ...], labelled: bool) -> None:
+    """Make task type `name` known to the task format (called by share_core.families)."""
+    FIELDS[name], METRICS[name] = tuple(fields), tuple(metrics)
+    (LABELLED.add if labelled else LABELLED.discard)(name)
+
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a handful of fields; anything bigger is not one
 MAX_TEXT_BYTES = 64 * 1024  # one example's text value (UTF-8 bytes)
@@ -97,7 +107,8 @@ class TaskSpec:
 
     @property
     def is_classification(self) -> bool:
-        return self.type == CLASSIFICATION
+        """Whether the type has a label set (its rows carry a label)."""
+        return self.type in LABELLED
 
     @property
     def row_fields(self) -> tuple[str, ...]:
@@ -121,7 +132,8 @@ class TaskSpec:
 
         if not isinstance(d, dict):
             raise TaskFormatError(f"{source}: expected a mapping of task fields, got {type(d).__name__}")
-        known = ("name", "type", "labels", "metric", *FIELDS[CLASSIFICATION], *FIELDS[CAUSAL_LM])
+        every_field = tuple(dict.fromkeys(f for fields in FIELDS.values() for f in fields))
+        known = ("name", "type", "labels", "metric", *every_field)
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise TaskFormatError(f"{source}: unknown field(s) {_brief(unknown)}; expected only {list(known)}")
@@ -137,7 +149,7 @@ class TaskSpec:
             raise fail("type", f"one of {list(METRICS)}", task_type)
 
         labels = d.get("labels") or []
-        if task_type == CLASSIFICATION:
+        if task_type in LABELLED:
             ok = (
                 isinstance(labels, list)
                 and all(isinstance(x, str) and x.strip() for x in labels)
@@ -149,8 +161,8 @@ class TaskSpec:
             raise fail("labels", f"empty or absent for type {task_type}", labels)
 
         fields = {}
-        for other in FIELDS[CAUSAL_LM if task_type == CLASSIFICATION else CLASSIFICATION]:
-            if other in d:
+        for other in every_field:
+            if other in d and other not in FIELDS[task_type]:
                 raise TaskFormatError(
                     f"{source}: field '{other}' does not apply to type {task_type} (it uses {list(FIELDS[task_type])})"
                 )
@@ -195,7 +207,7 @@ def _check_row(row, spec: TaskSpec, where: str, max_text_bytes: int | None = Non
     if not isinstance(row, dict):
         raise TaskFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     limit = row_limits(max_text_bytes)[0]
-    for key in (spec.text_field,) if spec.is_classification else spec.row_fields:
+    for key in spec.row_fields[:-1] if spec.is_classification else spec.row_fields:  # the label is checked below
         text = row.get(key)
         if not isinstance(text, str) or not text.strip():
             raise TaskFormatError(f"{where}: field '{key}' is {_brief(text)}; expected a non-empty string")
