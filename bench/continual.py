@@ -79,7 +79,7 @@ REAL = {
     "lr": 5e-3,
     "batch_size": 4,
     "max_length": 64,
-    "max_new_tokens": 16,
+    "max_new_tokens": 20,  # one token per digit: "27,40,781.812" is 15
     "tasks": (
         "date_de_short",
         "list_fr",

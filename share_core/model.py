@@ -217,9 +217,22 @@ class ShareModel(nn.Module):
             }
             args = tuple(a[rows] for a in captured["args"])
             logits = functional_call(head, params, args, captured["kwargs"])
+            if logits.dim() == 3:  # a decoder's score head runs on every position: pool as the model does
+                logits = self._last_token(logits, inputs["input_ids"][rows])
             for j, i in enumerate(rows):
                 result[i] = logits[j]
         return result
+
+    def _last_token(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(rows, seq, labels) → (rows, labels): each row's logits at its last non-pad token, the
+        pooling of transformers' decoder sequence classifiers (LlamaForSequenceClassification)."""
+        pad = getattr(self.model.config, "pad_token_id", None)
+        positions = torch.arange(input_ids.shape[-1], device=logits.device)
+        if pad is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[-1] - 1, device=logits.device)
+        else:
+            last = (positions * (input_ids.to(logits.device) != pad)).argmax(-1)
+        return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
     def _forward_per_task(self, tasks: list[str], inputs: dict) -> list[torch.Tensor]:
         active, result = self.active_task, [None] * len(tasks)
