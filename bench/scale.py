@@ -405,6 +405,10 @@ def main(argv: list[str] | None = None) -> None:
     pre.add_argument("--audit", action="store_true")
     pre.add_argument("--audit-run", action="store_true", help="child: the saturated audit on the pipeline steps")
     pre.add_argument("--sizes", default=None, help="comma-separated T (overrides --quick/--full)")
+    pre.add_argument("--saturated-sizes", default=None, help="comma-separated T of the saturated regime's chain runs")
+    pre.add_argument(
+        "--report-only", action="store_true", help="with --keep: report the results kept there, run nothing more"
+    )
     pre.add_argument("--full", action="store_true")
     pre.add_argument("--regimes", default="exact,saturated")
     pre.add_argument("--landings", type=int, default=None)
@@ -443,12 +447,18 @@ def main(argv: list[str] | None = None) -> None:
         known.keep.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     results: dict[str, list[dict]] = {g: [] for g in regimes}
+    per_regime = {g: sizes for g in regimes}
+    if known.saturated_sizes:
+        per_regime["saturated"] = [int(x) for x in known.saturated_sizes.split(",")]
     for regime in regimes:
-        for t in sizes:  # one process per T: peak memory and threads are the landing's, not the history's
+        for t in per_regime[regime]:  # one process per T: peak memory and threads are the landing's, not the history's
             out = known.keep / f"{regime}-{t}.json" if known.keep else Path(tempfile.mkstemp(suffix=".json")[1])
             if known.keep and out.is_file():
                 results[regime].append(json.loads(out.read_text()))
                 print(f"{regime} T = {t}: reused {out}", flush=True)
+                continue
+            if known.report_only:
+                print(f"{regime} T = {t}: not run (no {out})", flush=True)
                 continue
             audit = regime == "saturated" and t <= AUDIT_T  # a full re-score after each chain landing
             cmd = [
@@ -478,7 +488,13 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     audit_result = None
-    if "saturated" in regimes:  # the saturated regime's evaluation against full re-scores, ≥ 20 landings
+    kept_audit = known.keep / f"audit-{audit_t}.json" if known.keep else None
+    if known.report_only:  # only what was kept
+        per_regime = {g: [r["tasks"] for r in results[g]] for g in regimes}
+        sizes = sorted({t for g in regimes for t in per_regime[g]})
+    if "saturated" in regimes and not (
+        known.report_only and not (kept_audit and kept_audit.is_file())
+    ):  # the saturated regime's evaluation against full re-scores, ≥ 20 landings
         out = known.keep / f"audit-{audit_t}.json" if known.keep else Path(tempfile.mkstemp(suffix=".json")[1])
         cmd = [sys.executable, "-m", "bench.scale", "--one", str(audit_t), "--audit-run"]
         cmd += ["--audit-landings", str(audit_landings), "--eval-rows", str(eval_rows), "--json", str(out)]
@@ -507,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for regime in regimes:
         rows = []
-        for t in sizes:
+        for t in per_regime[regime]:
             s = summary[regime][t]
             rows.append(
                 [
@@ -526,9 +542,9 @@ def main(argv: list[str] | None = None) -> None:
                 ]
             )
         tables.append(f"**{regime} regime**\n\n" + md_table(header, rows))
-    if "exact" in summary:
+    if summary.get("exact"):
         ex = summary["exact"]
-        lo, hi = sizes[0], sizes[-1]
+        lo, hi = min(ex), max(ex)
         small, big = ex[lo], ex[hi]
         targets += [
             Target(

@@ -111,3 +111,24 @@ def test_a_task_whose_score_dropped_is_never_certified(tmp_path, tiny_model_dir)
     assert r2["results"]["t0"]["check"] in ("scored", "rows") and r2["scores"]["t0"] == 0.0
     assert ev.compare(r2, list({"task": t, "score": s} for t, s in fresh.items()))["matches"]
     assert not forgetting_gate(r2, r1, tolerance=0.01)["passed"]
+
+
+def test_certificates_expire_row_by_row_not_in_a_burst():
+    """In the exact regime only the float32 term accrues (FLOAT32_ROUNDING per merge). A task's
+    rows expire one by one, each when its own margin is used up, so the rows re-scored per merge
+    stay a trickle (a task-level rule re-scored all of them together, ~77 merges after scoring)."""
+    from pipelines.params import EvalParams
+
+    cfg = EvalParams()
+    sigma = ev.prior_sensitivity(cfg)
+    margins = [1e-5 * 1.1**i for i in range(48)]  # thin to comfortable rows of one task
+    table = {"value": [1.0] * len(margins), "margin": margins, "at": [0.0] * len(margins)}
+    due_per_merge, done = [], set()
+    for merge in range(1, 2000):
+        due = set(ev._due(table, merge * ev.FLOAT32_ROUNDING, sigma)) - done
+        if due:
+            due_per_merge.append(len(due))
+            done |= due
+    # spread over many merges, never all of them at once
+    assert len(done) == len(margins) and len(due_per_merge) >= 10 and max(due_per_merge) <= len(margins) // 4
+    assert ev._expires(table, sigma) == min(m / (ev.SAFETY * sigma) for m in margins)
