@@ -411,7 +411,9 @@ class CausalLM(Family):
         seqs, masks = [], []
         for r in rows:
             c = self.completion_ids(tok, spec, r, max_length)
-            p = self.prompt_ids(tok, spec, r, max_length, room=len(c))
+            # the prompt as generation reads it (its last max_length tokens, whatever the completion's
+            # length): a context cut differently in training than in scoring is not the task learned
+            p = self.prompt_ids(tok, spec, r, max_length)
             seqs.append(p + c)
             masks.append(len(p))
         width = max(map(len, seqs))
