@@ -365,19 +365,17 @@ def status(workspace: Path = WORKSPACE) -> None:
             done.add((key, etag))
     later: list[tuple[str, str, str, str, str]] = []
     for j in Journal.open_journals(ws):  # an update under way (or interrupted: `share serve` resumes it)
-        prov = j.data.get("provenance", {})
+        prov = j.provenance
         if "key" in prov and (prov["key"], prov.get("etag")) not in done:
-            later.append(
-                (j.data.get("opened", ""), prov["key"], str(prov.get("etag", "")), "in progress", f"→ {j.version}")
-            )
+            later.append((j.record.opened, prov["key"], str(prov.get("etag", "")), "in progress", f"→ {j.version}"))
             done.add((prov["key"], prov.get("etag")))
-    try:
-        announced = json.loads((ws.root / WATCHER_LEDGER).read_text())
-    except (OSError, ValueError):
-        announced = {}
-    for key, etag in sorted(announced.items() if isinstance(announced, dict) else []):
-        if isinstance(etag, str) and (key, etag) not in done:
-            later.append(("", key, etag, "pending", "announced by `share serve`; no outcome yet"))
+    from .watcher import read_record
+
+    for key, rec in sorted(read_record(ws.root / WATCHER_LEDGER).items()):
+        if (key, rec["etag"]) not in done:
+            tries = rec.get("attempts", 1)
+            more = f" (announced {tries} times)" if tries > 1 else ""
+            later.append(("", key, rec["etag"], "pending", f"announced by `share serve`; no outcome yet{more}"))
     rows = sorted(rows) + later
     out = Console()
     if not rows:
@@ -556,6 +554,11 @@ def serve(
     ),
     absorb_cron: str = typer.Option("0 * * * *", help="cron schedule of the batch absorb"),
     reeval_cron: str = typer.Option("30 3 * * *", help="cron schedule of the champion's re-evaluation"),
+    reconcile_seconds: float = typer.Option(
+        60.0,
+        help="announce a landing again when it has no outcome this long after its announcement and no run "
+        "queued or running for it (doubling with each attempt)",
+    ),
     ephemeral: bool = typer.Option(
         False,
         "--ephemeral",
@@ -595,10 +598,19 @@ def serve(
     from pipelines import lineage
 
     from .continual import recover_updates
-    from .deployments import build_deployments, deploy_train_version, quiet_queueing
+    from .deployments import (
+        build_deployments,
+        crash_dead_runs,
+        deploy_train_version,
+        deployment_name,
+        landings_in_flight,
+        quiet_queueing,
+    )
+    from .lock import chain_id, reset_stale_slots
     from .watcher import Watcher
 
     lineage.init_workspace(ws.root, storage_url=storage)  # a DVC remote beside the landings, if it has none
+    chain = chain_id(ws)
     train_deployment = None
     if train_pool:
         train_deployment = deploy_train_version(train_pool)
@@ -614,21 +626,50 @@ def serve(
         absorb_cron=absorb_cron,
         reeval_cron=reeval_cron,
         train_deployment=train_deployment,
+        chain=chain,
     )
+    console.print(f"chain [bold]{chain}[/]: deployments <flow>/{deployment_name(chain)}")
     stop = threading.Event()
     sqs = None
     if sqs_queue_url:
         import boto3
 
         sqs = boto3.client("sqs")
-    watcher = Watcher(s, storage, ws.root / WATCHER_LEDGER)
-    # updates a crash left half-done: stale ones are discarded, the others fire again and resume
+    watcher = Watcher(s, storage, ws.root / WATCHER_LEDGER, chain=chain, outcome=ws.seen)
+    # recovery after a crash (of serve itself, or of the runs it served):
+    # 1. runs a dead serve left Pending/Running end Crashed (frees the deployment's slot now) and the
+    #    chain slot a dead holder still leases is released (no wait for a lease to expire)
+    for rid in crash_dead_runs(chain, "the `share serve` running this flow run died; recovery took the landing over"):
+        console.print(f"ended flow run {rid} of a dead `share serve` as Crashed")
+    if reset_stale_slots(ws):
+        console.print("freed the chain's concurrency slot held by a dead process")
+    # 2. updates a crash left half-done: stale ones are discarded and, like resumable ones, run again
+    announced = set()
     for provenance in recover_updates(str(ws.root), model_name, uri):
         landing = watcher.storage.landing(provenance["key"]) if "key" in provenance else None
-        if landing is not None and landing.etag == provenance["etag"]:
-            console.print(f"resuming the interrupted update of [bold]{landing.key}[/]")
-            watcher.emit(landing)
-    thread = threading.Thread(target=watcher.run, args=(poll_seconds, stop, sqs, sqs_queue_url), daemon=True)
+        if landing is not None and landing.etag == provenance["etag"]:  # (its ledger may say processed: "mark" left)
+            console.print(f"running the interrupted update of [bold]{landing.key}[/] again")
+            watcher.announce(landing)
+            announced.add(landing.key)
+
+    # 3. every landing announced without an outcome (killed before its journal opened, an event
+    #    lost, a fault that outlasted the retries) is announced again, now and on every poll
+    def in_flight() -> set[str]:
+        return landings_in_flight(chain) | announced
+
+    for landing in watcher.reconcile(0.0, in_flight):
+        console.print(f"announced [bold]{landing.key}[/] again: it had no outcome")
+    announced.clear()
+    thread = threading.Thread(
+        target=watcher.run,
+        args=(poll_seconds, stop, sqs, sqs_queue_url),
+        kwargs={
+            "reconcile_seconds": reconcile_seconds,
+            "in_flight": in_flight,
+            "each_round": lambda: landings_in_flight(chain),  # queued runs get their landing's name
+        },
+        daemon=True,
+    )
     thread.start()
     quiet_queueing()
     try:

@@ -5,7 +5,8 @@ continual_update   one landing → validate → ingest → train/absorb → eval
                    → HEAD → push → ledger, as a journaled transaction (pipelines.journal) that a
                    re-run resumes, or discards when its parent is no longer HEAD
 batch_absorb       every pending adapter landing → one absorbed version (journaled the same way)
-recover_updates    at `share serve` start: discard stale updates, list the resumable ones
+recover_updates    at `share serve` start: discard stale updates, end abandoned rollback runs, list
+                   the landings to run again (resumable updates, and discarded ones: processed afresh)
 evaluate_version   re-score a version and compare with what was recorded
 rollback           move champion + HEAD to a version, verify it by re-evaluation
 train_version      the training step alone: the "GPU job" deployment on a work pool
@@ -21,11 +22,14 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from pipelines import evaluate as ev
-from pipelines import lineage, register
-from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, next_version
+from pipelines import lineage, register, transaction
+from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, fault_point, next_version
 from pipelines.params import EvalParams, load_params
 from pipelines.storage import Landing, kind_and_task, open_storage, redact_url
 from pipelines.update import build_version
@@ -33,7 +37,7 @@ from pipelines.validate import LandingRejected, validate_landing
 from pipelines.workspace import Workspace
 from share_core import state as st
 
-from .lock import chain_lock
+from .lock import chain_lock, crash_runs
 
 TRANSIENT = dict(retries=2, retry_delay_seconds=2)
 
@@ -109,8 +113,6 @@ class _RunLogHandler(logging.Handler):
 
 
 def _train_run_name() -> str:
-    from prefect.runtime import flow_run
-
     p = flow_run.parameters
     return f"train {p.get('version')} ← {p.get('kind')} {', '.join(p.get('landings') or [])}"
 
@@ -262,18 +264,18 @@ def push_lineage(workspace: str, targets: list[str]) -> None:
 
 
 def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
     return flow_run.id
 
 
-def _landing_run_name() -> str:
-    """A continual-update run's name before its version is planned: what landed."""
-    from prefect.runtime import flow_run
-
-    key = str(flow_run.parameters.get("key", ""))
+def _landing_run_name_for(key: str) -> str:
     kind, task = kind_and_task(key) or ("landing", key)
     return f"landing: {kind} {task}"
+
+
+def _landing_run_name() -> str:
+    """A continual-update run's name before its version is planned: what landed (the watcher
+    gives queued runs the same name)."""
+    return _landing_run_name_for(str(flow_run.parameters.get("key", "")))
 
 
 def _best_effort(what: str, fn) -> None:
@@ -289,7 +291,6 @@ def _rename_run(name: str) -> None:
     run_id = _flow_run_id()
     if run_id is None:
         return
-    from prefect.client.orchestration import get_client
 
     def rename() -> None:
         with get_client(sync_client=True) as c:
@@ -328,70 +329,58 @@ def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: s
     )
 
 
-def _mark_crashed(run_ids: list[str]) -> None:
-    """Flow runs of a crashed update that the server still shows Running end Crashed."""
-    from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
+def _mark_crashed(
+    run_ids: list[str], message: str = "the process running this update died; a later run took the update over"
+) -> None:
+    """Flow runs of a crashed update that the server still shows Pending/Running end Crashed,
+    and so do their subflows (train-version in-process). Best effort: a server hiccup leaves
+    them for `share serve`'s start-up recovery."""
+    _best_effort("end the crashed update's runs", lambda: crash_runs(run_ids, message))
 
-    with get_client(sync_client=True) as client:
-        for rid in run_ids:
-            try:
-                state = client.read_flow_run(rid).state
-            except Exception:  # noqa: BLE001 - a run the server no longer knows needs no marking
-                continue
-            if state is not None and state.is_running():
-                client.set_flow_run_state(
-                    rid,
-                    Crashed(message="the process running this update died; a later run took the update over"),
-                    force=True,
-                )
+
+def end_abandoned_rollback_runs(ws: Workspace, model_name: str, tracking_uri: str | None) -> list[str]:
+    """MLflow runs of rollbacks killed between their start and end are ended FAILED. Called
+    under the chain lock (every rollback runs under it, so none of them is alive)."""
+    c = register.client(ws, tracking_uri)
+    exp = c.get_experiment_by_name(model_name)
+    if exp is None:
+        return []
+    runs = c.search_runs(
+        [exp.experiment_id], filter_string="tags.`share.event` = 'rollback' and attributes.status = 'RUNNING'"
+    )
+    for r in runs:
+        c.set_terminated(r.info.run_id, "FAILED")
+    return [r.info.run_id for r in runs]
 
 
 def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | None, reason: str) -> None:
     """A stale update (its parent is no longer HEAD): what it published is undone, its version
     is removed from the workspace and the lineage, and the journal says why."""
-    get_run_logger().warning("discarding the update of %s to %s: %s", j.data["provenance"], j.version, reason)
-    vdir = ws.version_dir(j.version)
-    built = st.read_manifest(vdir) if (vdir / "manifest.json").is_file() else None
-    # only what this update built (its provenance on its parent; also when the crash came between
-    # the build and its journal entry), never another update's version of the same id
-    children = (
-        [v for v in ws.version_ids() if v != j.version and st.read_manifest(ws.version_dir(v))["parent"] == j.version]
-        if built
-        else []
+    get_run_logger().warning("discarding the update of %s to %s: %s", j.provenance, j.version, reason)
+    transaction.undo(ws, j, model_name=model_name, tracking_uri=tracking_uri, reason=reason)
+    _mark_crashed(
+        [r for r in j.flow_runs if r != _flow_run_id()],
+        f"its update was discarded: {reason}; the landing is processed afresh on the new HEAD",
     )
-    if (
-        built
-        and built["extra"].get("provenance") == j.data["provenance"]
-        and built["parent"] == j.parent
-        and ws.head() != j.version
-        and not children
-    ):
-        register.discard_version(
-            ws,
-            j.version,
-            built["content_hash"],
-            model_name=model_name,
-            aliases_before=j.data.get("before", {}).get("alias"),
-            reason=reason,
-            tracking_uri=tracking_uri,
-        )
-        lineage.remove_version_stage(ws.root, j.version)
-        shutil.rmtree(vdir)
-        ws.evaluation_path(j.version).unlink(missing_ok=True)
-    j.close(DISCARDED, reason=reason)
 
 
 @flow(name="recover-updates", log_prints=True)
 def recover_updates(workspace: str, model_name: str = "share-subspace", tracking_uri: str | None = None) -> list[dict]:
-    """Open journals after a crash: the provenance of each update that can resume (its parent
-    is still HEAD); the stale ones are discarded. `share serve` runs this when it starts."""
+    """Open journals after a crash: the provenance of each landing to run again — updates that
+    can resume (their parent is still HEAD) and single-landing updates discarded because their
+    parent moved (processed afresh on the new HEAD, as a re-run by hand does; a discarded batch's
+    adapters are simply pending again). Rollback runs a kill left RUNNING in MLflow are ended.
+    `share serve` runs this when it starts and announces what it returns."""
     ws = Workspace(workspace)
-    resumable = []
+    again = []
     with chain_lock(ws):
+        _best_effort(
+            "end abandoned rollback runs",
+            lambda: end_abandoned_rollback_runs(ws, model_name, tracking_uri),
+        )
         for j in Journal.open_journals(ws):
             if j.resumable(ws.head()):
-                resumable.append(j.data["provenance"])
+                again.append(j.provenance)
             else:
                 discard(
                     ws,
@@ -400,7 +389,9 @@ def recover_updates(workspace: str, model_name: str = "share-subspace", tracking
                     tracking_uri=tracking_uri,
                     reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})",
                 )
-    return resumable
+                if j.record.key is not None:
+                    again.append(j.provenance)
+    return again
 
 
 def _build_and_publish(
@@ -418,8 +409,8 @@ def _build_and_publish(
         str(ws.root),
         j.version,
         j.parent,
-        j.data["kind"],
-        j.data["provenance"],
+        j.kind,
+        j.provenance,
     )
     t0 = time.perf_counter()
     if not j.done("build"):
@@ -509,7 +500,7 @@ def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: s
         "resuming the update of %s to %s after %s",
         provenance,
         j.version,
-        max(j.data["steps"], key=lambda s: j.data["steps"][s]["at"], default="nothing"),
+        j.record.last_step or "nothing",
     )
     _mark_crashed(j.join(_flow_run_id()))
     return j
@@ -546,12 +537,23 @@ def continual_update(
     re-run resumes. `etag` is the one the event saw; the landing's current content is what gets
     processed (an overwrite has its own event)."""
     with chain_lock(Workspace(workspace)):
-        return _continual_update(
+        out = _continual_update(
             key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment
         )
+    return _served_outcome(out)
+
+
+def _served_outcome(out: dict):
+    """A rejected landing's run ends Failed with the reason when it runs as a deployment (a
+    served run is red in the UI, not a green "Completed"); a direct call gets the dict. A
+    rejection is recorded before this: nothing retries it, reconcile sees its outcome."""
+    if out.get("status") == "rejected" and flow_run.deployment_id:
+        return Failed(message=f"rejected: {out['reason']}", data=out)
+    return out
 
 
 def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment) -> dict:
+    fault_point("lock")
     log = get_run_logger()
     ws = Workspace(workspace)
     landing = find_landing(storage_url, key)
@@ -616,22 +618,39 @@ def _resume_batch(
 ) -> dict | None:
     """A batch absorb a crash left half-done is finished (or discarded) before anything new is
     taken: its landings are the ones it recorded, whatever is pending now."""
-    for open_j in [x for x in Journal.open_journals(ws) if "batch" in x.data["provenance"]]:
-        j = _take_over(ws, open_j.data["provenance"], model_name, tracking_uri)
+    for open_j in [x for x in Journal.open_journals(ws) if x.record.batch]:
+        j = _take_over(ws, open_j.provenance, model_name, tracking_uri)
         if j is None:
             continue
         if not j.done("ingest"):  # nothing of it exists yet: its adapters are simply pending again
             j.close(DISCARDED, reason="interrupted before its landings were ingested")
             continue
         landings = []
-        for item in j.data["provenance"]["batch"]:
+        for item in j.record.batch:
             key, etag = item.rsplit("@", 1)
             landings.append(Landing(key=key, etag=etag, kind="adapter", task=key.rstrip("/").split("/")[-2]))
-        names = j.result("ingest")["names"]
-        out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
-        _publish_landings(ws, j, storage_url, landings, out["version"])
-        return {**out, "absorbed": names, "rejected": {}, "resumed": True}
+        out = _finish_batch(ws, j, storage_url, landings, model_name, tolerance, tracking_uri)
+        return {**out, "rejected": {}, "resumed": True}
     return None
+
+
+def _finish_batch(
+    ws: Workspace,
+    j: Journal,
+    storage_url: str,
+    landings: list[Landing],
+    model_name: str,
+    tolerance: float,
+    tracking_uri: str | None,
+) -> dict:
+    """The tail of a batch absorb, first run or resumed: the run says what it builds, the
+    journaled steps, the landings' outcomes, the artifact."""
+    names = j.result("ingest")["names"]
+    _rename_run(f"{j.version} ← {len(landings)} adapter(s)")
+    out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
+    _publish_landings(ws, j, storage_url, landings, out["version"])
+    _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
+    return {**out, "absorbed": names}
 
 
 def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -> dict:
@@ -660,12 +679,9 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
             ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id()
         )
         j.step("validate", lambda: None)
-        names = j.step("ingest", lambda: {"names": ingest(workspace, accepted)})["names"]
-    _rename_run(f"{j.version} ← {len(accepted)} adapter(s)")
-    out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
-    _publish_landings(ws, j, storage_url, [lnd for lnd, _ in accepted], out["version"])
-    _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
-    return {**out, "absorbed": names, "rejected": rejected}
+        j.step("ingest", lambda: {"names": ingest(workspace, accepted)})
+    out = _finish_batch(ws, j, storage_url, [lnd for lnd, _ in accepted], model_name, tolerance, tracking_uri)
+    return {**out, "rejected": rejected}
 
 
 @flow(name="evaluate-version", log_prints=True)
@@ -696,6 +712,9 @@ def rollback(
     ws = Workspace(workspace)
     version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=tracking_uri)
     with chain_lock(ws):
+        ended = end_abandoned_rollback_runs(ws, model_name, tracking_uri)
+        if ended:
+            get_run_logger().warning("ended %d rollback run(s) a killed rollback left RUNNING", len(ended))
         lineage.checkout_version(ws.root, version)
         moved = register.rollback(ws, version, model_name=model_name, reason=reason, tracking_uri=tracking_uri)
     check = evaluate_version(workspace, version)

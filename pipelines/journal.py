@@ -13,7 +13,9 @@ so a re-run resumes after the last step done. A journal whose parent is no longe
 that has not moved HEAD itself) is stale: it is discarded, never published.
 
 Fault injection for tests: with SHARE_FAULT_AFTER=<step> the process kills itself (SIGKILL)
-right after that step is journaled as done — the crash points the recovery must survive.
+right after that step is journaled as done — the crash points the recovery must survive; the
+flows add points before the journal exists (`fault_point("lock")`: the chain is held, nothing
+downloaded or journaled yet).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .workspace import Workspace, write_atomic
@@ -45,6 +47,22 @@ STEPS = (
 )
 OPEN, PUBLISHED, DISCARDED = "open", "published", "discarded"
 FAULT_ENV = "SHARE_FAULT_AFTER"
+FAULT_ONCE_ENV = "SHARE_FAULT_ONCE"
+
+
+def fault_point(name: str) -> None:
+    """Die here (SIGKILL) when SHARE_FAULT_AFTER names this point (tests only). With
+    SHARE_FAULT_ONCE=<file> only while that file exists, and the first to die removes it (a
+    served chain whose every run would otherwise die the same way)."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    once = os.environ.get(FAULT_ONCE_ENV)
+    if once:
+        try:
+            os.unlink(once)
+        except FileNotFoundError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
@@ -56,17 +74,69 @@ def journal_id(provenance: dict) -> str:
 
 
 @dataclass
+class JournalRecord:
+    """The journal file, typed (the JSON above, field for field; unknown fields are kept)."""
+
+    provenance: dict  # {"key", "etag"} of one landing, or {"batch": ["key@etag", …]}
+    kind: str  # dataset | adapter
+    version: str  # the version this update plans
+    parent: str | None  # HEAD when it was opened
+    status: str = OPEN  # open | published | discarded
+    steps: dict[str, dict] = field(default_factory=dict)  # step → {"at", …what it produced}
+    started: str | None = None  # the step about to act (None between steps)
+    flow_runs: list[str] = field(default_factory=list)  # the Prefect runs that worked on it
+    opened: str = ""
+    history: list[dict] = field(default_factory=list)  # earlier journals of the same landing
+    before: dict[str, dict] = field(default_factory=dict)  # step → what its undo restores
+    closed: str | None = None
+    reason: str | None = None  # why it was discarded
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> JournalRecord:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in data.items() if k in known}, extra={k: v for k, v in data.items() if k not in known}
+        )
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        for optional in ("before", "closed", "reason"):  # absent until used, as before
+            if not out[optional]:
+                del out[optional]
+        return {**self.extra, **out}
+
+    @property
+    def key(self) -> str | None:
+        """The landing's storage key (None for a batch)."""
+        return self.provenance.get("key")
+
+    @property
+    def batch(self) -> list[str]:
+        """The batch's "key@etag" items ([] for a single landing)."""
+        return list(self.provenance.get("batch", []))
+
+    @property
+    def last_step(self) -> str | None:
+        return max(self.steps, key=lambda s: self.steps[s]["at"], default=None)
+
+
+@dataclass
 class Journal:
-    """One landing's update. `data` is the JSON above; every change is written before return."""
+    """One landing's update: its file and its typed record; every change is written before return."""
 
     path: Path
-    data: dict
+    record: JournalRecord
 
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
+    def _read(cls, path: Path) -> Journal:
+        return cls(path, JournalRecord.from_json(json.loads(path.read_text())))
+
+    @classmethod
     def find(cls, ws: Workspace, provenance: dict) -> Journal | None:
         path = ws.journals / f"{journal_id(provenance)}.json"
-        return cls(path, json.loads(path.read_text())) if path.is_file() else None
+        return cls._read(path) if path.is_file() else None
 
     @classmethod
     def open(
@@ -76,51 +146,64 @@ class Journal:
         landing is kept in its history)."""
         old = cls.find(ws, provenance)
         history = (
-            (old.data.get("history", []) + [{k: old.data[k] for k in ("version", "parent", "status")}]) if old else []
+            old.record.history + [{"version": old.version, "parent": old.parent, "status": old.status}] if old else []
         )
         j = cls(
             ws.journals / f"{journal_id(provenance)}.json",
-            {
-                "provenance": provenance,
-                "kind": kind,
-                "version": version,
-                "parent": parent,
-                "status": OPEN,
-                "steps": {},
-                "started": None,
-                "flow_runs": [flow_run] if flow_run else [],
-                "opened": _now(),
-                "history": history,
-            },
+            JournalRecord(
+                provenance=provenance,
+                kind=kind,
+                version=version,
+                parent=parent,
+                flow_runs=[flow_run] if flow_run else [],
+                opened=_now(),
+                history=history,
+            ),
         )
         j._write()
         return j
 
-    @staticmethod
-    def open_journals(ws: Workspace) -> list[Journal]:
+    @classmethod
+    def open_journals(cls, ws: Workspace) -> list[Journal]:
         if not ws.journals.is_dir():
             return []
-        out = [Journal(p, json.loads(p.read_text())) for p in sorted(ws.journals.glob("*.json"))]
+        out = [cls._read(p) for p in sorted(ws.journals.glob("*.json"))]
         return [j for j in out if j.status == OPEN]
 
     # ---- state ------------------------------------------------------------------------------
     @property
+    def provenance(self) -> dict:
+        return self.record.provenance
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+    @property
     def version(self) -> str:
-        return self.data["version"]
+        return self.record.version
 
     @property
     def parent(self) -> str | None:
-        return self.data["parent"]
+        return self.record.parent
 
     @property
     def status(self) -> str:
-        return self.data["status"]
+        return self.record.status
+
+    @property
+    def flow_runs(self) -> list[str]:
+        return list(self.record.flow_runs)
 
     def done(self, step: str) -> bool:
-        return step in self.data["steps"]
+        return step in self.record.steps
 
     def result(self, step: str) -> dict:
-        return self.data["steps"].get(step, {})
+        return self.record.steps.get(step, {})
+
+    def before(self, step: str) -> dict:
+        """What `step` recorded before it acted (its undo's input)."""
+        return self.record.before.get(step, {})
 
     def resumable(self, head: str | None) -> bool:
         """It may still finish: its parent is still HEAD (nothing else was published since), or
@@ -130,9 +213,9 @@ class Journal:
 
     def join(self, flow_run: str | None) -> list[str]:
         """Record that `flow_run` works on this journal now; return the runs before it."""
-        before = [r for r in self.data["flow_runs"] if r != flow_run]
-        if flow_run and flow_run not in self.data["flow_runs"]:
-            self.data["flow_runs"].append(flow_run)
+        before = [r for r in self.record.flow_runs if r != flow_run]
+        if flow_run and flow_run not in self.record.flow_runs:
+            self.record.flow_runs.append(flow_run)
             self._write()
         return before
 
@@ -141,17 +224,16 @@ class Journal:
         """Journal that `step` is about to act (with what it needs to undo, e.g. aliases before)."""
         if step not in STEPS:
             raise ValueError(f"unknown journal step {step!r}")
-        self.data["started"] = step
+        self.record.started = step
         if before:  # the first attempt's view: a resumed step must not record its own effects as "before"
-            self.data.setdefault("before", {}).setdefault(step, before)
+            self.record.before.setdefault(step, before)
         self._write()
 
     def finish(self, step: str, **result) -> None:
-        self.data["steps"][step] = {"at": _now(), **result}
-        self.data["started"] = None
+        self.record.steps[step] = {"at": _now(), **result}
+        self.record.started = None
         self._write()
-        if os.environ.get(FAULT_ENV) == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault_point(step)
 
     def step(self, name: str, fn, **before) -> dict:
         """Run `fn() -> dict` unless `name` is done; return what it produced (stored on disk)."""
@@ -160,12 +242,14 @@ class Journal:
             self.finish(name, **(fn() or {}))
         return self.result(name)
 
-    def close(self, status: str, **info) -> None:
-        self.data.update(status=status, closed=_now(), **info)
+    def close(self, status: str, reason: str | None = None) -> None:
+        self.record.status, self.record.closed = status, _now()
+        if reason is not None:
+            self.record.reason = reason
         self._write()
 
     def _write(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+        write_atomic(self.path, json.dumps(self.record.to_json(), indent=1, sort_keys=True))
 
 
 def next_version(ws: Workspace) -> str:

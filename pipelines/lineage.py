@@ -36,6 +36,7 @@ IGNORED = [
     "mlartifacts/",
     ".lock",
     ".chain-id",
+    "*chain-lease.json*",
     "ledger.json",
     "journal/",
     "watcher-ledger.json",

@@ -127,8 +127,9 @@ def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
     b = chain["storage"].upload_task(chain["src"] / names[1], "adapter", names[1])
     assert rerun(chain, b)["version"] == "v0002"  # the crashed update's id is not handed out again
     ws = chain["ws"]
-    # what `share serve` does when it starts: the stale update is discarded, nothing to resume
-    assert recover_updates(str(ws.root), MODEL) == []
+    # what `share serve` does when it starts: the stale update is discarded, and its landing is
+    # offered to be processed afresh (serve announces it again)
+    assert recover_updates(str(ws.root), MODEL) == [{"key": a, "etag": chain["storage"].landing(a).etag}]
     assert not ws.version_dir("v0001").exists()
     out = rerun(chain, a)  # processed afresh on the new HEAD
     assert out["version"] == "v0003"

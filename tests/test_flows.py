@@ -33,7 +33,8 @@ def test_polling_emits_once_per_landing_and_again_on_overwrite(moto_s3, bucket, 
     (a / "eval.jsonl").write_text((a / "eval.jsonl").read_text().splitlines(keepends=True)[0])
     storage.upload_task(a, "dataset", "sentiment")  # an overwrite is a new landing
     assert [x.task for x in watcher.poll_once()] == ["sentiment"]
-    assert len(json.loads((tmp_path / "ledger.json").read_text())) == 2
+    record = json.loads((tmp_path / "ledger.json").read_text())["landings"]
+    assert len(record) == 2 and record["p/incoming/datasets/sentiment/task.yaml"]["attempts"] == 1  # a new ETag
 
 
 def test_s3_notifications_from_sqs_emit_task_yaml_landings_only(moto_s3, bucket, prefect_harness, tmp_path):
@@ -59,11 +60,18 @@ def test_s3_notifications_from_sqs_emit_task_yaml_landings_only(moto_s3, bucket,
 
 
 def test_deployments_trigger_schedule_and_serialise_updates(tmp_path):
-    deps = {d.name: d for d in build_deployments("file:///tmp/bucket", str(tmp_path), absorb_cron="*/30 * * * *")}
+    from flows.lock import chain_id
+    from pipelines.workspace import Workspace
+
+    built = build_deployments("file:///tmp/bucket", str(tmp_path), absorb_cron="*/30 * * * *")
+    chain = chain_id(Workspace(tmp_path))
+    deps = {d.flow_name: d for d in built}
     assert set(deps) == {"continual-update", "batch-absorb", "reevaluate-champion", "rollback", "evaluate-version"}
+    assert {d.name for d in built} == {f"chain-{chain}"} and all(d.tags == [f"share-chain:{chain}"] for d in built)
     update = deps["continual-update"]
     [trigger] = update.triggers
     assert trigger.expect == {EVENT} and trigger.parameters["key"] == "{{ event.payload.key }}"
+    assert trigger.match.root["prefect.resource.id"] == f"share.landing.{chain}.*"  # this chain's landings only
     assert update.concurrency_limit == 1 and deps["batch-absorb"].concurrency_limit == 1
     assert deps["batch-absorb"].schedules[0].schedule.cron == "*/30 * * * *"
     assert deps["reevaluate-champion"].schedules[0].schedule.cron == "30 3 * * *"

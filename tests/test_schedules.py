@@ -46,7 +46,8 @@ def test_cron_deployments_get_scheduled_runs(tmp_path):
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-        deps = {d["name"]: d["id"] for d in rest(f"{api}/deployments/filter", {})}
+        flows = {f["id"]: f["name"] for f in rest(f"{api}/flows/filter", {})}  # deployments are named after the chain
+        deps = {flows[d["flow_id"]]: d["id"] for d in rest(f"{api}/deployments/filter", {})}
         cron = {name: deps[name] for name in ("batch-absorb", "reevaluate-champion")}
         deadline, runs = time.monotonic() + 60, {}
         while time.monotonic() < deadline:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.lock import chain_id
 from infra import stack
 from pipelines import lineage
 from pipelines.params import edit_params
@@ -69,9 +70,10 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
                 start_new_session=True,
             )
         api = cfg.url(cfg.prefect_port) + "/api"
+        update_name = f"continual-update/chain-{chain_id(Workspace(ws))}"  # deployments are named after the chain
         wait_for(
             "the continual-update deployment",
-            lambda: rest(f"{api}/deployments/name/continual-update/continual-update"),
+            lambda: rest(f"{api}/deployments/name/{update_name}"),
             90,
             {"`share serve`": (serve, log)},
             poll=1,
@@ -82,7 +84,7 @@ def test_landing_event_triggers_served_update_on_real_servers(tmp_path, tiny_mod
         )
 
         # the event created a run of the served deployment, which completed
-        dep = rest(f"{api}/deployments/name/continual-update/continual-update")
+        dep = rest(f"{api}/deployments/name/{update_name}")
         runs = wait_for(
             "a completed continual-update run",
             lambda: [

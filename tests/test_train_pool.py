@@ -18,6 +18,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from flows.lock import chain_id
 from pipelines import lineage, register
 from pipelines.params import edit_params
 from pipelines.storage import open_storage
@@ -180,7 +181,7 @@ def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_ret
         )
         update_dep = wait_for(
             "the continual-update deployment",
-            lambda: rest(f"{api}/deployments/name/continual-update/continual-update"),
+            lambda: rest(f"{api}/deployments/name/continual-update/chain-{chain_id(ws)}"),
             90,
             procs,
         )
@@ -267,7 +268,7 @@ def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_ret
         nothing_recorded()
         timings["failed"] = time.monotonic() - t0
 
-        # 3. a re-run of the update (= `prefect deployment run continual-update/continual-update
+        # 3. a re-run of the update (= `prefect deployment run continual-update/chain-<id>
         #    --param key=…`) on the new worker completes the landing: exactly one version
         rerun = rest(f"{api}/deployments/{update_dep['id']}/create_flow_run", {"parameters": {"key": key}})
         wait_for(
