@@ -647,7 +647,8 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def report(res: dict, args, wall_s: float) -> None:
+def report(res: dict, args, wall_s: float, env: dict) -> None:
+    """env: the environment when the soak started (its commit is the code the services ran)."""
     landings = res["landings"]
     n_good = sum(x["expected"] == "processed" for x in landings)
     beyond = res["latency_beyond_training_s"]
@@ -779,7 +780,7 @@ def report(res: dict, args, wall_s: float) -> None:
         sections,
         targets,
         {**res, "latency_p50_s": p50, "latency_p95_s": p95, "args": {k: str(v) for k, v in vars(args).items()}},
-        environment(),
+        env,
         wall_s,
         args.quick,
     )
@@ -803,13 +804,13 @@ def main(argv: list[str] | None = None) -> int:
         args.minutes, args.drain_minutes = min(args.minutes, 3.0), min(args.drain_minutes, 6.0)
     args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     os.environ.update(OFFLINE)
-    t0 = time.perf_counter()
+    t0, env = time.perf_counter(), environment()
     soak = Soak(args)
     try:
         res = soak.run()
     finally:
         soak.cleanup()
-    report(res, args, time.perf_counter() - t0)
+    report(res, args, time.perf_counter() - t0, env)
     if not args.keep and not args.dir:
         shutil.rmtree(soak.root, ignore_errors=True)
     else:
