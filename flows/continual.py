@@ -24,7 +24,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Failed
 
 from pipelines import evaluate as ev
@@ -547,7 +547,7 @@ def _served_outcome(out: dict):
     """A rejected landing's run ends Failed with the reason when it runs as a deployment (a
     served run is red in the UI, not a green "Completed"); a direct call gets the dict. A
     rejection is recorded before this: nothing retries it, reconcile sees its outcome."""
-    if out.get("status") == "rejected" and flow_run.deployment_id:
+    if out.get("status") == "rejected" and deployment.id:
         return Failed(message=f"rejected: {out['reason']}", data=out)
     return out
 
