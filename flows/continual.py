@@ -228,7 +228,13 @@ def record_lineage(workspace: str, version: str, message: str) -> dict:
 
 @task(**TRANSIENT)
 def log_run(
-    workspace: str, version: str, model_name: str, landing: dict, lin: dict, tolerance: float, tracking_uri: str | None
+    workspace: str,
+    version: str,
+    model_name: str,
+    landing: dict,
+    lin: dict,
+    tolerance: float | None,
+    tracking_uri: str | None,
 ) -> dict:
     ws = Workspace(workspace)
     gate = register.gate_for(ws, version, model_name=model_name, tolerance=tolerance, tracking_uri=tracking_uri)
@@ -529,7 +535,7 @@ def continual_update(
     workspace: str,
     etag: str | None = None,
     model_name: str = "share-subspace",
-    tolerance: float = 0.01,
+    tolerance: float | None = None,  # None: params.yaml evaluate.gate_tolerance
     tracking_uri: str | None = None,
     train_deployment: str | None = None,
 ) -> dict:
@@ -605,7 +611,7 @@ def batch_absorb(
     storage_url: str,
     workspace: str,
     model_name: str = "share-subspace",
-    tolerance: float = 0.01,
+    tolerance: float | None = None,  # None: params.yaml evaluate.gate_tolerance
     tracking_uri: str | None = None,
 ) -> dict:
     """Absorb every pending adapter landing in one merge (asynchronous learning)."""

@@ -86,7 +86,7 @@ def build_deployments(
     *,
     model_name: str = "share-subspace",
     tracking_uri: str | None = None,
-    tolerance: float = 0.01,
+    tolerance: float | None = None,  # None: the workspace's evaluate.gate_tolerance
     absorb_cron: str = "0 * * * *",
     reeval_cron: str = "30 3 * * *",
     train_deployment: str | None = None,

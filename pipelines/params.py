@@ -59,7 +59,8 @@ class EvalParams:
     ΔW provably did not move (certified, see pipelines.evaluate); `full` re-scores every task.
     workers: shards scored in parallel; dask_address: a Dask scheduler to send them to
     (None: in-process; $SHARE_DASK_ADDRESS overrides). max_new_tokens: the longest greedy
-    completion of a causal-LM task."""
+    completion of a causal-LM task. gate_tolerance: the forgetting gate's largest allowed drop of
+    any task's score against the champion (score units) before the champion may move."""
 
     mode: str = "changed-only"
     certify_tolerance: float = 1e-5
@@ -69,10 +70,13 @@ class EvalParams:
     dask_address: str | None = None
     max_new_tokens: int = 16
     screen_rows: int = 16  # certified rows of truncated tasks re-scored per landing to check the sensitivity
+    gate_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if self.screen_rows < 0:
             raise ValueError("evaluate.screen_rows must be ≥ 0")
+        if not 0.0 <= self.gate_tolerance <= 1.0:
+            raise ValueError(f"evaluate.gate_tolerance must be in [0, 1], got {self.gate_tolerance}")
         if self.mode not in ("changed-only", "full"):
             raise ValueError(f"evaluate.mode must be 'changed-only' or 'full', got {self.mode!r}")
         if self.workers < 1 or self.batch_size < 1 or self.max_new_tokens < 1:

@@ -25,6 +25,7 @@ import typer
 from share_core import state as st
 from share_core.metrics import accounting
 
+from .params import load_params
 from .pyfunc import write_model
 from .workspace import Workspace, parse_version_id
 
@@ -110,9 +111,12 @@ def forgetting_gate(new: dict, champion: dict | None, tolerance: float) -> dict:
 
 
 def gate_for(
-    ws: Workspace, version: str, *, model_name: str, tolerance: float, tracking_uri: str | None = None
+    ws: Workspace, version: str, *, model_name: str, tolerance: float | None = None, tracking_uri: str | None = None
 ) -> dict:
-    """The forgetting gate of `version` against the current champion's recorded scores."""
+    """The forgetting gate of `version` against the current champion's recorded scores, with the
+    workspace's `evaluate.gate_tolerance` unless a tolerance is given."""
+    if tolerance is None:
+        tolerance = load_params(ws.params_path).evaluate.gate_tolerance
     champ_id = _alias_version(client(ws, tracking_uri), model_name, CHAMPION)
     champ = json.loads(ws.evaluation_path(champ_id).read_text()) if champ_id and champ_id != version else None
     return {

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from pipelines import evaluate as ev
-from pipelines.params import Params, edit_params, load_params, save_params
+from pipelines import register
+from pipelines.params import EvalParams, Params, edit_params, load_params, save_params
 from pipelines.workspace import Workspace
 
 
@@ -99,3 +100,21 @@ def test_head_reports_are_written_once_per_head_move_and_survive_a_torn_line(tmp
         "rescored": 1,
         "certified": 0,
     }
+
+
+def test_the_forgetting_gate_takes_its_tolerance_from_params_yaml(tmp_path, monkeypatch):
+    """One source of truth: a flow passes no tolerance, so the gate reads evaluate.gate_tolerance;
+    an explicit tolerance still wins. A drop of 0.1 passes at 0.2 and fails at the default 0.01."""
+    ws = Workspace(tmp_path)
+    ws.evaluations.mkdir(parents=True)
+    for version, score in (("v0001", 0.9), ("v0002", 0.8)):
+        ws.evaluation_path(version).write_text(json.dumps({"version": version, "scores": {"t": score}}))
+    monkeypatch.setattr(register, "client", lambda ws, uri: None)
+    monkeypatch.setattr(register, "_alias_version", lambda client, name, alias: "v0001")
+    assert not register.gate_for(ws, "v0002", model_name="m")["passed"]  # no params.yaml: the default 0.01
+    save_params(ws.params_path, Params(evaluate=EvalParams(gate_tolerance=0.2)))
+    gate = register.gate_for(ws, "v0002", model_name="m")
+    assert gate["passed"] and gate["worst_drop"] == pytest.approx(0.1)
+    assert not register.gate_for(ws, "v0002", model_name="m", tolerance=0.05)["passed"]
+    with pytest.raises(ValueError, match="gate_tolerance"):
+        load_params(write(tmp_path, "evaluate: {gate_tolerance: 2}\n"))
