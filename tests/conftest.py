@@ -201,6 +201,7 @@ INTEGRATION_MODULES = {
     "test_causal_pipeline",
     "test_service",
     "test_readme",
+    "test_scale",
 }
 
 
