@@ -23,6 +23,17 @@ from typer.core import TyperGroup
 
 from pipelines.storage import kind_and_task, redact_url
 
+from .servers import (
+    STACK_HINT,
+    CLIError,
+    explain,
+    first_line,
+    prefect_api_url,
+    require_mlflow,
+    require_prefect,
+    require_server,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -30,36 +41,8 @@ os.environ.setdefault(
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
 )  # 2 busy cores: the default 20 s is too tight
 
-PROBE_TIMEOUT = 3.0  # seconds: a server that does not answer by then is reported as down
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-STACK_HINT = 'start the local stack: `share stack up`, then eval "$(share stack env)"'
 STORAGE_FORMS = "accepted: file:///abs/dir or a directory path (it must exist), s3://bucket/prefix[?endpoint_url=http://host:port&region=…]"
 WATCHER_LEDGER = "watcher-ledger.json"  # in the workspace: {key: ETag} of the landings `share serve` has announced
-
-
-class CLIError(Exception):
-    """A user error: `message` (one line) and an optional `hint` line, exit code `code`."""
-
-    def __init__(self, message: str, hint: str | None = None, code: int = 1) -> None:
-        super().__init__(message)
-        self.hint, self.code = hint, code
-
-
-def _first_line(text: str, limit: int = 400) -> str:
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def explain(e: BaseException) -> tuple[str, str | None, int]:
-    """(one-line message, hint or None, exit code) for an exception a command raised."""
-    if isinstance(e, CLIError):
-        return str(e), e.hint, e.code
-    if type(e).__name__ in ("VersionIdError", "StorageError"):  # pipelines.workspace / .storage: the input was wrong
-        return _first_line(e), None, 2
-    if type(e).__name__ == "StackError":  # infra.stack, imported only by the stack commands
-        return _first_line(e), "`share stack status` shows each service; `share stack down` stops them", 1
-    text = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
-    return f"{type(e).__name__}: {_first_line(text)}", "run it again as `share --debug …` for the traceback", 1
 
 
 class ShareGroup(TyperGroup):
@@ -176,71 +159,6 @@ def _tracking(ws, tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri
 
 
-def unreachable(url: str, timeout: float | None = None) -> str | None:
-    """None when an HTTP server answers `url` (any status: something is there), else why not.
-    Loopback requests bypass proxies (a corporate HTTP_PROXY must not see them)."""
-    import socket
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    timeout = PROBE_TIMEOUT if timeout is None else timeout
-    host = urllib.parse.urlparse(url).hostname or ""
-    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if host in LOOPBACK else []))
-    try:
-        with opener.open(url, timeout=timeout):
-            return None
-    except urllib.error.HTTPError:
-        return None
-    except urllib.error.URLError as e:
-        reason = e.reason
-    except (OSError, ValueError) as e:
-        reason = e
-    if isinstance(reason, (TimeoutError, socket.timeout)):
-        return f"no answer within {timeout:g} s"
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    return _first_line(getattr(reason, "strerror", None) or reason, 200)
-
-
-def require_server(what: str, url: str, probe: str, hint: str) -> None:
-    """Fail within PROBE_TIMEOUT seconds, naming `url`, when nothing answers `probe`."""
-    why = unreachable(probe)
-    if why:
-        raise CLIError(f"{what} at {redact_url(url)} is not reachable ({why})", hint=hint)
-
-
-def require_mlflow(uri: str) -> None:
-    if uri.startswith(("http://", "https://")):
-        require_server(
-            "the MLflow tracking server",
-            uri,
-            uri.rstrip("/") + "/health",
-            f"{STACK_HINT}; or point --tracking-uri / MLFLOW_TRACKING_URI at a running server",
-        )
-
-
-def prefect_api_url(profile: bool = True) -> str | None:
-    """The Prefect API the flows will use: $PREFECT_API_URL, else (with `profile`) the active
-    Prefect profile's; None means Prefect would start a temporary server."""
-    url = os.environ.get("PREFECT_API_URL")
-    if url is None and profile:
-        from prefect.settings import get_current_settings
-
-        url = get_current_settings().api.url
-    return (url or "").strip() or None
-
-
-def require_prefect(url: str | None) -> None:
-    if url:
-        require_server(
-            "the Prefect API",
-            url,
-            url.rstrip("/") + "/health",
-            f"{STACK_HINT}; or point PREFECT_API_URL at a running Prefect server",
-        )
-
-
 def open_workspace(path: Path):
     """The workspace at `path`; one line naming it when there is none (nothing is created)."""
     from pipelines.workspace import Workspace
@@ -274,7 +192,7 @@ def open_storage_arg(url: str | None):
     try:
         storage = open_storage(url)
     except StorageError as e:
-        raise CLIError(f"{_first_line(e)}; {STORAGE_FORMS}", code=2) from e
+        raise CLIError(f"{first_line(e)}; {STORAGE_FORMS}", code=2) from e
     if isinstance(storage, LocalStorage) and not storage.root.is_dir():
         raise CLIError(f"storage directory {storage.root} does not exist; {STORAGE_FORMS}", code=2)
     if isinstance(storage, S3Storage) and storage.endpoint_url:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows import cli
+from flows import cli, servers
 from infra import stack
 from pipelines.journal import Journal
 from pipelines.params import Params, save_params
@@ -172,17 +172,17 @@ def test_versions_with_mlflow_down_fails_fast(ws):
 
 
 def test_a_server_that_accepts_but_never_answers_is_reported_within_the_timeout(monkeypatch):
-    monkeypatch.setattr(cli, "PROBE_TIMEOUT", 0.5)
+    monkeypatch.setattr(servers, "PROBE_TIMEOUT", 0.5)
     with socket.socket() as srv:  # listens (the kernel completes connects) but never replies
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
         url = f"http://127.0.0.1:{srv.getsockname()[1]}"
         t0 = time.monotonic()
-        with pytest.raises(cli.CLIError, match=re.escape(url) + ".*no answer within 0.5 s") as err:
-            cli.require_mlflow(url)
+        with pytest.raises(servers.CLIError, match=re.escape(url) + ".*no answer within 0.5 s") as err:
+            servers.require_mlflow(url)
         assert time.monotonic() - t0 < 3
         assert "share stack up" in err.value.hint
-    assert cli.unreachable(closed_port_url()) == "connection refused"
+    assert servers.unreachable(closed_port_url()) == "connection refused"
 
 
 def test_serve_refuses_without_a_prefect_api(tmp_path):
