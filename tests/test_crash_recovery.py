@@ -153,25 +153,32 @@ BATCH = (
 def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
     from flows.continual import batch_absorb
 
-    ws, storage, names = chain["ws"], chain["storage"], chain["names"][:3]
-    for n in names:
+    ws, storage, names = chain["ws"], chain["storage"], chain["names"][:4]
+    for n in names[:3]:
         storage.upload_task(chain["src"] / n, "adapter", n)
     proc = subprocess.run(
         [sys.executable, "-c", BATCH, storage.describe(), str(ws.root), MODEL],
-        env={**chain["env"], "SHARE_FAULT_AFTER": "ledger"},
+        env={**chain["env"], "SHARE_FAULT_AFTER": "build"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
-    # every landing is in the ledger already, so none is pending: the open journal is what resumes
+    # a fourth adapter lands before the resume: the resumed batch is exactly the three it recorded
+    late = storage.upload_task(chain["src"] / names[3], "adapter", names[3])
     out = batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
     assert out["resumed"] and out["version"] == "v0001" and len(out["absorbed"]) == 3
     assert ws.version_ids() == ["v0001"] and ws.head() == "v0001"
+    assert st.load(ws.version_dir("v0001")).task_names == names[:3]
     assert [r["version"] for r in register.list_versions(MODEL, ws.tracking_uri)] == ["v0001"]
     for lnd in storage.list_landings():
-        assert ws.seen(lnd.key, lnd.etag)["status"] == "processed" and storage.status_of(lnd)["version"] == "v0001"
+        if lnd.key != late:
+            assert ws.seen(lnd.key, lnd.etag)["status"] == "processed" and storage.status_of(lnd)["version"] == "v0001"
     assert not [p for p in ws.journals.glob("*.json") if json.loads(p.read_text())["status"] == "open"]
+    # the late landing is the next batch, on top of the resumed version
+    nxt = batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
+    assert nxt["version"] == "v0002" and len(nxt["absorbed"]) == 1
+    assert st.load(ws.version_dir("v0002")).task_names == names
     assert (
         batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL)["status"]
         == "nothing-to-absorb"
