@@ -89,6 +89,33 @@ AUDIT_T = 300  # the saturated T whose landings are all audited against a full r
 TOLERANCE = 0.01  # the forgetting gate's tolerance (flows' default): a drop beyond it must not be missed
 
 
+def write_adapter_landings(dest: Path, tmp: Path, model_path: str | None, count: int, eval_rows: int, regime: str):
+    """`count` adapter landings task0000… in `dest` (rank 8, in one 16-dim subspace per layer plus
+    the regime's private part), each with a sentiment eval set of `eval_rows`; their names."""
+    from share_core.base import BaseSpec, load_base
+    from share_core.synthetic import shared_subspace_adapters, write_landing
+    from share_core.tasks import generate_tasks
+
+    template = generate_tasks(tmp / "template", names=["sentiment"], n_train=4, n_eval=eval_rows)[0]
+    base = BaseSpec(model_path=model_path)
+    model, _ = load_base(base)
+    names = [f"task{i:04d}" for i in range(count)]
+    adapters = shared_subspace_adapters(
+        model,
+        names,
+        2,
+        targets=base.targets(),
+        heads=base.heads(),
+        base_model_id=base.model_id,
+        rank=8,
+        dim=16,
+        private=REGIMES[regime],
+    )
+    for a in adapters:
+        write_landing(dest, a, template)
+    return names
+
+
 def cpu_s() -> float:
     """CPU seconds of this process and of its children that have finished (git, dvc)."""
     import resource
@@ -142,32 +169,12 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None, r
     from pipelines.storage import LocalStorage
     from pipelines.workspace import Workspace
     from share_core import state as st
-    from share_core.base import BaseSpec, load_base
-    from share_core.synthetic import shared_subspace_adapters, write_landing
-    from share_core.tasks import generate_tasks
 
     ws = Workspace(tmp / "ws")
     lineage.init_workspace(ws.root, remote=str(tmp / "dvc-remote"))
     edit_params(ws.params_path, base={"model_path": model_path})
-    template = generate_tasks(tmp / "template", names=["sentiment"], n_train=4, n_eval=eval_rows)[0]
-    base = BaseSpec(model_path=model_path)
-    model, _ = load_base(base)
-    names = [f"task{i:04d}" for i in range(tasks + landings)]
-    adapters = shared_subspace_adapters(
-        model,
-        names,
-        2,
-        targets=base.targets(),
-        heads=base.heads(),
-        base_model_id=base.model_id,
-        rank=8,
-        dim=16,
-        private=REGIMES[regime],
-    )
-    del model
     src, storage = tmp / "landings-src", LocalStorage(tmp / "bucket")
-    for a in adapters:
-        write_landing(src, a, template)
+    names = write_adapter_landings(src, tmp, model_path, tasks + landings, eval_rows, regime)
     for n in names[:tasks]:
         storage.upload_task(src / n, "adapter", n)
 
@@ -278,32 +285,13 @@ def audit_run(tasks: int, landings: int, eval_rows: int, model_path: str | None)
     from pipelines.params import Params, load_params, save_params
     from pipelines.update import build_version
     from pipelines.workspace import Workspace
-    from share_core.base import BaseSpec, load_base
-    from share_core.synthetic import shared_subspace_adapters, write_landing
-    from share_core.tasks import generate_tasks
 
     tmp = Path(tempfile.mkdtemp(prefix=f"share-bench-scale-audit-{tasks}-"))
     ws = Workspace(tmp / "ws")
     ws.root.mkdir(parents=True)
     save_params(ws.params_path, Params().replace(base={"model_path": model_path}))
     params = load_params(ws.params_path)
-    template = generate_tasks(tmp / "template", names=["sentiment"], n_train=4, n_eval=eval_rows)[0]
-    base = BaseSpec(model_path=model_path)
-    model, _ = load_base(base)
-    names = [f"task{i:04d}" for i in range(tasks + landings)]
-    for a in shared_subspace_adapters(
-        model,
-        names,
-        2,
-        targets=base.targets(),
-        heads=base.heads(),
-        base_model_id=base.model_id,
-        rank=8,
-        dim=16,
-        private=REGIMES["saturated"],
-    ):
-        write_landing(ws.landings, a, template)
-    del model
+    names = write_adapter_landings(ws.landings, tmp, model_path, tasks + landings, eval_rows, "saturated")
     t0, c0 = time.perf_counter(), time.process_time()
     build_version([ws.landings / n for n in names[:tasks]], "adapter", ws.version_dir("v0001"), None, params)
     ev.evaluate_version(ws, "v0001")

@@ -39,7 +39,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from infra.stack import free_ports
 
 from .common import QUICK_RESULTS, RESULTS, Target, environment, fmt, md_table, write_report
 
@@ -79,17 +80,6 @@ class Landing:
     ledger_outcomes: list = field(default_factory=list)
     outcome_at: float | None = None
     train_s: float = 0.0
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def rest(url: str, body: dict | None = None, timeout: float = 15):

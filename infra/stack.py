@@ -74,6 +74,19 @@ class _Service:
     marker: str  # a word of its command line: tells our process from a recycled pid
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ), for a stack
+    beside others on one machine (tests, the soak)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def config(data_dir: Path = Path(".share-stack"), **ports: int | None) -> StackConfig:
     """The stack of `data_dir`: ports given here win, else those its last `up` recorded in
     `<data_dir>/stack.json`, else the defaults (so `env`/`down`/`status` find a stack started on

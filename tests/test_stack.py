@@ -17,17 +17,6 @@ from infra import stack
 FAKE_REAL_KEY = "AKIAREALKEYMUSTNOTLEAK"
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def group_pids(pgid: int) -> list[int]:
     """Live processes of a process group (a service's server, workers and helpers)."""
     pids = []
@@ -76,7 +65,7 @@ def cfg(tmp_path, monkeypatch):
     # pretend the user has real AWS credentials: they must reach neither the servers nor env()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_REAL_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "real-secret-must-not-leak")
-    s3, mlflow_port, prefect = free_ports(3)
+    s3, mlflow_port, prefect = stack.free_ports(3)
     c = stack.StackConfig(
         data_dir=tmp_path / "stack",
         s3_port=s3,
