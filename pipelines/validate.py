@@ -145,6 +145,12 @@ def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: Bas
         )
     else:  # the first version: the layers' shapes are checked when the subspace is built
         check_adapter_fits(adapter, base.model_id, base.targets(), base.heads())
+    _check_head_and_eval(local, adapter, spec, fam)
+
+
+def _check_head_and_eval(local: Path, adapter, spec: TaskSpec, fam) -> None:
+    """An adapter's head has an output per label (when the family has labels), and its optional
+    eval.jsonl reads under the task's spec: the same before upload and in the workspace."""
     expected = fam.num_labels(spec)
     outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
     if expected is not None and expected not in outs:
@@ -208,15 +214,7 @@ def precheck_landing(local: Path, kind: str, task: str) -> TaskSpec:
                 f"adapter_config.json: task_type {adapter.task_type!r} does not match the task's type {spec.type!r} "
                 f"(expected {fam.peft_task_type!r})"
             )
-        expected = fam.num_labels(spec)
-        outs = {v.shape[0] for k, v in adapter.heads.items() if k.endswith(".weight") and v.ndim == 2}
-        if expected is not None and expected not in outs:
-            raise LandingRejected(
-                f"adapter_model.safetensors: no head layer has {expected} outputs for labels {list(spec.labels)} "
-                f"(found {sorted(outs)})"
-            )
-        if (local / EVAL_FILE).is_file():
-            read_examples(local / EVAL_FILE, spec)
+        _check_head_and_eval(local, adapter, spec, fam)
         return spec
     except (TaskFormatError, AdapterError, ValueError) as e:
         if isinstance(e, LandingRejected):
