@@ -5,8 +5,10 @@ discarded and redone on the new HEAD, never published on the stale parent."""
 
 import json
 import os
+import select
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -22,10 +24,25 @@ from share_core.tasks import generate_tasks
 
 BASE_ID = "tiny-minilm"
 MODEL = "share-crash"
-UPDATE = (
-    "from flows.continual import continual_update; import sys; continual_update(key=sys.argv[1], "
-    "storage_url=sys.argv[2], workspace=sys.argv[3], model_name=sys.argv[4], tolerance=1.0)"
-)
+# One process imports the flows once (~10 s of torch, Prefect, MLflow) and forks a fresh child
+# per kill point: each child runs one update with SHARE_FAULT_AFTER=<step> and SIGKILLs itself
+# there, so every crash is a real process death, without paying the imports 13 times.
+FORKER = """
+import json, os, sys
+from flows.continual import batch_absorb, continual_update
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.environ["SHARE_FAULT_AFTER"] = req.pop("fault")
+        flow = batch_absorb if req.pop("flow") == "batch" else continual_update
+        try:
+            flow(**req)
+        finally:
+            os._exit(1)  # the fault point never came
+    _, status = os.waitpid(pid, 0)
+    print(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), flush=True)
+"""
 
 
 @pytest.fixture
@@ -48,20 +65,36 @@ def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
     # (tests/test_lock.py covers the global one)
     monkeypatch.setenv("SHARE_CHAIN_LOCK", "local")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    return {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "env": env}
+    with tempfile.TemporaryFile("w+") as log:
+        forker = subprocess.Popen(
+            [sys.executable, "-c", FORKER],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        yield {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "forker": forker, "log": log}
+        forker.stdin.close()
+        forker.wait(timeout=60)
+
+
+def killed_at(chain, step: str, flow: str, **extra) -> None:
+    """Run `flow` in a forked child that must die (SIGKILL) right after `step`."""
+    forker, log = chain["forker"], chain["log"]
+    params = {"storage_url": chain["storage"].describe(), "workspace": str(chain["ws"].root), "model_name": MODEL}
+    forker.stdin.write(json.dumps({"fault": step, "flow": flow, "tolerance": 1.0, **params, **extra}) + "\n")
+    forker.stdin.flush()
+    ready, _, _ = select.select([forker.stdout], [], [], 300)  # bounded: a hung update fails the test
+    code = forker.stdout.readline().strip() if ready else "(none after 300 s)"
+    log.seek(0)
+    assert code == "-9", f"{step}: exit {code or 'of the forker'}\n{log.read()[-3000:]}"
 
 
 def crash_after(chain, name: str, step: str) -> str:
-    """Land `name` and run its update in a subprocess that dies right after `step`."""
+    """Land `name` and run its update in a process that dies right after `step`."""
     key = chain["storage"].upload_task(chain["src"] / name, "adapter", name)
-    proc = subprocess.run(
-        [sys.executable, "-c", UPDATE, key, chain["storage"].describe(), str(chain["ws"].root), MODEL],
-        env={**chain["env"], "SHARE_FAULT_AFTER": step},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, f"{step}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    killed_at(chain, step, "update", key=key)
     return key
 
 
@@ -144,26 +177,13 @@ def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
     assert rerun(chain, c)["version"] == "v0004"
 
 
-BATCH = (
-    "from flows.continual import batch_absorb; import sys; batch_absorb(storage_url=sys.argv[1], "
-    "workspace=sys.argv[2], model_name=sys.argv[3], tolerance=1.0)"
-)
-
-
 def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
     from flows.continual import batch_absorb
 
     ws, storage, names = chain["ws"], chain["storage"], chain["names"][:4]
     for n in names[:3]:
         storage.upload_task(chain["src"] / n, "adapter", n)
-    proc = subprocess.run(
-        [sys.executable, "-c", BATCH, storage.describe(), str(ws.root), MODEL],
-        env={**chain["env"], "SHARE_FAULT_AFTER": "build"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    killed_at(chain, "build", "batch")
     # a fourth adapter lands before the resume: the resumed batch is exactly the three it recorded
     late = storage.upload_task(chain["src"] / names[3], "adapter", names[3])
     out = batch_absorb(storage_url=storage.describe(), workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
