@@ -1,113 +1,15 @@
-"""Crash safety: the update runs in a real subprocess that SIGKILLs itself right after each
+"""Crash safety: the update runs in a real process that SIGKILLs itself right after each
 journaled step (SHARE_FAULT_AFTER); a re-run resumes it, and the chain ends consistent and
 complete every time. Also the interleaving case: a crashed update whose parent moved on is
 discarded and redone on the new HEAD, never published on the stale parent."""
 
 import json
-import os
-import select
-import subprocess
-import sys
-import tempfile
-
-import pytest
 
 from pipelines import lineage, register
 from pipelines.journal import STEPS
-from pipelines.params import edit_params
-from pipelines.storage import LocalStorage
-from pipelines.workspace import Workspace
 from share_core import state as st
-from share_core.base import BaseSpec, load_base
-from share_core.synthetic import shared_subspace_adapters, write_landing
-from share_core.tasks import generate_tasks
 
-BASE_ID = "tiny-minilm"
-MODEL = "share-crash"
-# One process imports the flows once (~10 s of torch, Prefect, MLflow) and forks a fresh child
-# per kill point: each child runs one update with SHARE_FAULT_AFTER=<step> and SIGKILLs itself
-# there, so every crash is a real process death, without paying the imports 13 times.
-FORKER = """
-import json, os, sys
-from flows.continual import batch_absorb, continual_update
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.environ["SHARE_FAULT_AFTER"] = req.pop("fault")
-        flow = batch_absorb if req.pop("flow") == "batch" else continual_update
-        try:
-            flow(**req)
-        finally:
-            os._exit(1)  # the fault point never came
-    _, status = os.waitpid(pid, 0)
-    print(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), flush=True)
-"""
-
-
-@pytest.fixture
-def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
-    from prefect.settings import PREFECT_API_URL
-
-    ws = Workspace(tmp_path / "ws")
-    lineage.init_workspace(ws.root, remote=str(tmp_path / "remote"))
-    edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(tiny_model_dir)})
-    template = generate_tasks(tmp_path / "template", names=["sentiment"], n_train=4, n_eval=16)[0]
-    base = BaseSpec(model_id=BASE_ID, model_path=str(tiny_model_dir))
-    model, _ = load_base(base)
-    names = [f"t{i:02d}" for i in range(len(STEPS) + 3)]
-    for a in shared_subspace_adapters(
-        model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4
-    ):
-        write_landing(tmp_path / "src", a, template)
-    storage = LocalStorage(tmp_path / "bucket")
-    # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here
-    # (tests/test_lock.py covers the global one)
-    monkeypatch.setenv("SHARE_CHAIN_LOCK", "local")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    with tempfile.TemporaryFile("w+") as log:
-        forker = subprocess.Popen(
-            [sys.executable, "-c", FORKER],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        yield {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "forker": forker, "log": log}
-        forker.stdin.close()
-        forker.wait(timeout=60)
-
-
-def killed_at(chain, step: str, flow: str, **extra) -> None:
-    """Run `flow` in a forked child that must die (SIGKILL) right after `step`."""
-    forker, log = chain["forker"], chain["log"]
-    params = {"storage_url": chain["storage"].describe(), "workspace": str(chain["ws"].root), "model_name": MODEL}
-    forker.stdin.write(json.dumps({"fault": step, "flow": flow, "tolerance": 1.0, **params, **extra}) + "\n")
-    forker.stdin.flush()
-    ready, _, _ = select.select([forker.stdout], [], [], 300)  # bounded: a hung update fails the test
-    code = forker.stdout.readline().strip() if ready else "(none after 300 s)"
-    log.seek(0)
-    assert code == "-9", f"{step}: exit {code or 'of the forker'}\n{log.read()[-3000:]}"
-
-
-def crash_after(chain, name: str, step: str) -> str:
-    """Land `name` and run its update in a process that dies right after `step`."""
-    key = chain["storage"].upload_task(chain["src"] / name, "adapter", name)
-    killed_at(chain, step, "update", key=key)
-    return key
-
-
-def rerun(chain, key: str) -> dict:
-    from flows.continual import continual_update
-
-    return continual_update(
-        key=key,
-        storage_url=chain["storage"].describe(),
-        workspace=str(chain["ws"].root),
-        model_name=MODEL,
-        tolerance=1.0,
-    )
+from .chains import MODEL, crash_after, killed_at, rerun
 
 
 def assert_consistent(chain, processed: list[str]) -> None:

@@ -16,8 +16,8 @@ from flows.lock import LEASE_FILE, chain_id, chain_lock, limit_name, reset_stale
 from flows.watcher import Watcher, read_record
 from pipelines.workspace import Workspace
 
+from .chains import MODEL, killed_at, rerun
 from .conftest import wait_for
-from .test_crash_recovery import MODEL, UPDATE, chain, rerun  # noqa: F401 - `chain` is a fixture
 
 PYTHON = sys.executable
 
@@ -29,20 +29,13 @@ def _env(**extra) -> dict:
 
 
 # ---- an outcome for every landing ----------------------------------------------------------------
-def test_a_landing_killed_before_its_journal_opened_is_announced_again_until_it_has_an_outcome(chain):  # noqa: F811
+def test_a_landing_killed_before_its_journal_opened_is_announced_again_until_it_has_an_outcome(chain):
     ws, storage, name = chain["ws"], chain["storage"], chain["names"][0]
     watcher = Watcher(storage, storage.describe(), ws.root / "watcher-ledger.json", chain="c1", outcome=ws.seen)
     storage.upload_task(chain["src"] / name, "adapter", name)
     [landing] = watcher.poll_once()
     # the update dies holding the chain, before it downloaded, validated or journaled anything
-    proc = subprocess.run(
-        [PYTHON, "-c", UPDATE, landing.key, storage.describe(), str(ws.root), MODEL],
-        env={**chain["env"], "SHARE_FAULT_AFTER": "lock"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    killed_at(chain, "lock", "update", key=landing.key)
     assert not list(ws.journals.glob("*.json")) and ws.seen(landing.key, landing.etag) is None
     assert list(watcher.pending()) == [landing.key]  # announced, no outcome: not done
     assert watcher.poll_once() == []  # the poll alone would never take it again
