@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import deployment, flow_run
@@ -81,26 +80,6 @@ def reject(ws: Workspace, storage_url: str, landing: Landing, reason: str) -> di
     return {"status": "rejected", "reason": reason}
 
 
-@task
-def ingest(workspace: str, landings: list[tuple[Landing, str]]) -> list[str]:
-    """Move validated landings (landing, local copy) into the workspace and DVC-track them in
-    one `dvc add`; returns their directory names."""
-    ws = Workspace(workspace)
-    names = []
-    for landing, local in landings:
-        name = f"{landing.task}-{landing.etag[:8]}"
-        dest = ws.landings / name
-        if not dest.exists():
-            ws.landings.mkdir(parents=True, exist_ok=True)
-            tmp = ws.landings / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(local, tmp)
-            tmp.rename(dest)
-        names.append(name)
-    lineage.track_landings(ws.root, names)
-    return names
-
-
 class _RunLogHandler(logging.Handler):
     """Forwards share_core's training progress (loss every few steps) to the flow run's logs."""
 
@@ -129,8 +108,6 @@ def train_version(
     """The training/absorb step. Runs in-process, or as its own deployment on a (GPU) work pool;
     share_core picks CUDA when the worker has it."""
     ws = Workspace(workspace)
-    if _built(ws, version, parent, provenance):
-        return {"version": version, "reused": True}
     print(
         f"building {version} in process {os.getpid()} (parent {os.getppid()})"
     )  # where training runs (a pool's worker)
@@ -152,22 +129,7 @@ def train_version(
         progress.removeHandler(handler)
         progress.setLevel(level)
         progress.propagate = propagate
-    return {"version": version, "reused": False}
-
-
-def _built(ws: Workspace, version: str, parent: str | None, provenance: dict | None) -> bool:
-    """`version` already exists, built from exactly this landing on `parent` (a crash after the
-    build, before the journal recorded it): reused, never rebuilt or duplicated."""
-    vdir = ws.version_dir(version)
-    if not (vdir / "manifest.json").is_file():
-        return False
-    m = st.read_manifest(vdir)
-    if m["extra"].get("provenance") != provenance or m["parent"] != parent:
-        raise FileExistsError(
-            f"versions/{version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not this "
-            "update"
-        )
-    return True
+    return {"version": version}
 
 
 @task
@@ -219,54 +181,6 @@ def evaluate_all(workspace: str, version: str) -> dict:
         "%s: re-scored %d task(s), %d certified unchanged", version, len(record["rescored"]), len(record["certified"])
     )
     return record
-
-
-@task(**TRANSIENT)
-def record_lineage(workspace: str, version: str, message: str) -> dict:
-    return lineage.record_version(Workspace(workspace).root, version, message)
-
-
-@task(**TRANSIENT)
-def log_run(
-    workspace: str,
-    version: str,
-    model_name: str,
-    landing: dict,
-    lin: dict,
-    tolerance: float | None,
-    tracking_uri: str | None,
-) -> dict:
-    ws = Workspace(workspace)
-    gate = register.gate_for(ws, version, model_name=model_name, tolerance=tolerance, tracking_uri=tracking_uri)
-    return {
-        "gate": gate,
-        "run_id": register.log_run(
-            ws, version, model_name=model_name, landing=landing, lineage=lin, gate=gate, tracking_uri=tracking_uri
-        ),
-    }
-
-
-@task(**TRANSIENT)
-def register_model_version(
-    workspace: str, version: str, run_id: str, model_name: str, gate: dict, tracking_uri: str | None
-) -> dict:
-    return {
-        "model_version": register.register_model_version(
-            Workspace(workspace), version, run_id, model_name=model_name, gate=gate, tracking_uri=tracking_uri
-        )
-    }
-
-
-@task(**TRANSIENT)
-def move_aliases(workspace: str, model_version: str, model_name: str, promote: bool, tracking_uri: str | None) -> None:
-    register.move_aliases(
-        Workspace(workspace), model_version, model_name=model_name, promote=promote, tracking_uri=tracking_uri
-    )
-
-
-@task(**TRANSIENT)
-def push_lineage(workspace: str, targets: list[str]) -> None:
-    lineage.push(Workspace(workspace).root, targets)
 
 
 def _flow_run_id() -> str | None:
@@ -400,91 +314,90 @@ def recover_updates(workspace: str, model_name: str = "share-subspace", tracking
     return again
 
 
-def _build_and_publish(
+# the steps that talk to a server run as Prefect tasks with retries; the others in the flow
+_AS_TASK = {
+    step.name: task(name=step.name, cache_policy=NO_CACHE, **TRANSIENT)(step.do)
+    for step in transaction.PLAN
+    if step.remote
+}
+
+
+def _execute(step: transaction.Step, u: transaction.Update) -> dict | None:
+    return _AS_TASK[step.name](u) if step.remote else step.do(u)
+
+
+def _update(
     ws: Workspace,
     j: Journal,
-    names: list[str],
+    storage_url: str,
+    landings: list[Landing],
     model_name: str,
-    tolerance: float,
+    tolerance: float | None,
     tracking_uri: str | None,
-    train_deployment: str | None,
-) -> dict:
-    """Shared tail of every update, one journaled step at a time: train/absorb → DVC stage →
-    evaluate → git → MLflow run → model version → aliases → HEAD → push."""
-    workspace, version, parent, kind, provenance = (
-        str(ws.root),
-        j.version,
-        j.parent,
-        j.kind,
-        j.provenance,
-    )
-    t0 = time.perf_counter()
-    if not j.done("build"):
-        j.begin("build")
+    train_deployment: str | None = None,
+    local: dict[str, str] | None = None,
+) -> transaction.Update:
+    """The update's context, with this flow's placements: training in process (a subflow) or
+    on the training deployment's work pool; evaluation in process or on Dask."""
+
+    def build(u: transaction.Update) -> None:
         params = dict(
-            workspace=workspace, landings=names, kind=kind, version=version, parent=parent, provenance=provenance
+            workspace=str(u.ws.root),
+            landings=u.names,
+            kind=u.journal.kind,
+            version=u.version,
+            parent=u.journal.parent,
+            provenance=u.journal.provenance,
         )
-        if train_deployment:
-            run = run_deployment(train_deployment, parameters=params, timeout=3600)
-            if not run.state.is_completed():
-                raise RuntimeError(f"training deployment {train_deployment} ended {run.state.name}")
-        else:
+        if not train_deployment:
             train_version(**params)
-        j.finish("build")
-    marks = {"train": time.perf_counter()}
-    j.step("stage", lambda: lineage.add_version_stage(ws.root, version, names, kind, parent))
-    marks["stage"] = time.perf_counter()
-    scores = j.step(
-        "evaluate", lambda: {k: v for k, v in evaluate_all(workspace, version).items() if k in ("acc", "bwt")}
-    )
-    marks["evaluate"] = time.perf_counter()
-    landing = {**provenance, "task": ",".join(names)}
-    lin = j.step("lineage", lambda: record_lineage(workspace, version, f"{version}: {landing['task']}"))
-    run = j.step(
-        "run",
-        lambda: log_run(
-            workspace,
-            version,
-            model_name,
-            landing,
-            {k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")},
-            tolerance,
-            tracking_uri,
-        ),
-    )
-    mv = j.step(
-        "model_version",
-        lambda: register_model_version(workspace, version, run["run_id"], model_name, run["gate"], tracking_uri),
-    )
-    before = (
-        {} if j.done("alias") else register.aliases(ws, model_name=model_name, tracking_uri=tracking_uri)
-    )  # what a discard restores
-    j.step(
-        "alias",
-        lambda: move_aliases(workspace, mv["model_version"], model_name, run["gate"]["passed"], tracking_uri),
-        **before,
-    )
-    marks["register"] = time.perf_counter()
+            return
+        run = run_deployment(train_deployment, parameters=params, timeout=3600)
+        if not run.state.is_completed():
+            raise RuntimeError(f"training deployment {train_deployment} ended {run.state.name}")
 
-    def head() -> None:
-        ws.set_head(version)
-        ev.publish_head(ws, version)  # what `dvc metrics show` / `dvc plots show` report
+    return transaction.Update(
+        ws=ws,
+        journal=j,
+        model_name=model_name,
+        tracking_uri=tracking_uri,
+        storage_url=storage_url,
+        landings=landings,
+        tolerance=tolerance,
+        local=local or {},
+        build=build,
+        evaluate=lambda u: evaluate_all(str(u.ws.root), u.version),
+    )
 
-    j.step("head", head)
-    j.step("push", lambda: push_lineage(workspace, [version] + [f"landings/{n}" for n in names]))
-    marks["push"] = time.perf_counter()
-    seconds, prev = {}, t0
-    for part, t in marks.items():
-        seconds[part], prev = t - prev, t
-    seconds["total"] = prev - t0
-    return {
+
+# what an update reports as its parts' seconds (the benches and `share land` read them)
+PARTS = {
+    "train": ("build",),
+    "stage": ("stage",),
+    "evaluate": ("evaluate",),
+    "register": ("lineage", "run", "model_version", "alias"),
+    "push": ("head", "push"),
+    "outcome": ("ledger", "mark"),
+}
+
+
+def _publish(u: transaction.Update) -> dict:
+    """Every step after ingest, journaled (pipelines.transaction); the journal closes and the
+    run gets its artifact."""
+    took = transaction.run(u, transaction.PUBLISH, _execute)
+    u.journal.close(PUBLISHED)
+    seconds = {part: sum(took.get(s, 0.0) for s in steps) for part, steps in PARTS.items()}
+    seconds["total"] = sum(took.values())
+    run, mv = u.journal.result("run"), u.journal.result("model_version")["model_version"]
+    out = {
         "status": "processed",
-        "version": version,
-        "acc": scores["acc"],
-        "bwt": scores["bwt"],
+        "version": u.version,
+        **{k: u.journal.result("evaluate")[k] for k in ("acc", "bwt")},
         "seconds": seconds,
-        **register.registration(version, mv["model_version"], run["run_id"], run["gate"]),
+        **register.registration(u.version, mv, run["run_id"], run["gate"]),
     }
+    _best_effort("write the version's artifact", lambda: _version_artifact(u.ws, out, u.model_name, u.tracking_uri))
+    return out
 
 
 def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: str | None) -> Journal | None:
@@ -510,22 +423,6 @@ def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: s
     )
     _mark_crashed(j.join(_flow_run_id()))
     return j
-
-
-def _publish_landings(ws: Workspace, j: Journal, storage_url: str, landings: list[Landing], version: str) -> None:
-    """The last steps: the ledger and the bucket's status files say processed; the journal closes."""
-
-    def record() -> None:
-        for lnd in landings:
-            ws.record_landing(lnd.key, {"etag": lnd.etag, "status": "processed", "version": version})
-
-    def status() -> None:
-        for lnd in landings:
-            mark(storage_url, lnd, "processed", {"version": version})
-
-    j.step("ledger", record)
-    j.step("mark", status)
-    j.close(PUBLISHED)
 
 
 @flow(name="continual-update", log_prints=True, flow_run_name=_landing_run_name)
@@ -588,12 +485,22 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
                 return reject(ws, storage_url, landing, reason)
             if j is None:
                 j = Journal.open(ws, provenance, landing.kind, next_version(ws), ws.head(), _flow_run_id())
-                j.finish("validate")
-            j.step("ingest", lambda: {"names": ingest(workspace, [(landing, local)])})
+            u = _update(
+                ws,
+                j,
+                storage_url,
+                [landing],
+                model_name,
+                tolerance,
+                tracking_uri,
+                train_deployment,
+                {landing.key: local},
+            )
+            transaction.run(u, transaction.LAND, _execute)
+    else:
+        u = _update(ws, j, storage_url, [landing], model_name, tolerance, tracking_uri, train_deployment)
     _rename_run(f"{j.version} ← {landing.kind} {landing.task}")
-    out = _build_and_publish(ws, j, j.result("ingest")["names"], model_name, tolerance, tracking_uri, train_deployment)
-    _publish_landings(ws, j, storage_url, [landing], out["version"])
-    _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
+    out = _publish(u)
     log.info(
         "%s ← %s %s: ACC %s, BWT %+.3f, champion moved: %s",
         out["version"],
@@ -635,28 +542,16 @@ def _resume_batch(
         for item in j.record.batch:
             key, etag = item.rsplit("@", 1)
             landings.append(Landing(key=key, etag=etag, kind="adapter", task=key.rstrip("/").split("/")[-2]))
-        out = _finish_batch(ws, j, storage_url, landings, model_name, tolerance, tracking_uri)
+        out = _finish_batch(_update(ws, j, storage_url, landings, model_name, tolerance, tracking_uri))
         return {**out, "rejected": {}, "resumed": True}
     return None
 
 
-def _finish_batch(
-    ws: Workspace,
-    j: Journal,
-    storage_url: str,
-    landings: list[Landing],
-    model_name: str,
-    tolerance: float,
-    tracking_uri: str | None,
-) -> dict:
-    """The tail of a batch absorb, first run or resumed: the run says what it builds, the
-    journaled steps, the landings' outcomes, the artifact."""
-    names = j.result("ingest")["names"]
-    _rename_run(f"{j.version} ← {len(landings)} adapter(s)")
-    out = _build_and_publish(ws, j, names, model_name, tolerance, tracking_uri, None)
-    _publish_landings(ws, j, storage_url, landings, out["version"])
-    _best_effort("write the version's artifact", lambda: _version_artifact(ws, out, model_name, tracking_uri))
-    return {**out, "absorbed": names}
+def _finish_batch(u: transaction.Update) -> dict:
+    """The tail of a batch absorb, first run or resumed: the run says what it builds, then the
+    journaled steps."""
+    _rename_run(f"{u.version} ← {len(u.landings)} adapter(s)")
+    return {**_publish(u), "absorbed": u.names}
 
 
 def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -> dict:
@@ -669,7 +564,7 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
         for lnd in open_storage(storage_url).list_landings()
         if lnd.kind == "adapter" and ws.seen(lnd.key, lnd.etag) is None
     ]
-    accepted, rejected = [], {}
+    accepted, rejected = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for lnd in pending:
             local = download(storage_url, lnd, str(Path(tmp) / lnd.task))
@@ -677,17 +572,18 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
             if reason:
                 rejected[lnd.key] = reject(ws, storage_url, lnd, reason)["reason"]
                 continue
-            accepted.append((lnd, local))
+            accepted[lnd.key] = (lnd, local)
         if not accepted:
             return {"status": "nothing-to-absorb", "rejected": rejected}
-        provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted)}
+        provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted.values())}
         j = _take_over(ws, provenance, model_name, tracking_uri) or Journal.open(
             ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id()
         )
-        j.step("validate", lambda: None)
-        j.step("ingest", lambda: {"names": ingest(workspace, accepted)})
-    out = _finish_batch(ws, j, storage_url, [lnd for lnd, _ in accepted], model_name, tolerance, tracking_uri)
-    return {**out, "rejected": rejected}
+        landings = [lnd for lnd, _ in accepted.values()]
+        local = {key: path for key, (_, path) in accepted.items()}
+        u = _update(ws, j, storage_url, landings, model_name, tolerance, tracking_uri, local=local)
+        transaction.run(u, transaction.LAND, _execute)
+    return {**_finish_batch(u), "rejected": rejected}
 
 
 @flow(name="evaluate-version", log_prints=True)

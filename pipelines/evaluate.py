@@ -62,6 +62,12 @@ def read_record(ws: Workspace, version: str | None) -> dict | None:
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
+def remove_record(ws: Workspace, version: str) -> None:
+    """A discarded version's evaluation record and row tables go (nothing else refers to them)."""
+    ws.evaluation_path(version).unlink(missing_ok=True)
+    rows_path(ws, version).unlink(missing_ok=True)
+
+
 def rows_path(ws: Workspace, version: str) -> Path:
     """evaluations/<version>.rows.json: the row tables of the tasks whose rows were (re)scored in
     `version` (append-only: a version writes only the tables it changed)."""

@@ -152,6 +152,26 @@ def _tags(ws: Workspace, version: str, manifest: dict, record: dict, landing: di
     return tags
 
 
+def finished_run(
+    ws: Workspace, version: str, *, model_name: str, tracking_uri: str | None = None, end_abandoned: bool = False
+) -> str | None:
+    """The FINISHED MLflow run of this exact version (its content hash), or None; with
+    `end_abandoned`, one a crashed update left RUNNING is ended FAILED on the way."""
+    c = client(ws, tracking_uri)
+    exp = c.get_experiment_by_name(model_name)
+    if exp is None:
+        return None
+    content_hash = st.read_manifest(ws.version_dir(version))["content_hash"]
+    for run in c.search_runs(
+        [exp.experiment_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{content_hash}'"
+    ):
+        if run.info.status == "FINISHED":
+            return run.info.run_id
+        if end_abandoned and run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, "FAILED")
+    return None
+
+
 def log_run(
     ws: Workspace,
     version: str,
@@ -170,13 +190,9 @@ def log_run(
     manifest = st.read_manifest(vdir)
     record = json.loads(ws.evaluation_path(version).read_text())
     exp_id = _experiment(c, ws, model_name, tracking_uri)
-    for old in c.search_runs(
-        [exp_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{manifest['content_hash']}'"
-    ):
-        if old.info.status == "FINISHED":
-            return old.info.run_id
-        if old.info.status == "RUNNING":
-            c.set_terminated(old.info.run_id, "FAILED")  # abandoned by a crashed update
+    found = finished_run(ws, version, model_name=model_name, tracking_uri=tracking_uri, end_abandoned=True)
+    if found:
+        return found
     tags = _tags(ws, version, manifest, record, landing, lineage, gate)
     rid = c.create_run(exp_id, run_name=version, tags=tags).info.run_id
     try:
@@ -271,6 +287,23 @@ def log_run(
     return rid
 
 
+def model_version_for_run(
+    ws: Workspace, version: str, run_id: str, *, model_name: str, tracking_uri: str | None = None
+) -> str | None:
+    """The model version registered for `version` from `run_id` (not discarded), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client(ws, tracking_uri).search_model_versions(
+            f"name='{model_name}' and tag.`share.version`='{version}'"
+        )
+    except MlflowException:  # the registered model does not exist yet
+        return None
+    return next(
+        (str(mv.version) for mv in found if mv.run_id == run_id and mv.tags.get("share.discarded") != "true"), None
+    )
+
+
 def register_model_version(
     ws: Workspace, version: str, run_id: str, *, model_name: str, gate: dict, tracking_uri: str | None = None
 ) -> str:
@@ -278,9 +311,9 @@ def register_model_version(
     registered for this version from this run is returned, never a second one."""
     c = client(ws, tracking_uri)
     _registered(c, model_name)
-    for mv in c.search_model_versions(f"name='{model_name}' and tag.`share.version`='{version}'"):
-        if mv.run_id == run_id and mv.tags.get("share.discarded") != "true":
-            return str(mv.version)
+    found = model_version_for_run(ws, version, run_id, model_name=model_name, tracking_uri=tracking_uri)
+    if found:
+        return found
     run = c.get_run(run_id)
     manifest = st.read_manifest(ws.version_dir(version))
     record = json.loads(ws.evaluation_path(version).read_text())

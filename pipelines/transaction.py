@@ -1,53 +1,349 @@
 """The update as one transaction over five systems (workspace, DVC + git, MLflow, HEAD, the
-bucket's status): its ordered steps, what each changes and how it is undone, and the undo of a
-stale update. The journal (pipelines.journal) records the steps; flows/continual.py runs them
-(as Prefect tasks) and calls `undo` for an update whose parent is no longer HEAD.
+bucket's status): its ordered steps, each declaring what it changes, how to find that change in
+the real system (*check*), how to make it (*do*) and how a discard takes it back (*undo*).
 
-Every step's *do* is idempotent and checks the real system before acting (the pipelines
-function it calls does: `register.log_run` reuses a FINISHED run of the same content hash,
-`register_model_version` the model version, `lineage.add_version_stage` the stage, …), so a
-resumed update re-runs only what its journal does not list as done. *undo* touches only what
-this update built: its version directory must carry its provenance on its parent, be nobody's
-parent and not be HEAD (a version another update of the same id built is never touched).
+The journal (pipelines.journal) records the steps; `run` executes them in order, each once:
+a step the journal lists as done is skipped; one whose effect the real system already shows (a
+crash came between the act and its journal entry) is journaled from its *check* without acting
+again; any other step acts. The orchestrator (flows/continual.py) only decides *where* things
+run: it passes `execute` (Prefect tasks with retries for the steps that talk to a server) and
+the two placements it owns, `Update.build` (in process or a work pool) and `Update.evaluate`
+(in process or Dask). The same plan serves a single landing, a batch absorb and its resume.
+
+*undo* touches only what this update built: its version directory must carry its provenance on
+its parent, be nobody's parent and not be HEAD (a version another update of the same id built
+is never touched). Steps after HEAD are never undone: an update that moved HEAD always resumes.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import yaml
 
 from share_core import state as st
 
+from . import evaluate as ev
 from . import lineage, register
-from .journal import DISCARDED, STEPS, Journal
+from .journal import DISCARDED, STEPS, Journal, fault_point
+from .storage import Landing, open_storage
 from .workspace import Workspace
+
+
+@dataclass
+class Update:
+    """What every step of one update reads. `build` and `evaluate` are the orchestrator's
+    placements of the two heavy steps; `local` maps a landing's key to its downloaded copy
+    (only the ingest step needs it)."""
+
+    ws: Workspace
+    journal: Journal
+    model_name: str
+    tracking_uri: str | None = None
+    storage_url: str = ""
+    landings: list[Landing] = field(default_factory=list)
+    tolerance: float | None = None
+    local: dict[str, str] = field(default_factory=dict)
+    build: Callable[[Update], None] | None = None
+    evaluate: Callable[[Update], dict] | None = None
+    reason: str = ""  # why it is discarded (undo only)
+
+    @property
+    def version(self) -> str:
+        return self.journal.version
+
+    @property
+    def names(self) -> list[str]:
+        """The landings' directories in the workspace (what ingest produced)."""
+        return self.journal.result("ingest")["names"]
+
+    def landing_record(self) -> dict:
+        """The landing as the MLflow run records it: provenance and task names."""
+        return {**self.journal.provenance, "task": ",".join(self.names)}
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    system: str  # what the step changes
-    undo: str  # what a discard does about it
+    changes: str  # the system and what in it
+    do: Callable[[Update], dict | None]
+    check: Callable[[Update], dict | None] | None  # its effect found in the real system; None: `do` re-runs safely
+    undo: Callable[[Update], None] | None  # None: kept (content-addressed, history) or never undone
+    keeps: str = ""  # why a step without undo keeps its effect
+    remote: bool = False  # talks to a server: the orchestrator retries it on transient errors
+    before: Callable[[Update], dict] | None = None  # what its undo needs, recorded before it acts
+
+
+# ---- validate, ingest ---------------------------------------------------------------------------
+def landing_name(landing: Landing) -> str:
+    return f"{landing.task}-{landing.etag[:8]}"
+
+
+def ingest(u: Update) -> dict:
+    """Move the validated landings into the workspace and DVC-track them in one `dvc add`."""
+    names = []
+    for landing in u.landings:
+        name = landing_name(landing)
+        dest = u.ws.landings / name
+        if not dest.exists():
+            u.ws.landings.mkdir(parents=True, exist_ok=True)
+            tmp = u.ws.landings / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(u.local[landing.key], tmp)
+            tmp.rename(dest)
+        names.append(name)
+    lineage.track_landings(u.ws.root, names)
+    return {"names": names}
+
+
+def _ingested(u: Update) -> dict | None:
+    names = [landing_name(lnd) for lnd in u.landings]
+    tracked = all((u.ws.landings / n).is_dir() and (u.ws.landings / f"{n}.dvc").is_file() for n in names)
+    return {"names": names} if names and tracked else None
+
+
+# ---- build ----------------------------------------------------------------------------------------
+def _build(u: Update) -> dict:
+    u.build(u)
+    return {}
+
+
+def _built(u: Update) -> dict | None:
+    """The planned version exists, built from exactly this landing on its parent (a crash after
+    the build, before the journal recorded it): reused, never rebuilt or duplicated."""
+    vdir = u.ws.version_dir(u.version)
+    if not (vdir / "manifest.json").is_file():
+        return None
+    m = st.read_manifest(vdir)
+    if m["extra"].get("provenance") != u.journal.provenance or m["parent"] != u.journal.parent:
+        raise FileExistsError(
+            f"versions/{u.version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not "
+            "this update"
+        )
+    return {}
+
+
+def _remove_version(u: Update) -> None:
+    shutil.rmtree(u.ws.version_dir(u.version), ignore_errors=True)
+
+
+# ---- DVC stage, evaluation, git -------------------------------------------------------------------
+def _stage(u: Update) -> dict:
+    j = u.journal
+    lineage.add_version_stage(u.ws.root, u.version, u.names, j.kind, j.parent)
+    return {}
+
+
+def _staged(u: Update) -> dict | None:
+    lock = u.ws.root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {} if lock.is_file() else {}
+    return {} if u.version in stages else None
+
+
+def _evaluate(u: Update) -> dict:
+    return _scores(u.evaluate(u))
+
+
+def _evaluated(u: Update) -> dict | None:
+    rec = ev.read_record(u.ws, u.version)
+    return _scores(rec) if rec is not None else None
+
+
+def _scores(record: dict) -> dict:
+    return {"acc": record["acc"], "bwt": record["bwt"]}
+
+
+def _commit(u: Update) -> dict:
+    return lineage.record_version(u.ws.root, u.version, f"{u.version}: {','.join(u.names)}")
+
+
+# ---- MLflow ---------------------------------------------------------------------------------------
+def _log_run(u: Update) -> dict:
+    lin = u.journal.result("lineage")
+    gate = register.gate_for(
+        u.ws, u.version, model_name=u.model_name, tolerance=u.tolerance, tracking_uri=u.tracking_uri
+    )
+    run_id = register.log_run(
+        u.ws,
+        u.version,
+        model_name=u.model_name,
+        landing=u.landing_record(),
+        lineage={k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")},
+        gate=gate,
+        tracking_uri=u.tracking_uri,
+    )
+    return {"gate": gate, "run_id": run_id}
+
+
+def _logged(u: Update) -> dict | None:
+    run_id = register.finished_run(u.ws, u.version, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    if run_id is None:
+        return None
+    gate = register.gate_for(
+        u.ws, u.version, model_name=u.model_name, tolerance=u.tolerance, tracking_uri=u.tracking_uri
+    )
+    return {"gate": gate, "run_id": run_id}
+
+
+def _register(u: Update) -> dict:
+    run = u.journal.result("run")
+    mv = register.register_model_version(
+        u.ws, u.version, run["run_id"], model_name=u.model_name, gate=run["gate"], tracking_uri=u.tracking_uri
+    )
+    return {"model_version": mv}
+
+
+def _registered(u: Update) -> dict | None:
+    run_id = u.journal.result("run")["run_id"]
+    mv = register.model_version_for_run(u.ws, u.version, run_id, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    return {"model_version": mv} if mv else None
+
+
+def _promote(u: Update) -> bool:
+    return bool(u.journal.result("run")["gate"]["passed"])
+
+
+def _move_aliases(u: Update) -> dict:
+    mv = u.journal.result("model_version")["model_version"]
+    register.move_aliases(u.ws, mv, model_name=u.model_name, promote=_promote(u), tracking_uri=u.tracking_uri)
+    return {}
+
+
+def _aliases_moved(u: Update) -> dict | None:
+    mv = u.journal.result("model_version")["model_version"]
+    now = register.aliases(u.ws, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    moved = now["candidate"] == mv and (now["champion"] == mv or not _promote(u))
+    return {} if moved else None
+
+
+def _aliases_before(u: Update) -> dict:
+    return register.aliases(u.ws, model_name=u.model_name, tracking_uri=u.tracking_uri)
+
+
+def _discard_in_mlflow(u: Update) -> None:
+    """Run, model version and aliases in one pass: only what carries this version's content hash."""
+    register.discard_version(
+        u.ws,
+        u.version,
+        st.read_manifest(u.ws.version_dir(u.version))["content_hash"],
+        model_name=u.model_name,
+        aliases_before=u.journal.before("alias") or None,
+        reason=u.reason,
+        tracking_uri=u.tracking_uri,
+    )
+
+
+# ---- HEAD, remote, outcomes -----------------------------------------------------------------------
+def _move_head(u: Update) -> dict:
+    u.ws.set_head(u.version)
+    ev.publish_head(u.ws, u.version)  # what `dvc metrics show` / `dvc plots show` report
+    return {}
+
+
+def _push(u: Update) -> dict:
+    lineage.push(u.ws.root, [u.version] + [f"landings/{n}" for n in u.names])
+    return {}
+
+
+def _record_outcomes(u: Update) -> dict:
+    for lnd in u.landings:
+        u.ws.record_landing(lnd.key, {"etag": lnd.etag, "status": "processed", "version": u.version})
+    return {}
+
+
+def _outcomes_recorded(u: Update) -> dict | None:
+    seen = [u.ws.seen(lnd.key, lnd.etag) or {} for lnd in u.landings]
+    return {} if all(s.get("status") == "processed" and s.get("version") == u.version for s in seen) else None
+
+
+def _mark_bucket(u: Update) -> dict:
+    storage = open_storage(u.storage_url)
+    for lnd in u.landings:
+        storage.mark(lnd, "processed", {"version": u.version})
+    return {}
+
+
+def _bucket_marked(u: Update) -> dict | None:
+    storage = open_storage(u.storage_url)
+    marks = [storage.status_of(lnd) or {} for lnd in u.landings]
+    return {} if all(m.get("status") == "processed" and m.get("version") == u.version for m in marks) else None
+
+
+def _nothing(u: Update) -> dict:
+    return {}
 
 
 PLAN = (
-    Step("validate", "nothing (checked against HEAD)", "nothing"),
-    Step("ingest", "landings/<task>-<etag> + its DVC entry", "kept: content-addressed, harmless"),
-    Step("build", "versions/<v>", "removed"),
-    Step("stage", "dvc.yaml stage of <v>", "removed"),
-    Step("evaluate", "evaluations/<v>.json", "removed"),
-    Step("lineage", "a git commit of the stage", "kept: history"),
-    Step("run", "MLflow run of <v>", "ended FAILED if still RUNNING"),
-    Step("model_version", "MLflow model version of <v>", "tagged share.discarded + reason"),
-    Step("alias", "candidate/champion aliases", "moved back to where they were"),
-    Step("head", "HEAD", "never undone: an update that moved HEAD always resumes"),
-    Step("push", "DVC remote", "kept: content-addressed"),
-    Step("ledger", "ledger.json outcome", "never undone (after HEAD)"),
-    Step("mark", "the bucket's status file", "never undone (after HEAD)"),
+    Step("validate", "nothing (checked against HEAD before the journal opens)", _nothing, None, None, "nothing made"),
+    Step("ingest", "landings/<task>-<etag> + its DVC entry", ingest, _ingested, None, "content-addressed, harmless"),
+    Step("build", "versions/<v>", _build, _built, _remove_version),
+    Step(
+        "stage",
+        "dvc.yaml / dvc.lock stage of <v>",
+        _stage,
+        _staged,
+        lambda u: lineage.remove_version_stage(u.ws.root, u.version),
+    ),
+    Step("evaluate", "evaluations/<v>.json", _evaluate, _evaluated, lambda u: ev.remove_record(u.ws, u.version)),
+    Step("lineage", "a git commit of the stage", _commit, None, None, "history", remote=True),
+    Step("run", "MLflow run of <v>", _log_run, _logged, _discard_in_mlflow, remote=True),
+    Step(
+        "model_version",
+        "MLflow model version of <v>",
+        _register,
+        _registered,
+        None,
+        "discarded with the run",
+        remote=True,
+    ),
+    Step(
+        "alias",
+        "candidate/champion aliases",
+        _move_aliases,
+        _aliases_moved,
+        None,
+        "moved back with the run",
+        remote=True,
+        before=_aliases_before,
+    ),
+    Step("head", "HEAD", _move_head, None, None, "never undone: an update that moved HEAD always resumes"),
+    Step("push", "DVC remote", _push, None, None, "content-addressed", remote=True),
+    Step("ledger", "ledger.json outcome", _record_outcomes, _outcomes_recorded, None, "after HEAD"),
+    Step("mark", "the bucket's status file", _mark_bucket, _bucket_marked, None, "after HEAD", remote=True),
 )
 assert tuple(s.name for s in PLAN) == STEPS, "the plan and the journal's steps must agree"
+LAND = PLAN[:2]  # validate, ingest: the landings into the workspace (a batch validates several first)
+PUBLISH = PLAN[2:]  # build … mark
 
 
+def _direct(step: Step, u: Update) -> dict | None:
+    return step.do(u)
+
+
+def run(
+    u: Update, steps: Sequence[Step] = PUBLISH, execute: Callable[[Step, Update], dict | None] = _direct
+) -> dict[str, float]:
+    """Run `steps` in order, each exactly once across crashes (see the module's docstring);
+    return the wall seconds each took in this call."""
+    seconds = {}
+    for step in steps:
+        t0 = time.perf_counter()
+        j = u.journal
+        if not j.done(step.name):
+            j.begin(step.name, **(step.before(u) if step.before else {}))  # the first attempt's view is kept
+            found = step.check(u) if step.check else None
+            if found is None:
+                found = execute(step, u) or {}
+                fault_point(f"acted:{step.name}")  # tests: a crash between the act and its journal entry
+            j.finish(step.name, **found)
+        seconds[step.name] = time.perf_counter() - t0
+    return seconds
+
+
+# ---- discard ----------------------------------------------------------------------------------------
 def built_by(ws: Workspace, j: Journal) -> dict | None:
     """The manifest of `j`'s version when this update built it and nothing depends on it
     (its provenance on its parent, not HEAD, nobody's parent); else None."""
@@ -64,23 +360,14 @@ def built_by(ws: Workspace, j: Journal) -> dict | None:
 
 
 def undo(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | None, reason: str) -> bool:
-    """Discard a stale update: undo, last step first, what it published (MLflow: run, model
-    version, aliases; the evaluation record; the DVC stage; the version directory) — also when
-    the crash came between a step and its journal entry — then close the journal DISCARDED with
-    the reason. True when something it built was removed."""
-    built = built_by(ws, j)
-    if built is not None:
-        register.discard_version(  # alias, model_version, run
-            ws,
-            j.version,
-            built["content_hash"],
-            model_name=model_name,
-            aliases_before=j.before("alias") or None,
-            reason=reason,
-            tracking_uri=tracking_uri,
-        )
-        ws.evaluation_path(j.version).unlink(missing_ok=True)  # evaluate
-        lineage.remove_version_stage(ws.root, j.version)  # stage
-        shutil.rmtree(ws.version_dir(j.version))  # build
+    """Discard a stale update: every step's undo, last step first — also those the journal does
+    not list as done (the crash may have come between a step and its entry) — then close the
+    journal DISCARDED with the reason. True when something it built was removed."""
+    built = built_by(ws, j) is not None
+    if built:
+        u = Update(ws=ws, journal=j, model_name=model_name, tracking_uri=tracking_uri, reason=reason)
+        for step in reversed(PLAN):
+            if step.undo is not None:
+                step.undo(u)
     j.close(DISCARDED, reason=reason)
-    return built is not None
+    return built

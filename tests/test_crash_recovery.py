@@ -43,13 +43,25 @@ def assert_consistent(chain, processed: list[str]) -> None:
     assert not [p for p in ws.journals.glob("*.json") if json.loads(p.read_text())["status"] == "open"]
 
 
-def test_every_kill_point_recovers(chain):
+# after each step is journaled; and between the act and its journal entry, where the re-run must
+# find the effect in the real system (the step's check) instead of acting again
+ACTED = ("build", "model_version", "mark")
+
+
+def test_every_kill_point_recovers(chain, monkeypatch):
+    import flows.continual as fc
+
+    acted, execute = [], fc._execute
+    monkeypatch.setattr(fc, "_execute", lambda step, u: acted.append(step.name) or execute(step, u))
     processed = []
-    for step, name in zip(STEPS, chain["names"]):
-        key = crash_after(chain, name, step)
+    for point, name in zip(STEPS + tuple(f"acted:{s}" for s in ACTED), chain["names"], strict=True):
+        key = crash_after(chain, name, point)
+        acted.clear()
         out = rerun(chain, key)
         processed.append(name)
-        assert out["status"] == "processed", (step, out)
+        assert out["status"] == "processed", (point, out)
+        if point.startswith("acted:"):
+            assert point.split(":")[1] not in acted, f"{point}: acted again instead of finding its effect"
         assert_consistent(chain, processed)
         assert rerun(chain, key)["status"] == "duplicate"  # and once done, exactly once
 
