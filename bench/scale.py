@@ -202,7 +202,7 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None, r
         version = out["version"]
         rec = ev.read_record(ws, version)
         manifest = st.read_manifest(ws.version_dir(version))
-        moved = manifest["extra"]["reconstruction_error"]
+        moved = manifest.reconstruction_error
         row = {
             "version": version,
             "wall_s": wall,
@@ -214,15 +214,15 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None, r
             "peak_rss": rss.peak,
             "threads": threading.active_count(),
             "bytes": disk_bytes(tmp) - before - uploaded,
-            "rescored": len(rec["rescored"]),
-            "rows_rescored": rec.get("rows_rescored"),
-            "checks": rec.get("checks"),
+            "rescored": len(rec.rescored),
+            "rows_rescored": rec.rows_rescored,
+            "checks": rec.checks,
             "old_task_drift_median": statistics.median([v for k, v in moved.items() if k != n] or [0.0]),
         }
         disk_loads = ev.loads()
         if audit:  # the same version re-scored in full, as the scheduled re-evaluation does
             t0, c0 = time.perf_counter(), time.process_time()
-            fresh = fc.score(str(ws.root), version, rec["tasks"], cfg)
+            fresh = fc.score(str(ws.root), version, rec.tasks, cfg)
             full = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
             audit_rec = ev.compare(rec, fresh, 1e-9)
             missed = sorted(
@@ -240,8 +240,8 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None, r
                     1
                     for r in fresh
                     if r["score"] is not None
-                    and rec["first_scores"].get(r["task"]) is not None
-                    and rec["first_scores"][r["task"]] - r["score"] > TOLERANCE
+                    and rec.first_scores.get(r["task"]) is not None
+                    and rec.first_scores[r["task"]] - r["score"] > TOLERANCE
                 ),
             }
         per.append(row)
@@ -249,10 +249,10 @@ def run_one(tasks: int, landings: int, eval_rows: int, model_path: str | None, r
     result = {"regime": regime, "tasks": tasks, "grow": grow, "landings": per, "eval_rows_per_task": eval_rows}
     if regime == "exact" and tasks <= AUDIT_T:  # the scheduled full re-evaluation against one bare mixed forward
         version = ws.head()
-        all_tasks = ev.read_record(ws, version)["tasks"]
+        all_tasks = ev.read_record(ws, version).tasks
         manifest = st.read_manifest(ws.version_dir(version))
-        share, tok, p = ev.loaded(str(ws.root), version, manifest["content_hash"])
-        rows = [(e["name"], r["text"]) for e in manifest["tasks"] for r in ev.eval_data(ws, e).eval]
+        share, tok, p = ev.loaded(str(ws.root), version, manifest.content_hash)
+        rows = [(e.name, r["text"]) for e in manifest.tasks for r in ev.eval_data(ws, e).eval]
 
         def full() -> None:  # the whole evaluation path: read every task's data, batch, score, count
             fc.score(str(ws.root), version, all_tasks, cfg)
@@ -306,19 +306,19 @@ def audit_run(tasks: int, landings: int, eval_rows: int, model_path: str | None)
         rec = ev.evaluate_version(ws, version)
         evaluation = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
         t0, c0 = time.perf_counter(), time.process_time()
-        fresh = ev.score_tasks(ws, version, rec["tasks"])
+        fresh = ev.score_tasks(ws, version, rec.tasks)
         full = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
         audit = ev.compare(rec, fresh, 1e-9)
-        moved = manifest["extra"]["reconstruction_error"]
+        moved = manifest.reconstruction_error
         per.append(
             {
                 "version": version,
                 "build": build,
                 "evaluation": evaluation,
                 "full": full,
-                "rows_rescored": rec["rows_rescored"],
+                "rows_rescored": rec.rows_rescored,
                 "rows_full": sum(len(r["rows"]["value"]) for r in fresh if r.get("rows")),
-                "checks": rec["checks"],
+                "checks": rec.checks,
                 "old_task_drift_median": statistics.median([v for k, v in moved.items() if k != n]),
                 "disagreements": len(audit["disagreements"]),
                 "certificates_wrong": audit["certificates_wrong"],
@@ -329,14 +329,14 @@ def audit_run(tasks: int, landings: int, eval_rows: int, model_path: str | None)
                     1
                     for r in fresh
                     if r["score"] is not None
-                    and rec["first_scores"].get(r["task"]) is not None
-                    and rec["first_scores"][r["task"]] - r["score"] > TOLERANCE
+                    and rec.first_scores.get(r["task"]) is not None
+                    and rec.first_scores[r["task"]] - r["score"] > TOLERANCE
                 ),
             }
         )
         print(
             f"  audit {version}: evaluation {evaluation['cpu_s']:.2f} s CPU vs full {full['cpu_s']:.2f} s; rows "
-            f"{rec['rows_rescored']}/{per[-1]['rows_full']}; checks {rec['checks']}; missed "
+            f"{rec.rows_rescored}/{per[-1]['rows_full']}; checks {rec.checks}; missed "
             f"{per[-1]['missed_drops']}",
             flush=True,
         )

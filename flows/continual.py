@@ -178,7 +178,7 @@ def evaluate_all(workspace: str, version: str) -> dict:
     p = ev.plan(ws, version, cfg)
     record = summarize(workspace, version, score(workspace, version, p["score"], cfg), p["certified"], cfg.mode)
     get_run_logger().info(
-        "%s: re-scored %d task(s), %d certified unchanged", version, len(record["rescored"]), len(record["certified"])
+        "%s: re-scored %d task(s), %d certified unchanged", version, len(record.rescored), len(record.certified)
     )
     return record
 
@@ -227,18 +227,18 @@ def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: s
     rec = ev.read_record(ws, out["version"])
     gate = out.get("gate", {})
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
-    rows = "\n".join(f"| {t} | {fmt(rec['scores'][t])} | {fmt(rec['majority'][t])} |" for t in rec["rescored"][:50])
+    rows = "\n".join(f"| {t} | {fmt(rec.scores[t])} | {fmt(rec.majority[t])} |" for t in rec.rescored[:50])
     uri = redact_url(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri)
     link = (
         f"{uri.rstrip('/')}/#/models/{model_name}/versions/{out['model_version']}"
         if uri.startswith("http")
         else f"model version {out['model_version']} in {uri}"
     )
-    acc = "n/a" if rec["acc"] is None else f"{rec['acc']:.3f}"
+    acc = "n/a" if rec.acc is None else f"{rec.acc:.3f}"
     md = (
-        f"# {out['version']} ← {rec['task']}\n\nParent {rec['parent'] or '—'}; {len(rec['tasks'])} tasks: re-scored "
-        f"{len(rec['rescored'])}, certified unchanged {len(rec['certified'])}.\n\n"
-        f"**ACC {acc}, BWT {rec['bwt']:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} "
+        f"# {out['version']} ← {rec.task}\n\nParent {rec.parent or '—'}; {len(rec.tasks)} tasks: re-scored "
+        f"{len(rec.rescored)}, certified unchanged {len(rec.certified)}.\n\n"
+        f"**ACC {acc}, BWT {rec.bwt:+.3f}**. Forgetting gate: {'passed' if gate.get('passed') else 'failed'} "
         f"against {gate.get('against') or 'no champion'}"
         f" (worst drop {gate.get('worst_drop', 0.0):+.3f}); champion moved: {out.get('promoted')}.\n\nMLflow: "
         f"{link}\n\n"
@@ -597,7 +597,7 @@ def evaluate_version(workspace: str, version: str, tolerance: float = 1e-6) -> d
             f"{version} has no evaluation record ({ws.evaluation_path(version).relative_to(ws.root)})"
         )
     result = ev.compare(
-        recorded, score(workspace, version, recorded["tasks"], load_params(ws.params_path).evaluate), tolerance
+        recorded, score(workspace, version, recorded.tasks, load_params(ws.params_path).evaluate), tolerance
     )
     if result["certificates_wrong"]:
         get_run_logger().warning(

@@ -14,9 +14,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from pipelines.evaluate import EvaluationRecord
 
 MARKER = ".share-demo"
 # the causal-LM demo's base: the packaged SmolLM2-135M-Instruct learning real CLDR tasks
@@ -220,7 +224,7 @@ def run_demo(
     return {"results": results, "matrix": last, "timings": timings, "rollback": rb}
 
 
-def _matrix(matrix: dict, record: dict) -> Table:
+def _matrix(matrix: dict, record: EvaluationRecord) -> Table:
     tasks, rows, versions = matrix["tasks"], matrix["rows"], matrix["versions"]
     table = Table(title="Score matrix R[version][task] (strict: no replay)")
     table.add_column("after")
@@ -228,10 +232,10 @@ def _matrix(matrix: dict, record: dict) -> Table:
         table.add_column(t, justify="right")
     for v, r in zip(versions, rows):
         table.add_row(v, *[("—" if x is None else f"{x:.3f}") for x in r] + [""] * (len(tasks) - len(r)))
-    if any(record["majority"][t] is not None for t in tasks):
+    if any(record.majority[t] is not None for t in tasks):
         table.add_row(
             "majority",
-            *[("" if record["majority"][t] is None else f"{record['majority'][t]:.3f}") for t in tasks],
+            *[("" if record.majority[t] is None else f"{record.majority[t]:.3f}") for t in tasks],
             style="dim",
         )
     return table

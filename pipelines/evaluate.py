@@ -28,6 +28,7 @@ import json
 import math
 import random
 import threading
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import matplotlib
@@ -57,9 +58,44 @@ CELL_TEXT_MAX = 64  # cells of the heatmap with their value written in them
 
 
 # ---- which tasks need scoring ------------------------------------------------------------------
-def read_record(ws: Workspace, version: str | None) -> dict | None:
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """evaluations/<version>.json, typed: the version's row of the accuracy matrix and how each
+    task was checked. `results[task]` holds the task's score, majority baseline, margin, drift,
+    check (one of CHECKS) and, with row certificates, where its row table lives (`rows_in`)."""
+
+    version: str
+    parent: str | None
+    task: str  # the tasks this version added, comma-separated
+    tasks: list[str]
+    mode: str
+    results: dict[str, dict]
+    scores: dict[str, float | None]
+    majority: dict[str, float | None]
+    first_scores: dict[str, float | None]
+    acc: float | None
+    bwt: float
+    rescored: list[str] | None = None  # None in records older than certificates: every task
+    certified: list[str] = field(default_factory=list)
+    checks: dict[str, int] = field(default_factory=dict)
+    rows_rescored: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rescored is None:
+            object.__setattr__(self, "rescored", list(self.tasks))
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvaluationRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_record(ws: Workspace, version: str | None) -> EvaluationRecord | None:
     path = ws.evaluation_path(version) if version else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
+    return EvaluationRecord.from_json(json.loads(path.read_text())) if path and path.is_file() else None
 
 
 def remove_record(ws: Workspace, version: str) -> None:
@@ -138,12 +174,12 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
     (one load, shared with the build): it is what keeps a saturated stream's evaluation bounded.
     New tasks, tasks whose every row expired and tasks without row tables are in "score"."""
     manifest = st.read_manifest(ws.version_dir(version))
-    tasks = [t["name"] for t in manifest["tasks"]]
-    parent = read_record(ws, manifest["parent"])
+    tasks = manifest.task_names
+    parent = read_record(ws, manifest.parent)
     if full or cfg.mode == "full" or parent is None:
         return {"score": tasks, "certified": {}}
-    added = set(manifest["extra"].get("added", []))
-    errors = manifest["extra"].get("reconstruction_error", {})
+    added = set(manifest.added)
+    errors = manifest.reconstruction_error
     files: dict[str, dict] = {}
 
     def table(t: str, entry: dict) -> dict:
@@ -151,7 +187,7 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
 
     score, certified, due, tables = [], {}, {}, {}
     for t in tasks:
-        prev = parent["results"].get(t)
+        prev = parent.results.get(t)
         if t in added or prev is None or t not in errors:
             score.append(t)
             continue
@@ -184,7 +220,7 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
     # the screen: a seeded sample of certified rows of tasks this merge truncated, re-scored to
     # measure each one's sensitivity (a certificate that would have been wrong shows up here)
     moved = sorted(t for t, e in certified.items() if errors.get(t, 0.0) >= MEASURABLE and "rows_in" in e)
-    rng = random.Random(manifest["content_hash"])
+    rng = random.Random(manifest.content_hash)
     screened: dict[str, list[int]] = {}
     for t in rng.sample(moved, min(cfg.screen_rows, len(moved))):
         if t not in tables:
@@ -300,9 +336,9 @@ def loads() -> int:
     return _LOAD_COUNT[0]
 
 
-def eval_data(ws: Workspace, entry: dict) -> TaskData | None:
+def eval_data(ws: Workspace, entry: st.TaskEntry) -> TaskData | None:
     """A task's eval rows from its ingested landing (None when it brought none)."""
-    landing = ws.landings / entry["info"].get("landing", entry["name"])
+    landing = ws.landings / entry.info.get("landing", entry.name)
     if not (landing / EVAL_FILE).is_file():
         return None
     spec = read_task_spec(landing / SPEC_FILE)
@@ -316,16 +352,16 @@ def score_tasks(ws: Workspace, version: str, tasks: list[str], rows: dict[str, l
     row's metric and margin ({"value": [...], "margin": [...]}, None for a margin-less row).
     With `rows`, only those eval rows (indices) of the tasks it names are scored (score: their mean)."""
     manifest = st.read_manifest(ws.version_dir(version))
-    share, tok, params = loaded(str(ws.root), version, manifest["content_hash"])
+    share, tok, params = loaded(str(ws.root), version, manifest.content_hash)
     fam = family(params.base.family)
-    entries = {t["name"]: t for t in manifest["tasks"]}
+    entries = {t.name: t for t in manifest.tasks}
     items, baselines = [], {}
     for t in tasks:
         data = eval_data(ws, entries[t])
         if data is not None and data.eval:
             baselines[t] = fam.baseline(data)
             if baselines[t] is None:  # no trivial predictor: the untrained base's score, measured at landing
-                baselines[t] = entries[t]["info"].get("baseline")
+                baselines[t] = entries[t].info.get("baseline")
             picked = data.eval if rows is None or t not in rows else [data.eval[i] for i in rows[t]]
             items += [(t, data.spec, row) for row in picked]
     cfg = params.evaluate
@@ -369,14 +405,14 @@ def summarize(
     scored: list[dict],
     certified: dict[str, dict] | None = None,
     mode: str = "changed-only",
-) -> dict:
+) -> EvaluationRecord:
     """Write the version's evaluation record (O(T)) and picture; return the record."""
     manifest = st.read_manifest(ws.version_dir(version))
-    tasks = [t["name"] for t in manifest["tasks"]]
+    tasks = manifest.task_names
     cfg = load_params(ws.params_path).evaluate
-    parent = read_record(ws, manifest["parent"])
-    before = parent["results"] if parent else {}
-    errors = manifest["extra"].get("reconstruction_error", {})
+    parent = read_record(ws, manifest.parent)
+    before = parent.results if parent else {}
+    errors = manifest.reconstruction_error
     results, tables, files = {}, {}, {}
     for r in scored:
         entry = {
@@ -413,39 +449,37 @@ def summarize(
     missing = set(tasks) - set(results)
     if missing:
         raise ValueError(f"{version}: no evaluation result for tasks {sorted(missing)}")
-    first = dict(parent["first_scores"]) if parent else {}
+    first = dict(parent.first_scores) if parent else {}
     for t in tasks:
         first.setdefault(t, results[t]["score"])
-    added = manifest["extra"].get("added", [])
+    added = manifest.added
     drops = [
         results[t]["score"] - first[t]
         for t in tasks
         if t not in added and results[t]["score"] is not None and first.get(t) is not None
     ]
-    record = {
-        "version": version,
-        "parent": manifest["parent"],
-        "task": ",".join(added),
-        "tasks": tasks,
-        "mode": mode,
-        "results": {t: results[t] for t in tasks},
-        "scores": {t: results[t]["score"] for t in tasks},
-        "majority": {t: results[t]["majority"] for t in tasks},
-        "first_scores": {t: first[t] for t in tasks},
-        "rescored": sorted(r["task"] for r in scored),
-        "certified": sorted(certified or {}),
-        "checks": {c: sum(results[t].get("check") == c for t in tasks) for c in CHECKS},
-        "rows_rescored": sum(
-            results[t].get("rows_rescored", 0) for t in tasks if results[t].get("check") != "certified"
-        ),
-        "acc": _mean(results[t]["score"] for t in tasks),
-        "bwt": sum(drops) / len(drops) if drops else 0.0,
-    }
+    record = EvaluationRecord(
+        version=version,
+        parent=manifest.parent,
+        task=",".join(added),
+        tasks=tasks,
+        mode=mode,
+        results={t: results[t] for t in tasks},
+        scores={t: results[t]["score"] for t in tasks},
+        majority={t: results[t]["majority"] for t in tasks},
+        first_scores={t: first[t] for t in tasks},
+        rescored=sorted(r["task"] for r in scored),
+        certified=sorted(certified or {}),
+        checks={c: sum(results[t].get("check") == c for t in tasks) for c in CHECKS},
+        rows_rescored=sum(results[t].get("rows_rescored", 0) for t in tasks if results[t].get("check") != "certified"),
+        acc=_mean(results[t]["score"] for t in tasks),
+        bwt=sum(drops) / len(drops) if drops else 0.0,
+    )
     ws.evaluations.mkdir(exist_ok=True)
     if tables:
         write_atomic(rows_path(ws, version), json.dumps(tables, separators=(",", ":")))
     picture(ws, record, ws.evaluations / f"{version}.png")
-    write_atomic(ws.evaluation_path(version), json.dumps(record, indent=1))
+    write_atomic(ws.evaluation_path(version), json.dumps(record.to_json(), indent=1))
     return record
 
 
@@ -461,11 +495,11 @@ def publish_head(ws: Workspace, version: str) -> None:
         raise FileNotFoundError(f"{version} has no evaluation record")
     summary = {
         "version": version,
-        "acc": rec["acc"],
-        "bwt": rec["bwt"],
-        "tasks": len(rec["tasks"]),
-        "rescored": len(rec.get("rescored", rec["tasks"])),
-        "certified": len(rec.get("certified", [])),
+        "acc": rec.acc,
+        "bwt": rec.bwt,
+        "tasks": len(rec.tasks),
+        "rescored": len(rec.rescored),
+        "certified": len(rec.certified),
     }  # records before certificates re-scored everything
     write_atomic(ws.head_metrics_path, json.dumps(summary, indent=1))
     lines = ws.history_path.read_text().splitlines() if ws.history_path.is_file() else []
@@ -474,8 +508,8 @@ def publish_head(ws: Workspace, version: str) -> None:
         row = {
             **summary,
             "step": len(lines),
-            "acc": "" if rec["acc"] is None else f"{rec['acc']:.6f}",
-            "bwt": f"{rec['bwt']:.6f}",
+            "acc": "" if rec.acc is None else f"{rec.acc:.6f}",
+            "bwt": f"{rec.bwt:.6f}",
         }
         write_atomic(ws.history_path, "\n".join(lines + [",".join(str(row[c]) for c in HISTORY_COLUMNS)]) + "\n")
     picture_path = ws.evaluations / f"{version}.png"
@@ -483,7 +517,7 @@ def publish_head(ws: Workspace, version: str) -> None:
         write_atomic(ws.heatmap_path, picture_path.read_bytes())
 
 
-def evaluate_version(ws: Workspace, version: str, full: bool = False) -> dict:
+def evaluate_version(ws: Workspace, version: str, full: bool = False) -> EvaluationRecord:
     """Score what `plan` says (in this process, one load) and summarize."""
     cfg = load_params(ws.params_path).evaluate
     p = plan(ws, version, cfg, full)
@@ -496,25 +530,25 @@ def evaluate_version(ws: Workspace, version: str, full: bool = False) -> dict:
     )
 
 
-def compare(recorded: dict, fresh: list[dict], tolerance: float = 1e-6) -> dict:
+def compare(recorded: EvaluationRecord, fresh: list[dict], tolerance: float = 1e-6) -> dict:
     """Audit a record against a full re-scoring: every task whose score moved, and which of
     those were certified unchanged (a certificate that was wrong)."""
     diffs = {}
     for r in fresh:
-        old = recorded["scores"].get(r["task"])
+        old = recorded.scores.get(r["task"])
         if r["score"] is not None and old is not None and abs(r["score"] - old) > tolerance:
             diffs[r["task"]] = {
                 "recorded": old,
                 "now": r["score"],
-                "certified": r["task"] in recorded.get("certified", []),
+                "certified": r["task"] in recorded.certified,
             }
     worst = max((abs(d["now"] - d["recorded"]) for d in diffs.values()), default=0.0)
     return {
-        "version": recorded["version"],
+        "version": recorded.version,
         "matches": not diffs,
         "worst_abs_diff": worst,
         "disagreements": diffs,
-        "certificates_checked": len(recorded.get("certified", [])),
+        "certificates_checked": len(recorded.certified),
         "certificates_wrong": sorted(t for t, d in diffs.items() if d["certified"]),
         "scores": {r["task"]: r["score"] for r in fresh},
     }
@@ -530,22 +564,20 @@ def accuracy_matrix(ws: Workspace, version: str, last: int | None = None, tasks:
         if rec is None:
             break
         records.append(rec)
-        v = rec["parent"]
+        v = rec.parent
     records.reverse()
-    tasks = tasks if tasks is not None else (records[-1]["tasks"] if records else [])
-    rows = [[rec["scores"].get(t) for t in tasks] for rec in records]
-    return {"versions": [r["version"] for r in records], "tasks": tasks, "rows": rows}
+    tasks = tasks if tasks is not None else (records[-1].tasks if records else [])
+    rows = [[rec.scores.get(t) for t in tasks] for rec in records]
+    return {"versions": [r.version for r in records], "tasks": tasks, "rows": rows}
 
 
-def picture(ws: Workspace, record: dict, path: Path) -> None:
+def picture(ws: Workspace, record: EvaluationRecord, path: Path) -> None:
     """Left: R[i][j] for the last RECENT versions × the last RECENT tasks (values written in
     the cells). Right: every task's score now minus when it was learned (one point per task)."""
-    tasks = record["tasks"][-RECENT:]
-    m = accuracy_matrix(ws, record["parent"], RECENT - 1, tasks) if record["parent"] else {"versions": [], "rows": []}
-    versions = m["versions"] + [record["version"]]
-    grid = [
-        [float("nan") if s is None else s for s in row] for row in m["rows"] + [[record["scores"][t] for t in tasks]]
-    ]
+    tasks = record.tasks[-RECENT:]
+    m = accuracy_matrix(ws, record.parent, RECENT - 1, tasks) if record.parent else {"versions": [], "rows": []}
+    versions = m["versions"] + [record.version]
+    grid = [[float("nan") if s is None else s for s in row] for row in m["rows"] + [[record.scores[t] for t in tasks]]]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.2, 1]})
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     if len(grid) * len(tasks) <= CELL_TEXT_MAX:  # values written in the cells of a small grid (text layout is slow)
@@ -557,27 +589,27 @@ def picture(ws: Workspace, record: dict, path: Path) -> None:
                     )
     ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(versions)), versions, fontsize=7)
-    ax.set_xlabel(f"evaluated on task (last {len(tasks)} of {len(record['tasks'])})")
+    ax.set_xlabel(f"evaluated on task (last {len(tasks)} of {len(record.tasks)})")
     ax.set_ylabel("after version")
     fig.colorbar(im, ax=ax, fraction=0.046)
     drops = [
-        (i, record["scores"][t] - record["first_scores"][t])
-        for i, t in enumerate(record["tasks"])
-        if record["scores"][t] is not None and record["first_scores"].get(t) is not None
+        (i, record.scores[t] - record.first_scores[t])
+        for i, t in enumerate(record.tasks)
+        if record.scores[t] is not None and record.first_scores.get(t) is not None
     ]
-    certified = set(record["certified"])
+    certified = set(record.certified)
     for flag, color, label in ((False, "tab:blue", "re-scored"), (True, "tab:gray", "certified unchanged")):
-        pts = [(i, d) for i, d in drops if (record["tasks"][i] in certified) == flag]
+        pts = [(i, d) for i, d in drops if (record.tasks[i] in certified) == flag]
         if pts:
             ax2.scatter([p[0] for p in pts], [100 * p[1] for p in pts], s=8, color=color, label=label)
     ax2.axhline(0.0, color="black", lw=0.8)
     ax2.set_xlabel("task (in the order learned)")
     ax2.set_ylabel("score now − when learned (points)")
     ax2.legend(loc="lower left", fontsize=8)
-    acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
+    acc = "n/a" if record.acc is None else f"{record.acc:.3f}"
     fig.suptitle(
-        f"{record['version']}: {len(record['tasks'])} tasks, ACC {acc}, BWT {record['bwt']:+.3f}; re-scored "
-        f"{len(record['rescored'])}, certified {len(record['certified'])}"
+        f"{record.version}: {len(record.tasks)} tasks, ACC {acc}, BWT {record.bwt:+.3f}; re-scored "
+        f"{len(record.rescored)}, certified {len(record.certified)}"
     )
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.9, wspace=0.3)  # fixed: tight_layout costs ~1 s
     fig.savefig(path, dpi=90)
@@ -595,7 +627,9 @@ def main(
 ) -> None:
     """Evaluate VERSION; write evaluations/VERSION.json and .png."""
     rec = evaluate_version(Workspace(workspace), version, full)
-    typer.echo(json.dumps({k: rec[k] for k in ("version", "acc", "bwt", "scores", "rescored", "certified")}, indent=2))
+    typer.echo(
+        json.dumps({k: getattr(rec, k) for k in ("version", "acc", "bwt", "scores", "rescored", "certified")}, indent=2)
+    )
 
 
 if __name__ == "__main__":

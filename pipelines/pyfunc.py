@@ -64,10 +64,10 @@ def write_model(out: Path, ws: Workspace, version: str) -> Path:
     config = {
         "workspace": str(ws.root),
         "version": version,
-        "content_hash": manifest["content_hash"],
-        "state_sha256": manifest["state_sha256"],
+        "content_hash": manifest.content_hash,
+        "state_sha256": manifest.state_sha256,
         "family": fam,
-        "tasks": [t["name"] for t in manifest["tasks"]],
+        "tasks": manifest.task_names,
         "base": params.to_dict()["base"],
         "seed": params.train.seed,
         "serving": serving,
@@ -130,9 +130,9 @@ def _load_pyfunc(data_path: str) -> SubspaceModel:
         ws.root, version
     )  # the version and the chain it is stored on, pulled from the DVC remote when missing
     manifest = st.read_manifest(ws.version_dir(version))
-    if manifest["state_sha256"] != config["state_sha256"]:
+    if manifest.state_sha256 != config["state_sha256"]:
         raise ValueError(
-            f"workspace version {version} has state {manifest['state_sha256'][:12]}…, the registered model "
+            f"workspace version {version} has state {manifest.state_sha256[:12]}…, the registered model "
             f"{config['state_sha256'][:12]}…: another chain"
         )
     model, tok = load_base(BaseSpec(**config["base"]), config["seed"])

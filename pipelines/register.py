@@ -25,6 +25,7 @@ import typer
 from share_core import state as st
 from share_core.metrics import accounting
 
+from .evaluate import EvaluationRecord, publish_head, read_record
 from .params import load_params
 from .pyfunc import write_model
 from .workspace import Workspace, parse_version_id
@@ -87,26 +88,23 @@ def _alias_version(c, model_name: str, alias: str) -> str | None:
     return mv.tags.get("share.version")
 
 
-def forgetting_gate(new: dict, champion: dict | None, tolerance: float) -> dict:
+def forgetting_gate(new: EvaluationRecord, champion: EvaluationRecord | None, tolerance: float) -> dict:
     """Pass when no task scored by both drops more than `tolerance` (accuracy units)."""
     if champion is None:
         return {"passed": True, "drops": {}, "against": None}
     drops = {
-        t: champion["scores"][t] - s
-        for t, s in new["scores"].items()
-        if s is not None and champion["scores"].get(t) is not None
+        t: champion.scores[t] - s for t, s in new.scores.items() if s is not None and champion.scores.get(t) is not None
     }
     worst = max(drops.values(), default=0.0)
-    results = new.get("results", {})
     return {
         "passed": worst <= tolerance,
         "drops": drops,
         "worst_drop": worst,
-        "against": champion["version"],
+        "against": champion.version,
         # how the new scores were checked (pipelines.evaluate: scored / rows / screened / certified):
         # a certified score is the recorded one, carried because no row of it can have flipped
-        "checks": new.get("checks", {}),
-        "carried": sorted(t for t in drops if results.get(t, {}).get("check") in ("certified", "screened")),
+        "checks": new.checks,
+        "carried": sorted(t for t in drops if new.results.get(t, {}).get("check") in ("certified", "screened")),
     }
 
 
@@ -118,37 +116,45 @@ def gate_for(
     if tolerance is None:
         tolerance = load_params(ws.params_path).evaluate.gate_tolerance
     champ_id = _alias_version(client(ws, tracking_uri), model_name, CHAMPION)
-    champ = json.loads(ws.evaluation_path(champ_id).read_text()) if champ_id and champ_id != version else None
+    champ = read_record(ws, champ_id) if champ_id and champ_id != version else None
     return {
-        **forgetting_gate(json.loads(ws.evaluation_path(version).read_text()), champ, tolerance),
+        **forgetting_gate(read_record(ws, version), champ, tolerance),
         "champion_before": champ_id,
     }
 
 
-def _tags(ws: Workspace, version: str, manifest: dict, record: dict, landing: dict, lineage: dict, gate: dict) -> dict:
+def _tags(
+    ws: Workspace,
+    version: str,
+    manifest: st.Manifest,
+    record: EvaluationRecord,
+    landing: dict,
+    lineage: dict,
+    gate: dict,
+) -> dict:
     tags = _clean(
         {
             "share.version": version,
-            "share.parent": manifest["parent"] or "",
-            "share.task": ",".join(manifest["extra"].get("added", [])),
-            "share.kind": manifest["extra"].get("kind", ""),
-            "share.content_hash": manifest["content_hash"],
+            "share.parent": manifest.parent or "",
+            "share.task": ",".join(manifest.added),
+            "share.kind": manifest.kind,
+            "share.content_hash": manifest.content_hash,
             "landing.key": str(landing.get("key", landing.get("batch", ""))),
             "landing.etag": str(landing.get("etag", "")),
             "lineage.git_rev": lineage.get("git_rev", ""),
             "lineage.dvc_stage": lineage.get("dvc_stage", ""),
             "lineage.dvc_hashes": json.dumps(lineage.get("dvc_hashes", {}), sort_keys=True)[:4900],
-            "share.state_sha256": manifest["state_sha256"],
-            "evaluation.certified": str(len(record.get("certified", []))),
-            "evaluation.rescored": str(len(record.get("rescored", record["tasks"]))),
+            "share.state_sha256": manifest.state_sha256,
+            "evaluation.certified": str(len(record.certified)),
+            "evaluation.rescored": str(len(record.rescored)),
             "gate.passed": str(gate["passed"]).lower(),
-            "acc": "" if record["acc"] is None else f"{record['acc']:.6f}",
-            "bwt": f"{record['bwt']:.6f}",
+            "acc": "" if record.acc is None else f"{record.acc:.6f}",
+            "bwt": f"{record.bwt:.6f}",
         }
     )
-    for t in manifest["tasks"]:
-        if t["name"] in manifest["extra"].get("added", []) and t["info"].get("data_hash"):
-            tags[f"data_hash.{t['name']}"] = t["info"]["data_hash"]
+    for t in manifest.tasks:
+        if t.name in manifest.added and t.info.get("data_hash"):
+            tags[f"data_hash.{t.name}"] = t.info["data_hash"]
     return tags
 
 
@@ -161,7 +167,7 @@ def finished_run(
     exp = c.get_experiment_by_name(model_name)
     if exp is None:
         return None
-    content_hash = st.read_manifest(ws.version_dir(version))["content_hash"]
+    content_hash = st.read_manifest(ws.version_dir(version)).content_hash
     for run in c.search_runs(
         [exp.experiment_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{content_hash}'"
     ):
@@ -188,7 +194,7 @@ def log_run(
     c = client(ws, tracking_uri)
     vdir = ws.version_dir(version)
     manifest = st.read_manifest(vdir)
-    record = json.loads(ws.evaluation_path(version).read_text())
+    record = read_record(ws, version)
     exp_id = _experiment(c, ws, model_name, tracking_uri)
     found = finished_run(ws, version, model_name=model_name, tracking_uri=tracking_uri, end_abandoned=True)
     if found:
@@ -196,14 +202,14 @@ def log_run(
     tags = _tags(ws, version, manifest, record, landing, lineage, gate)
     rid = c.create_run(exp_id, run_name=version, tags=tags).info.run_id
     try:
-        policy = manifest["policy"]
+        policy = manifest.policy
         params = {
             "version": version,
-            "parent": manifest["parent"] or "none",
-            "tasks": len(manifest["tasks"]),
-            "phi": manifest["phi"],
+            "parent": manifest.parent or "none",
+            "tasks": len(manifest.tasks),
+            "phi": manifest.phi,
             **{f"policy.{k}": v for k, v in policy.items()},
-            "base_model": manifest["base_model"]["id"],
+            "base_model": manifest.base_model["id"],
         }
         if ws.params_path.is_file():
             import yaml
@@ -212,25 +218,21 @@ def log_run(
                 params.update({f"{section}.{k}": v for k, v in (values or {}).items()})
         for k, v in _clean(params).items():
             c.log_param(rid, k, "none" if v is None else str(v)[:500])
-        acct = manifest["extra"].get("accounting") or accounting(st.load(vdir))
-        rescored = record.get("rescored", record["tasks"])
+        acct = manifest.extra.get("accounting") or accounting(st.load(vdir))
+        rescored = record.rescored
         metrics = {
-            "acc": record["acc"],
-            "bwt": record["bwt"],
-            "tasks_certified": len(record.get("certified", [])),
+            "acc": record.acc,
+            "bwt": record.bwt,
+            "tasks_certified": len(record.certified),
             "tasks_rescored": len(rescored),
         }
         # a task's score only where it changed against the parent's record (new tasks, re-scored
         # rows that moved it): O(changes), not O(T) per version; MLflow's chart of score.<task>
         # steps from the last logged value. The whole row is the evaluation artifact (and DVC's).
         metrics.update({f"score.{t}": s for t, s in changed_scores(ws, manifest, record).items()})
-        metrics.update({f"majority.{t}": record["majority"][t] for t in rescored})
+        metrics.update({f"majority.{t}": record.majority[t] for t in rescored})
         metrics.update(
-            {
-                f"reconstruction_error.{t}": e
-                for t, e in manifest["extra"].get("reconstruction_error", {}).items()
-                if t in rescored
-            }
+            {f"reconstruction_error.{t}": e for t, e in manifest.reconstruction_error.items() if t in rescored}
         )
         metrics.update(
             {
@@ -264,8 +266,8 @@ def log_run(
                     "dvc_stage": lineage.get("dvc_stage", ""),
                     "dvc_hashes": lineage.get("dvc_hashes", {}),
                     "git_rev": lineage.get("git_rev", ""),
-                    "chain": manifest["storage"]["chain"],
-                    "state_sha256": manifest["state_sha256"],
+                    "chain": manifest.storage["chain"],
+                    "state_sha256": manifest.state_sha256,
                 },
                 indent=2,
                 sort_keys=True,
@@ -316,7 +318,7 @@ def register_model_version(
         return found
     run = c.get_run(run_id)
     manifest = st.read_manifest(ws.version_dir(version))
-    record = json.loads(ws.evaluation_path(version).read_text())
+    record = read_record(ws, version)
     mv = c.create_model_version(
         model_name,
         source=f"{run.info.artifact_uri}/subspace",
@@ -398,15 +400,17 @@ def registration(version: str, model_version: str, run_id: str, gate: dict) -> d
     }
 
 
-def changed_scores(ws: Workspace, manifest: dict, record: dict) -> dict[str, float]:
+def changed_scores(ws: Workspace, manifest: st.Manifest, record: EvaluationRecord) -> dict[str, float]:
     """The scores of `record` that differ from its parent version's record (all of them without one)."""
-    path = ws.evaluation_path(manifest["parent"]) if manifest["parent"] else None
-    before = json.loads(path.read_text())["scores"] if path is not None and path.is_file() else {}
-    return {t: s for t, s in record["scores"].items() if s is not None and (t not in before or before[t] != s)}
+    parent = read_record(ws, manifest.parent)
+    before = parent.scores if parent is not None else {}
+    return {t: s for t, s in record.scores.items() if s is not None and (t not in before or before[t] != s)}
 
 
-def _description(version: str, manifest: dict, record: dict, gate: dict, changed: dict[str, float]) -> str:
-    added = ", ".join(manifest["extra"].get("added", [])) or "—"
+def _description(
+    version: str, manifest: st.Manifest, record: EvaluationRecord, gate: dict, changed: dict[str, float]
+) -> str:
+    added = ", ".join(manifest.added) or "—"
     shown = list(changed.items())[:MAX_DESCRIBED]
     scores = ", ".join(f"{t} {s:.3f}" for t, s in shown) or "none changed"
     if len(changed) > len(shown):
@@ -414,11 +418,11 @@ def _description(version: str, manifest: dict, record: dict, gate: dict, changed
     verdict = (
         "passed" if gate["passed"] else f"failed (worst drop {gate.get('worst_drop', 0):.3f} vs {gate['against']})"
     )
-    acc = "n/a" if record["acc"] is None else f"{record['acc']:.3f}"
+    acc = "n/a" if record.acc is None else f"{record.acc:.3f}"
     return (
-        f"Share subspace {version} (parent {manifest['parent'] or 'none'}): {manifest['extra'].get('kind', '')} "
+        f"Share subspace {version} (parent {manifest.parent or 'none'}): {manifest.kind} "
         f"{added}. "
-        f"{len(manifest['tasks'])} tasks; ACC {acc}, BWT {record['bwt']:+.3f}. Scores that changed: {scores}. "
+        f"{len(manifest.tasks)} tasks; ACC {acc}, BWT {record.bwt:+.3f}. Scores that changed: {scores}. "
         "Forgetting gate "
         f"{verdict}."
     )
@@ -488,8 +492,6 @@ def rollback(
         c.set_registered_model_alias(model_name, CHAMPION, mv.version)
     c.set_model_version_tag(model_name, mv.version, "rollback.run_id", run.info.run_id)
     ws.set_head(version)
-    from .evaluate import publish_head, read_record
-
     if (
         read_record(ws, version) is not None
     ):  # a version pulled back without its (untracked) record: rollback re-evaluates it

@@ -118,10 +118,9 @@ def _built(u: Update) -> dict | None:
     if not (vdir / "manifest.json").is_file():
         return None
     m = st.read_manifest(vdir)
-    if m["extra"].get("provenance") != u.journal.provenance or m["parent"] != u.journal.parent:
+    if m.provenance != u.journal.provenance or m.parent != u.journal.parent:
         raise FileExistsError(
-            f"versions/{u.version} exists but was built from {m['extra'].get('provenance')} on {m['parent']}, not "
-            "this update"
+            f"versions/{u.version} exists but was built from {m.provenance} on {m.parent}, not this update"
         )
     return {}
 
@@ -152,8 +151,8 @@ def _evaluated(u: Update) -> dict | None:
     return _scores(rec) if rec is not None else None
 
 
-def _scores(record: dict) -> dict:
-    return {"acc": record["acc"], "bwt": record["bwt"]}
+def _scores(record: ev.EvaluationRecord) -> dict:
+    return {"acc": record.acc, "bwt": record.bwt}
 
 
 def _commit(u: Update) -> dict:
@@ -228,7 +227,7 @@ def _discard_in_mlflow(u: Update) -> None:
     register.discard_version(
         u.ws,
         u.version,
-        st.read_manifest(u.ws.version_dir(u.version))["content_hash"],
+        st.read_manifest(u.ws.version_dir(u.version)).content_hash,
         model_name=u.model_name,
         aliases_before=u.journal.before("alias") or None,
         reason=u.reason,
@@ -344,17 +343,17 @@ def run(
 
 
 # ---- discard ----------------------------------------------------------------------------------------
-def built_by(ws: Workspace, j: Journal) -> dict | None:
+def built_by(ws: Workspace, j: Journal) -> st.Manifest | None:
     """The manifest of `j`'s version when this update built it and nothing depends on it
     (its provenance on its parent, not HEAD, nobody's parent); else None."""
     vdir = ws.version_dir(j.version)
     if not (vdir / "manifest.json").is_file():
         return None
     built = st.read_manifest(vdir)
-    if built["extra"].get("provenance") != j.provenance or built["parent"] != j.parent or ws.head() == j.version:
+    if built.provenance != j.provenance or built.parent != j.parent or ws.head() == j.version:
         return None
     for v in ws.version_ids():
-        if v != j.version and st.read_manifest(ws.version_dir(v))["parent"] == j.version:
+        if v != j.version and st.read_manifest(ws.version_dir(v)).parent == j.version:
             return None
     return built
 

@@ -131,7 +131,7 @@ def main(
     root = workspace.resolve()
     params = load_params(Workspace(root).params_path)
     manifest = build_version([root / p for p in landing], kind, root / out, root / parent if parent else None, params)
-    typer.echo(f"{out}: {len(manifest['tasks'])} tasks, content {manifest['content_hash'][:12]}")
+    typer.echo(f"{out}: {len(manifest.tasks)} tasks, content {manifest.content_hash[:12]}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from share_core import state as st
 from share_core.base import BaseSpec
 from share_core.families import family
 from share_core.model import check_adapter_fits
@@ -101,7 +102,7 @@ def _check_sizes(local: Path, names: list[str]) -> None:
             raise LandingRejected(f"{name}: empty file")
 
 
-def _check_spec(local: Path, task: str, manifest: dict | None, base: BaseSpec) -> TaskSpec:
+def _check_spec(local: Path, task: str, manifest: st.Manifest | None, base: BaseSpec) -> TaskSpec:
     spec = read_task_spec(local / SPEC_FILE)
     if spec.name != task:
         raise LandingRejected(f"{SPEC_FILE}: name {spec.name!r} differs from the landing's directory {task!r}")
@@ -110,7 +111,7 @@ def _check_spec(local: Path, task: str, manifest: dict | None, base: BaseSpec) -
             f"{SPEC_FILE}: type {spec.type!r} does not match this workspace's base model {base.model_id!r}, "
             f"which serves {base.family!r} tasks (base.family in params.yaml)"
         )
-    if manifest and spec.name in [t["name"] for t in manifest["tasks"]]:
+    if manifest and spec.name in manifest.task_names:
         raise LandingRejected(f"task {spec.name!r} already exists in the current version; land it under a new name")
     return spec
 
@@ -125,7 +126,7 @@ def _check_dataset(local: Path) -> None:
         raise LandingRejected(f"train.jsonl: {e}") from None
 
 
-def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: BaseSpec) -> None:
+def _check_adapter(local: Path, spec: TaskSpec, manifest: st.Manifest | None, base: BaseSpec) -> None:
     adapter = read_adapter(local, name=spec.name)
     fam = family(base.family)
     if adapter.task_type and fam.peft_task_type and adapter.task_type != fam.peft_task_type:
@@ -134,12 +135,12 @@ def _check_adapter(local: Path, spec: TaskSpec, manifest: dict | None, base: Bas
             f"base model (expected {fam.peft_task_type!r})"
         )
     if manifest:
-        shapes = {name: (t["n"], t["d"]) for name, t in manifest["layers"].items()}
+        shapes = {name: (t["n"], t["d"]) for name, t in manifest.layers.items()}
         check_adapter_fits(
             adapter,
-            manifest["base_model"]["id"],
-            manifest["target_modules"],
-            manifest["head_modules"],
+            manifest.base_model["id"],
+            manifest.target_modules,
+            manifest.head_modules,
             shapes,
             exact_layers=True,
         )
@@ -163,7 +164,7 @@ def _check_head_and_eval(local: Path, adapter, spec: TaskSpec, fam) -> None:
 
 
 def validate_landing(
-    local: Path, kind: str, task: str, manifest: dict | None, base: BaseSpec, names: list[str] | None = None
+    local: Path, kind: str, task: str, manifest: st.Manifest | None, base: BaseSpec, names: list[str] | None = None
 ) -> TaskSpec:
     """Check a landing downloaded to `local` against the workspace's base model and family and
     the current version's `manifest` (None: the chain is empty). `names`: the landing's object

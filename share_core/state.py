@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -174,6 +174,68 @@ def _manifest(state: SubspaceState, files: dict[str, str], storage: dict) -> dic
     }
 
 
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task of a manifest: its name, rank, scale, head modules and free-form info."""
+
+    name: str
+    rank: int
+    scale: float
+    heads: list[str]
+    info: dict
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, typed: what every reader of a version sees (the JSON is `_manifest`'s,
+    field for field, with `content_hash` verified by `read_manifest`)."""
+
+    format: str
+    base_model: dict  # {"id", "hash"}
+    target_modules: list[str]
+    head_modules: list[str]
+    layers: dict[str, dict]  # layer -> {"n", "d", "k_B", "k_A", …}
+    phi: float
+    policy: dict  # {"k_max", "energy", "error_budget"}
+    tasks: list[TaskEntry]
+    parent: str | None
+    extra: dict  # what the pipeline adds: provenance, kind, added, reconstruction_error, …
+    storage: dict  # {"kind": "full" | "delta", "chain", "parent_content_hash", …}
+    state_sha256: str
+    files: dict[str, str]
+    content_hash: str
+
+    @classmethod
+    def from_json(cls, data: dict) -> Manifest:
+        known = {f.name for f in fields(cls)}
+        return cls(
+            **{**{k: v for k, v in data.items() if k in known}, "tasks": [TaskEntry(**t) for t in data["tasks"]]}
+        )
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def provenance(self) -> dict | None:
+        """The landing(s) this version was built from (set by the pipeline)."""
+        return self.extra.get("provenance")
+
+    @property
+    def added(self) -> list[str]:
+        """The tasks this version added to its parent's."""
+        return list(self.extra.get("added", []))
+
+    @property
+    def kind(self) -> str:
+        return self.extra.get("kind", "")
+
+    @property
+    def reconstruction_error(self) -> dict[str, float]:
+        """Per old task, how far this version's merge moved its ΔW (relative Frobenius)."""
+        return dict(self.extra.get("reconstruction_error", {}))
+
+
 def validate(state: SubspaceState) -> None:
     """Every shape consistent, every value finite, names legal. Raises VersionError."""
     names = state.task_names
@@ -225,10 +287,10 @@ def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
         pm = read_manifest(parent)
     except VersionError:
         return snapshot
-    chain = pm["storage"]["chain"] + [state.parent]
-    same_tasks = [t["name"] for t in pm["tasks"]] == state.task_names[: d.n_old]
+    chain = pm.storage["chain"] + [state.parent]
+    same_tasks = pm.task_names == state.task_names[: d.n_old]
     if (
-        pm["content_hash"] != d.base_hash
+        pm.content_hash != d.base_hash
         or not same_tasks
         or len(chain) > compact_every
         or set(d.frames) != set(state.bases)
@@ -292,7 +354,7 @@ def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COM
     return manifest["content_hash"]
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def read_manifest(path: str | os.PathLike) -> Manifest:
     """The manifest, its content hash verified (files are checked by `load`)."""
     mpath = Path(path) / "manifest.json"
     try:
@@ -308,7 +370,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if claimed != actual:
         raise VersionError(f"{mpath}: content hash {claimed} does not match the manifest ({actual})")
     manifest["content_hash"] = claimed
-    return manifest
+    return Manifest.from_json(manifest)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -375,7 +437,7 @@ class _Stacked:
     manifest order), per task its heads. Chains are applied in this form: one matmul per layer
     and side per version, whatever the number of tasks."""
 
-    manifest: dict
+    manifest: Manifest
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
     coefs: dict[str, list[torch.Tensor]]  # layer -> [C_B k_B×Σp, C_A k_A×Σp]
     heads: dict[str, dict[str, torch.Tensor]]
@@ -385,7 +447,7 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
     m = read_manifest(path)
     if depth > MAX_CHAIN:
         raise VersionError(f"{path}: delta chain longer than {MAX_CHAIN} versions")
-    for rel, digest in m["files"].items():
+    for rel, digest in m.files.items():
         f = path / rel
         if not f.is_file():
             raise VersionError(f"{f}: listed in the manifest but missing")
@@ -393,20 +455,20 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
             raise VersionError(f"{f}: sha256 does not match the manifest (modified or corrupt)")
     basis = _load_tensors(path / "basis.safetensors")
     stored = _load_tensors(path / "tasks.safetensors")
-    storage = m["storage"]
+    storage = m.storage
     bases = {
         layer: (_get(basis, f"{layer}.beta", "basis.safetensors"), _get(basis, f"{layer}.alpha", "basis.safetensors"))
-        for layer in m["layers"]
+        for layer in m.layers
     }
-    names = [t["name"] for t in m["tasks"]]
+    names = m.task_names
     new = storage["stored_tasks"]
     if storage["kind"] == "delta":
-        if not m["parent"]:
+        if not m.parent:
             raise VersionError(f"{path}: a delta version without a parent")
-        parent = _load_stacked(path.parent / m["parent"], depth + 1)
-        if parent.manifest["content_hash"] != storage["parent_content_hash"]:
-            raise VersionError(f"{path}: parent {m['parent']} is not the version this delta was built on")
-        old = [t["name"] for t in parent.manifest["tasks"]]
+        parent = _load_stacked(path.parent / m.parent, depth + 1)
+        if parent.manifest.content_hash != storage["parent_content_hash"]:
+            raise VersionError(f"{path}: parent {m.parent} is not the version this delta was built on")
+        old = parent.manifest.task_names
         if names != old + new:
             raise VersionError(f"{path}: tasks {names} are not the parent's {old} followed by the stored {new}")
         prefix = {
@@ -414,13 +476,13 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
                 apply_frame(_get(basis, f"{layer}.frame_{s}", "basis.safetensors"), parent.coefs[layer][i])
                 for i, s in enumerate("ba")
             ]
-            for layer in m["layers"]
+            for layer in m.layers
         }
         heads = parent.heads
     else:
         if new != names:
             raise VersionError(f"{path}: a snapshot must store every task")
-        prefix = {layer: [None, None] for layer in m["layers"]}
+        prefix = {layer: [None, None] for layer in m.layers}
         heads = {}
     # One pass over the stored keys files every head under its task; every layer and side is then
     # assembled with one concatenation (the parent's framed block first): O(stored tensors), not
@@ -435,7 +497,7 @@ def _load_stacked(path: Path, depth: int = 0) -> _Stacked:
         heads[name] = stored_heads.get(name, {})
     stacked = storage.get("layout") == "stacked"  # else (older versions) one tensor per task, layer and side
     coefs = {}
-    for layer in m["layers"]:
+    for layer in m.layers:
         coefs[layer] = []
         for i, s in enumerate("ba"):
             parts = [] if prefix[layer][i] is None else [prefix[layer][i]]
@@ -459,7 +521,7 @@ def load(path: str | os.PathLike) -> SubspaceState:
     path = Path(path)
     s = _load_stacked(path)
     m = s.manifest
-    widths = [t["rank"] for t in m["tasks"]]
+    widths = [t.rank for t in m.tasks]
     split = {}
     for layer, (cb, ca) in s.coefs.items():
         if cb.shape[1] != sum(widths) or ca.shape[1] != sum(widths):
@@ -469,37 +531,37 @@ def load(path: str | os.PathLike) -> SubspaceState:
         split[layer] = (torch.split(cb, widths, 1), torch.split(ca, widths, 1))
     tasks = [
         TaskRecord(
-            e["name"],
-            e["rank"],
-            e["scale"],
-            {layer: (split[layer][0][j], split[layer][1][j]) for layer in m["layers"]},
-            s.heads[e["name"]],
-            e["info"],
+            e.name,
+            e.rank,
+            e.scale,
+            {layer: (split[layer][0][j], split[layer][1][j]) for layer in m.layers},
+            s.heads[e.name],
+            e.info,
         )
-        for j, e in enumerate(m["tasks"])
+        for j, e in enumerate(m.tasks)
     ]
-    pol = m["policy"]
+    pol = m.policy
     state = SubspaceState(
-        base_model_id=m["base_model"]["id"],
-        base_model_hash=m["base_model"]["hash"],
-        target_modules=m["target_modules"],
-        head_modules=m["head_modules"],
+        base_model_id=m.base_model["id"],
+        base_model_hash=m.base_model["hash"],
+        target_modules=m.target_modules,
+        head_modules=m.head_modules,
         bases=s.bases,
         tasks=tasks,
         policy=KPolicy(pol["k_max"], pol["energy"], pol["error_budget"]),
-        phi=m["phi"],
-        parent=m["parent"],
-        extra=m["extra"],
-        content_hash=m["content_hash"],
+        phi=m.phi,
+        parent=m.parent,
+        extra=m.extra,
+        content_hash=m.content_hash,
     )
     validate(state)
-    if state.layer_table() != m["layers"]:
+    if state.layer_table() != m.layers:
         raise VersionError(f"{path}: tensor shapes do not match the manifest's layer table")
-    if state_sha256(state) != m["state_sha256"]:
+    if state_sha256(state) != m.state_sha256:
         raise VersionError(f"{path}: the materialised state does not match the state it was saved as (state_sha256)")
     return state
 
 
 def chain(path: str | os.PathLike) -> list[str]:
     """The versions a version's load reads besides itself (its snapshot first)."""
-    return list(read_manifest(path)["storage"]["chain"])
+    return list(read_manifest(path).storage["chain"])

@@ -61,6 +61,23 @@ def save_peft_adapter(
     return path
 
 
+def evaluation_record(version: str, scores: dict, **fields):
+    """An evaluation record with `scores` and what a test leaves unsaid filled in plainly."""
+    from pipelines.evaluate import EvaluationRecord
+
+    tasks = fields.pop("tasks", list(scores))
+    defaults = dict(parent=None, task="", mode="full", results={}, majority={}, first_scores=scores, acc=None, bwt=0.0)
+    return EvaluationRecord(version=version, tasks=tasks, scores=scores, **{**defaults, **fields})
+
+
+def write_record(ws, version: str, scores: dict, **fields):
+    """The record written where the pipeline writes it (evaluations/<version>.json)."""
+    record = evaluation_record(version, scores, **fields)
+    ws.evaluations.mkdir(parents=True, exist_ok=True)
+    ws.evaluation_path(version).write_text(json.dumps(record.to_json()))
+    return record
+
+
 @pytest.fixture
 def adapters_dir(tmp_path):
     """Three PEFT adapters (r=4, lora_alpha=8) of the tiny BERT."""

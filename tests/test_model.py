@@ -167,7 +167,7 @@ def test_save_load_roundtrip_and_tamper_detection(adapters_dir, tmp_path, tokens
     share = share_from(adapters_dir)
     digest = st.save(share.state, tmp_path / "v1")
     loaded = st.load(tmp_path / "v1")
-    assert st.read_manifest(tmp_path / "v1")["content_hash"] == digest
+    assert st.read_manifest(tmp_path / "v1").content_hash == digest
     again = ShareModel(tiny_bert(), loaded)
     for t in loaded.task_names:
         share.activate(t)

@@ -12,6 +12,8 @@ from pipelines import register
 from pipelines.params import EvalParams, Params, edit_params, load_params, save_params
 from pipelines.workspace import Workspace
 
+from .conftest import write_record
+
 
 def write(tmp_path, text: str):
     path = tmp_path / "params.yaml"
@@ -67,20 +69,8 @@ def test_empty_sections_take_the_defaults_and_other_sections_are_kept(tmp_path):
 
 def test_head_reports_are_written_once_per_head_move_and_survive_a_torn_line(tmp_path):
     ws = Workspace(tmp_path)
-    ws.evaluations.mkdir()
     for i, v in enumerate(("v0001", "v0002")):
-        ws.evaluation_path(v).write_text(
-            json.dumps(
-                {
-                    "version": v,
-                    "acc": 0.5 + i / 10,
-                    "bwt": (0.0, -0.01)[i],
-                    "tasks": ["a"] * (i + 1),
-                    "rescored": ["a"],
-                    "certified": [],
-                }
-            )
-        )
+        write_record(ws, v, {}, tasks=["a"] * (i + 1), rescored=["a"], acc=0.5 + i / 10, bwt=(0.0, -0.01)[i])
     ev.publish_head(ws, "v0001")
     ev.publish_head(ws, "v0001")  # a resumed step: no second row
     with open(ws.history_path, "a") as f:
@@ -106,9 +96,8 @@ def test_the_forgetting_gate_takes_its_tolerance_from_params_yaml(tmp_path, monk
     """One source of truth: a flow passes no tolerance, so the gate reads evaluate.gate_tolerance;
     an explicit tolerance still wins. A drop of 0.1 passes at 0.2 and fails at the default 0.01."""
     ws = Workspace(tmp_path)
-    ws.evaluations.mkdir(parents=True)
     for version, score in (("v0001", 0.9), ("v0002", 0.8)):
-        ws.evaluation_path(version).write_text(json.dumps({"version": version, "scores": {"t": score}}))
+        write_record(ws, version, {"t": score})
     monkeypatch.setattr(register, "client", lambda ws, uri: None)
     monkeypatch.setattr(register, "_alias_version", lambda client, name, alias: "v0001")
     assert not register.gate_for(ws, "v0002", model_name="m")["passed"]  # no params.yaml: the default 0.01

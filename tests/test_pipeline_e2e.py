@@ -177,7 +177,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     assert served.metadata.get_input_schema().input_names() == ["task", "text"]
     rows = [(name, r["text"]) for name in ("tense", "sentiment", "topic") for r in load_task(t[name]).eval[:4]]
     out = served.predict(pd.DataFrame({"task": [x[0] for x in rows], "text": [x[1] for x in rows]}))
-    share, tok, _ = evaluate.loaded(str(ws.root), "v0003", st.read_manifest(ws.version_dir("v0003"))["content_hash"])
+    share, tok, _ = evaluate.loaded(str(ws.root), "v0003", st.read_manifest(ws.version_dir("v0003")).content_hash)
     for (name, text), label, probs in zip(rows, out["label"], out["probabilities"]):
         share.activate(name)
         with torch.no_grad():
@@ -275,7 +275,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
 
     # v0002 is a delta on v0001: with both gone locally (workspace and DVC cache), restoring
     # v0002 pulls its chain from the remote and the state is bit-exactly what was registered
-    assert st.read_manifest(ws.version_dir("v0002"))["storage"]["kind"] == "delta"
+    assert st.read_manifest(ws.version_dir("v0002")).storage["kind"] == "delta"
     digests = {v: tree_digest(ws.version_dir(v)) for v in ("v0001", "v0002")}
     for v in ("v0001", "v0002"):
         shutil.rmtree(ws.version_dir(v))

@@ -42,11 +42,11 @@ def test_a_saturated_stream_rescores_only_rows_a_merge_can_flip(tmp_path, tiny_m
         errors = json.loads((w.version_dir(v) / "manifest.json").read_text())["extra"]["reconstruction_error"]
         assert min(errors[t] for t in names[:i]) > 0.02  # saturated: every old task moved
         rec = ev.evaluate_version(w, v)
-        assert all(r["check"] in ev.CHECKS for r in rec["results"].values())
-        assert sum(rec["checks"].values()) == len(rec["tasks"]) and rec["results"][names[i]]["check"] == "scored"
-        audit = ev.compare(rec, ev.score_tasks(w, v, rec["tasks"]))
+        assert all(r["check"] in ev.CHECKS for r in rec.results.values())
+        assert sum(rec.checks.values()) == len(rec.tasks) and rec.results[names[i]]["check"] == "scored"
+        audit = ev.compare(rec, ev.score_tasks(w, v, rec.tasks))
         assert audit["matches"], audit["disagreements"]
-        rescored_rows += rec["rows_rescored"] - 24  # the new task is scored in full either way
+        rescored_rows += rec.rows_rescored - 24  # the new task is scored in full either way
         full_rows += 24 * i
     assert rescored_rows < 0.5 * full_rows, (rescored_rows, full_rows)
 
@@ -103,12 +103,12 @@ def test_a_task_whose_score_dropped_is_never_certified(tmp_path, tiny_model_dir)
     assert lo < hi, "setup: the truncation does not move every row the same way"
     w = workspace(tmp_path / "ws", (lo + hi) / 2, label)
     r1 = ev.evaluate_version(w, "v0001")
-    assert r1["scores"]["t0"] == 1.0
+    assert r1.scores["t0"] == 1.0
     build(w, "v0002", "v0001", ["big0", "big1", "big2"])
     r2 = ev.evaluate_version(w, "v0002")
-    fresh = {r["task"]: r["score"] for r in ev.score_tasks(w, "v0002", r2["tasks"])}
+    fresh = {r["task"]: r["score"] for r in ev.score_tasks(w, "v0002", r2.tasks)}
     assert fresh["t0"] == 0.0  # the drop is real
-    assert r2["results"]["t0"]["check"] in ("scored", "rows") and r2["scores"]["t0"] == 0.0
+    assert r2.results["t0"]["check"] in ("scored", "rows") and r2.scores["t0"] == 0.0
     assert ev.compare(r2, list({"task": t, "score": s} for t, s in fresh.items()))["matches"]
     assert not forgetting_gate(r2, r1, tolerance=0.01)["passed"]
 

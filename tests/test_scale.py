@@ -64,9 +64,9 @@ def test_landings_after_30_tasks_rescore_one_task_and_do_not_grow(tmp_path, tiny
             {
                 "rss": proc.memory_info().rss,
                 "threads": threading.active_count(),
-                "rescored": rec["rescored"],
-                "certified": len(rec["certified"]),
-                "stored": m["storage"]["stored_tasks"],
+                "rescored": rec.rescored,
+                "certified": len(rec.certified),
+                "stored": m.storage["stored_tasks"],
                 "bytes": sum(f.stat().st_size for f in ws.version_dir(out["version"]).iterdir()),
             }
         )
@@ -92,11 +92,11 @@ def test_twenty_versions_with_rollbacks_restore_bit_exactly_from_the_remote(tmp_
             [ws.landings / n], "adapter", ws.version_dir(version), ws.version_dir(head) if head else None, params
         )
         lineage.add_version_stage(ws.root, version, [n], "adapter", head)
-        registered[version] = st.read_manifest(ws.version_dir(version))["state_sha256"]
+        registered[version] = st.read_manifest(ws.version_dir(version)).state_sha256
         head = {7: "v0004", 14: "v0010"}.get(i, version)  # two rollbacks: the next version builds on an older one
     lineage.record_version(ws.root, "v0020", "twenty versions")
     lineage.push(ws.root)
-    kinds = {v: st.read_manifest(ws.version_dir(v))["storage"] for v in registered}
+    kinds = {v: st.read_manifest(ws.version_dir(v)).storage for v in registered}
     assert kinds["v0008"]["chain"] == ["v0001", "v0002", "v0003", "v0004"]  # built on the rolled-back v0004
     assert sum(k["kind"] == "snapshot" for k in kinds.values()) >= 3
     shutil.rmtree(ws.versions)

@@ -36,15 +36,15 @@ def _chain(tmp_path, n_versions: int, compact_every: int, k_max: int = 6, seed: 
 
 def test_deltas_load_bit_exactly_and_compact(tmp_path, tokens):
     vdir, memory = _chain(tmp_path, 7, compact_every=3)
-    kinds = [st.read_manifest(vdir / f"v{i:04d}")["storage"]["kind"] for i in range(1, 8)]
+    kinds = [st.read_manifest(vdir / f"v{i:04d}").storage["kind"] for i in range(1, 8)]
     assert kinds == ["snapshot", "delta", "delta", "delta", "snapshot", "delta", "delta"]
     assert st.chain(vdir / "v0007") == ["v0005", "v0006"]
     for v, digest in memory.items():
         loaded = st.load(vdir / v)
-        assert st.state_sha256(loaded) == digest == st.read_manifest(vdir / v)["state_sha256"]
+        assert st.state_sha256(loaded) == digest == st.read_manifest(vdir / v).state_sha256
     # a delta stores only its new task; a snapshot stores all of them
-    assert st.read_manifest(vdir / "v0004")["storage"]["stored_tasks"] == ["t4"]
-    assert st.read_manifest(vdir / "v0005")["storage"]["stored_tasks"] == [f"t{j}" for j in range(6)]
+    assert st.read_manifest(vdir / "v0004").storage["stored_tasks"] == ["t4"]
+    assert st.read_manifest(vdir / "v0005").storage["stored_tasks"] == [f"t{j}" for j in range(6)]
     # the loaded delta serves every task like the in-memory merge did
     share = ShareModel(tiny_bert(), st.load(vdir / "v0004"))
     again = ShareModel(tiny_bert(), st.load(vdir / "v0004"))

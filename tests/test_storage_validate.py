@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 from pipelines.register import forgetting_gate
 from pipelines.storage import LocalStorage, StorageError, open_storage
 from pipelines.validate import LandingRejected, validate_landing
+from share_core import state as st
 from share_core.base import BaseSpec
 from share_core.tasks import generate_tasks
 
-from .conftest import save_peft_adapter
+from .conftest import evaluation_record, save_peft_adapter
 
 BASE = BaseSpec(model_id="tiny-bert", target_modules=["query", "value"], head_modules=["classifier"])
 
@@ -76,17 +77,28 @@ def test_storage_urls_are_checked(tmp_path):
 
 
 def _manifest(task_names=("sentiment",)):
-    return {
-        "base_model": {"id": BASE.model_id, "hash": "x"},
-        "target_modules": ["query", "value"],
-        "head_modules": ["classifier"],
-        "layers": {
-            f"bert.encoder.layer.{i}.attention.self.{m}": {"n": 32, "d": 32, "k_B": 4, "k_A": 4}
-            for i in range(2)
-            for m in ("query", "value")
-        },
-        "tasks": [{"name": t} for t in task_names],
-    }
+    return st.Manifest.from_json(
+        {
+            "format": st.FORMAT,
+            "base_model": {"id": BASE.model_id, "hash": "x"},
+            "target_modules": ["query", "value"],
+            "head_modules": ["classifier"],
+            "layers": {
+                f"bert.encoder.layer.{i}.attention.self.{m}": {"n": 32, "d": 32, "k_B": 4, "k_A": 4}
+                for i in range(2)
+                for m in ("query", "value")
+            },
+            "phi": 1.0,
+            "policy": {},
+            "tasks": [{"name": t, "rank": 4, "scale": 1.0, "heads": [], "info": {}} for t in task_names],
+            "parent": None,
+            "extra": {},
+            "storage": {},
+            "state_sha256": "",
+            "files": {},
+            "content_hash": "",
+        }
+    )
 
 
 def _adapter_landing(tmp_path, name, num_labels=2, **kw):
@@ -187,8 +199,10 @@ def test_bad_adapters_are_rejected_with_their_reason(tmp_path, case):
 
 
 def test_forgetting_gate():
-    champ = {"version": "v0002", "scores": {"a": 0.90, "b": 0.80}}
-    assert forgetting_gate({"scores": {"a": 0.895, "b": 0.85, "c": 0.7}}, champ, 0.01)["passed"]
-    failed = forgetting_gate({"scores": {"a": 0.87, "b": 0.85}}, champ, 0.01)
+    champ = evaluation_record("v0002", {"a": 0.90, "b": 0.80})
+    assert forgetting_gate(evaluation_record("v0003", {"a": 0.895, "b": 0.85, "c": 0.7}), champ, 0.01)["passed"]
+    failed = forgetting_gate(evaluation_record("v0003", {"a": 0.87, "b": 0.85}), champ, 0.01)
     assert not failed["passed"] and failed["worst_drop"] == pytest.approx(0.03)
-    assert forgetting_gate({"scores": {"a": 0.1}}, None, 0.01)["passed"]  # the first version always serves
+    assert forgetting_gate(evaluation_record("v0001", {"a": 0.1}), None, 0.01)[
+        "passed"
+    ]  # the first version always serves
