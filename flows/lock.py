@@ -27,6 +27,20 @@ import os
 import socket
 import time
 import uuid
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import (
+    acquire_concurrency_slots_with_lease,
+    release_concurrency_slots_with_lease,
+)
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.states import Crashed
 
 from pipelines.workspace import Workspace, write_atomic
 
@@ -57,8 +71,6 @@ def limit_name(ws: Workspace) -> str:
 def transient(exc: BaseException) -> bool:
     """A fault worth retrying: a 5xx / 408 / 429 from the API or a connection-level error,
     anywhere in the exception's cause chain."""
-    import httpx
-
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, httpx.HTTPStatusError):
@@ -121,9 +133,6 @@ def release_dead_holder(ws: Workspace) -> bool:
     lease = dead_holder_lease(ws)
     if lease is None:
         return False
-    from uuid import UUID
-
-    from prefect.concurrency._sync import release_concurrency_slots_with_lease
 
     with_retries("release a dead holder's chain lease", lambda: release_concurrency_slots_with_lease(UUID(lease)))
     log.warning("released the chain slot of a dead holder (lease %s)", lease)
@@ -133,10 +142,6 @@ def release_dead_holder(ws: Workspace) -> bool:
 def crash_runs(run_ids: list[str], message: str) -> list[str]:
     """End these flow runs and their subflows Crashed where the server still shows them
     Pending/Running (their process is gone); returns the ids ended."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-    from prefect.states import Crashed
-
     if not run_ids:
         return []
 
@@ -175,8 +180,6 @@ def _end_dead_holder(ws: Workspace) -> None:
 
 
 def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
     return flow_run.id
 
 
@@ -205,9 +208,6 @@ def reset_stale_slots(ws: Workspace) -> bool:
     data = _read_lease(ws)
     if data is not None and not _dead(data):  # a live holder, or one on another host: its lease decides
         return False
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectNotFound
 
     name = limit_name(ws)
 
@@ -239,11 +239,6 @@ def chain_lock(ws: Workspace):
             finally:
                 _unhold(ws)
         return
-    from prefect.concurrency._leases import maintain_concurrency_lease
-    from prefect.concurrency._sync import (
-        acquire_concurrency_slots_with_lease,
-        release_concurrency_slots_with_lease,
-    )
 
     name = limit_name(ws)
     with_retries("create the chain's concurrency limit", lambda: _ensure_limit(name))
@@ -270,10 +265,6 @@ def chain_lock(ws: Workspace):
 def _ensure_limit(name: str) -> None:
     """The chain's limit (1 slot) exists on the Prefect server; two first workers may race to
     create it, and the loser's conflict is the outcome both wanted."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
