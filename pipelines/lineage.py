@@ -27,7 +27,10 @@ from pathlib import Path
 import typer
 import yaml
 
+from share_core.state import chain
+
 from .params import BUILD_SECTIONS, Params, save_params
+from .storage import LocalStorage, open_storage
 from .workspace import Workspace, write_atomic
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -59,8 +62,6 @@ def storage_remote(storage_url: str) -> tuple[str, str | None]:
     """The DVC remote (url, endpoint_url) that goes with a landing storage: `dvcstore/` beside
     `incoming/` under its prefix (s3://bucket/prefix/dvcstore, or <dir>/dvcstore), so the
     versions are kept where the landings are, on the same server and credentials."""
-    from .storage import LocalStorage, open_storage
-
     s = open_storage(storage_url)
     if isinstance(s, LocalStorage):
         return str(s.root.resolve() / "dvcstore"), None
@@ -225,8 +226,6 @@ def _pull_missing(root: Path, versions: list[str]) -> None:
 def checkout_version(root: Path, version: str) -> Path:
     """Make sure versions/<version> is present in the workspace (pulled from the remote if it
     was removed); it becomes the base of the next update."""
-    from share_core.state import chain
-
     root = Path(root).resolve()
     path = root / "versions" / version
     _pull_missing(root, [version])

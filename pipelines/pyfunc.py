@@ -23,9 +23,17 @@ import os
 import threading
 from pathlib import Path
 
-from share_core import state as st
-from share_core.families import family
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
 
+from share_core import state as st
+from share_core.base import BaseSpec, load_base
+from share_core.families import family
+from share_core.model import ShareModel
+
+from . import lineage
 from .params import load_params
 from .workspace import Workspace
 
@@ -34,9 +42,6 @@ CONFIG = "share_model.json"
 
 def signature(family_name: str):
     """The family's serving schema as an MLflow signature."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
-
     fam = family(family_name)
     types = {"string": "string", "double[]": Array("double")}
     outputs = [ColSpec(types[kind], name) for name, kind in fam.output_columns]
@@ -47,9 +52,6 @@ def signature(family_name: str):
 
 def write_model(out: Path, ws: Workspace, version: str) -> Path:
     """MLmodel + share_model.json for `version` in directory `out` (created)."""
-    import mlflow.pyfunc
-    from mlflow.models import Model
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = st.read_manifest(ws.version_dir(version))
@@ -92,8 +94,6 @@ class SubspaceModel:
         )  # the scoring server runs requests in threads; a mixed batch sets per-row task ids on the shared layers
 
     def predict(self, model_input, params=None):
-        import pandas as pd
-
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in ("task", self.column) if c not in df.columns]
         if missing:
@@ -113,11 +113,6 @@ class SubspaceModel:
 
 def _load_pyfunc(data_path: str) -> SubspaceModel:
     """MLflow's entry point for the flavor: `data_path` is share_model.json."""
-    from share_core.base import BaseSpec, load_base
-    from share_core.model import ShareModel
-
-    from . import lineage
-
     config = json.loads(Path(data_path).read_text())
     ws = Workspace(Path(os.environ.get("SHARE_WORKSPACE") or config["workspace"]))
     if not ws.versions.is_dir():

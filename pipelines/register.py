@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 import typer
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from share_core import state as st
 from share_core.metrics import accounting
@@ -37,8 +41,6 @@ SENSITIVE = ("secret", "password", "token", "access_key", "credential")
 
 
 def client(ws: Workspace, tracking_uri: str | None):
-    from mlflow import MlflowClient
-
     return MlflowClient(tracking_uri=tracking_uri or ws.tracking_uri, registry_uri=tracking_uri or ws.tracking_uri)
 
 
@@ -51,8 +53,6 @@ def _experiment(c, ws: Workspace, name: str, tracking_uri: str | None) -> str:
 
 
 def _registered(c, name: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return c.get_registered_model(name)
     except MlflowException:
@@ -79,8 +79,6 @@ def model_version_of(c, model_name: str, version: str):
 
 def _alias_version(c, model_name: str, alias: str) -> str | None:
     """The Share version id an alias points at (None when unset)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         mv = c.get_model_version_by_alias(model_name, alias)
     except MlflowException:
@@ -212,8 +210,6 @@ def log_run(
             "base_model": manifest.base_model["id"],
         }
         if ws.params_path.is_file():
-            import yaml
-
             for section, values in (yaml.safe_load(ws.params_path.read_text()) or {}).items():
                 params.update({f"{section}.{k}": v for k, v in (values or {}).items()})
         for k, v in _clean(params).items():
@@ -250,7 +246,6 @@ def log_run(
             }
         )
         ts = int(time.time() * 1000)
-        from mlflow.entities import Metric
 
         batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), METRICS_PER_CALL):
@@ -293,8 +288,6 @@ def model_version_for_run(
     ws: Workspace, version: str, run_id: str, *, model_name: str, tracking_uri: str | None = None
 ) -> str | None:
     """The model version registered for `version` from `run_id` (not discarded), or None."""
-    from mlflow.exceptions import MlflowException
-
     try:
         found = client(ws, tracking_uri).search_model_versions(
             f"name='{model_name}' and tag.`share.version`='{version}'"
@@ -331,8 +324,6 @@ def register_model_version(
 
 def aliases(ws: Workspace, *, model_name: str, tracking_uri: str | None = None) -> dict[str, str | None]:
     """{"candidate": model version or None, "champion": …}: what a rollback of this step restores."""
-    from mlflow.exceptions import MlflowException
-
     try:
         current = client(ws, tracking_uri).get_registered_model(model_name).aliases or {}
     except MlflowException:
@@ -363,8 +354,6 @@ def discard_version(
     """Undo what a stale update published in MLflow — only what carries its version's content
     hash: its runs end FAILED, its model versions are tagged discarded, and aliases it moved go
     back to where they were."""
-    from mlflow.exceptions import MlflowException
-
     c = client(ws, tracking_uri)
     mine = f"tag.`share.version`='{version}' and tag.`share.content_hash`='{content_hash}'"
     exp = c.get_experiment_by_name(model_name)
@@ -430,8 +419,6 @@ def _description(
 
 def registered_versions(c, model_name: str) -> list[str]:
     """The Share version ids registered under `model_name` (sorted; [] when the model is new)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         hits = c.search_model_versions(f"name='{model_name}'")
     except MlflowException:
@@ -507,9 +494,6 @@ def rollback(
 
 def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
     """Every registered version, oldest first, with its aliases and summary tags."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         aliases = c.get_registered_model(model_name).aliases or {}
@@ -540,8 +524,6 @@ def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
 
 
 def champion_version(model_name: str, tracking_uri: str) -> str | None:
-    from mlflow import MlflowClient
-
     return _alias_version(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), model_name, CHAMPION)
 
 

@@ -283,7 +283,7 @@ class S3Storage(Storage):
     def __init__(
         self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None
     ) -> None:
-        import boto3
+        import boto3  # noqa: PLC0415 - boto3 only for s3:// storage: flows/cli.py imports this module at start-up
 
         self.bucket, self.prefix, self.endpoint_url = bucket, prefix.strip("/"), endpoint_url
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)

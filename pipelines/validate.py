@@ -20,6 +20,7 @@ from share_core.base import BaseSpec
 from share_core.families import family
 from share_core.model import check_adapter_fits
 from share_core.peft_io import TASK_CARD, AdapterError, read_adapter
+from share_core.state import read_manifest
 from share_core.taskdata import (
     EVAL_FILE,
     SPEC_FILE,
@@ -30,6 +31,7 @@ from share_core.taskdata import (
     read_task_spec,
 )
 
+from .params import load_params
 from .storage import SAFE_NAME
 from .workspace import MAX_REASON, bound_text
 
@@ -234,10 +236,6 @@ def main(
     version: Path | None = typer.Option(None, help="current version dir"),
 ) -> None:
     """Validate a landing directory; exit 1 with the reason when it is refused."""
-    from share_core.state import read_manifest
-
-    from .params import load_params
-
     try:
         spec = validate_landing(
             landing, kind, landing.name, read_manifest(version) if version else None, load_params(params).base
