@@ -301,7 +301,7 @@ class SequenceClassification(Family):
 
 @functools.lru_cache(maxsize=1)
 def _rouge():
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # noqa: PLC0415 - loads nltk (~1.5 s); share_core/__init__ imports this module, only causal-LM scoring needs it
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 

@@ -26,7 +26,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from filelock import FileLock
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -144,10 +147,6 @@ def convert_gguf(gguf: Path, cache: Path | None = None, install_hint: str = "") 
 
 
 def _convert(gguf: Path, out: Path, install_hint: str) -> None:
-    import torch  # noqa: PLC0415 - the heavy imports only when a conversion runs
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     where = dict(pretrained_model_name_or_path=str(gguf.parent), gguf_file=gguf.name)
     try:

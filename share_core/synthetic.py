@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from .base import head_tensors, last_linear
 from .layer import in_out_features
@@ -136,9 +138,6 @@ def word_tokenizer(vocabulary: list[str]):
     """A `transformers` fast tokenizer over whole words: ids 0-3 are <pad> <unk> <s> </s>, then
     `vocabulary` in order; text splits like r"\\w+|[^\\w\\s]+" ("x:" → "x" ":"), every encoding
     starts with <s> (no </s>: a prompt is continued), and decoding joins the words with spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *(w for w in vocabulary if w not in SPECIAL_TOKENS)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -166,8 +165,6 @@ def tiny_causal_lm(
     AutoTokenizer.from_pretrained(path); the config's bos/eos/pad ids are the tokenizer's.
     Weights in safetensors, drawn from `seed` without touching the global torch RNG: the same
     seed gives byte-identical files. `overrides` replace fields of the model config."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
     path = Path(path)
     tok = word_tokenizer(INSTRUCTION_VOCABULARY)
     ids = dict(
