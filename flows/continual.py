@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -158,7 +159,7 @@ def score(workspace: str, version: str, tasks: list[str], cfg: EvalParams) -> li
         return []
     address = dask_address(cfg)
     if address:
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask import DaskTaskRunner  # noqa: PLC0415 - prefect_dask loads dask.distributed (~1 s), needed only with a Dask cluster
 
         return score_shards.with_options(task_runner=DaskTaskRunner(address=address))(
             workspace, version, tasks, cfg.workers
@@ -222,8 +223,6 @@ def _rename_run(name: str) -> None:
 def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: str | None) -> None:
     """A markdown artifact of the run: the version, its gate, ACC/BWT and the tasks scored now
     (certified ones are counted, not listed: the artifact stays O(changed tasks))."""
-    from prefect.artifacts import create_markdown_artifact
-
     rec = ev.read_record(ws, out["version"])
     gate = out.get("gate", {})
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731

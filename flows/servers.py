@@ -86,7 +86,7 @@ def prefect_api_url(profile: bool = True) -> str | None:
     Prefect profile's; None means Prefect would start a temporary server."""
     url = os.environ.get("PREFECT_API_URL")
     if url is None and profile:
-        from prefect.settings import get_current_settings  # Prefect only when asked: `share --help` stays fast
+        from prefect.settings import get_current_settings  # noqa: PLC0415 - Prefect only when asked: flows/cli.py imports this module, `share --help` stays fast
 
         url = get_current_settings().api.url
     return (url or "").strip() or None

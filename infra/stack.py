@@ -264,8 +264,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _ensure_bucket(cfg: StackConfig) -> None:
-    import boto3
-    from botocore.exceptions import ClientError
+    import boto3  # noqa: PLC0415 - boto3 (~0.2 s) only to create the bucket: flows/cli.py imports this module at start-up
+    from botocore.exceptions import ClientError  # noqa: PLC0415 - with boto3, above
 
     s3 = boto3.client(
         "s3",
