@@ -19,6 +19,21 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from pipelines import evaluate as ev
+from pipelines import lineage, register
+from pipelines.params import Params
+from pipelines.realtasks import generate_real_tasks
+from pipelines.storage import LocalStorage
+from pipelines.workspace import Workspace
+from share_core.base import SMOLLM2_ID, load_base
+from share_core.families import FAMILIES
+from share_core.families import family as family_of
+from share_core.peft_io import write_adapter
+from share_core.synthetic import tiny_causal_lm
+from share_core.taskdata import CAUSAL_LM, load_task
+from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES, generate_tasks
+from share_core.train import train_lora
+
 if TYPE_CHECKING:
     from pipelines.evaluate import EvaluationRecord
 
@@ -51,11 +66,6 @@ def _prepare(workspace: Path) -> Path:
 def _adapter_landing(tmp: Path, task_dir: Path, params, seed: int) -> Path:
     """A LoRA adapter 'trained elsewhere' (plain PEFT on the workspace's base model), landed
     with its task.yaml and eval data."""
-    from share_core.base import load_base
-    from share_core.peft_io import write_adapter
-    from share_core.taskdata import load_task
-    from share_core.train import train_lora
-
     task = load_task(task_dir)
     base = params.base
     model, tok = load_base(base, seed)
@@ -70,9 +80,6 @@ def _adapter_landing(tmp: Path, task_dir: Path, params, seed: int) -> Path:
 def _bad_landing(tmp: Path, good: Path, family: str) -> Path:
     """A landing that must be rejected: on a classifier, a dataset whose eval set uses a label
     outside its label set; on a causal LM, a classification task (the other family)."""
-    from share_core.taskdata import CAUSAL_LM
-    from share_core.tasks import generate_tasks
-
     if family == CAUSAL_LM:
         return generate_tasks(tmp / "bad", names=["sentiment"], n_train=32, n_eval=8)[0]
     bad = tmp / "bad" / "broken-labels"
@@ -97,12 +104,6 @@ def demo_params(root: Path, family: str, steps: int | None, seed: int):
     """The demo workspace's params: MiniLM for classification; for causal LM the packaged
     SmolLM2-135M-Instruct (its chat template on), or a tiny Llama built from a config with
     random weights in <root>/base-model (no download)."""
-    from pipelines.params import Params
-    from share_core.base import SMOLLM2_ID
-    from share_core.families import family as family_of
-    from share_core.synthetic import tiny_causal_lm
-    from share_core.taskdata import CAUSAL_LM
-
     params = Params()
     default_steps = family_of(family).demo_steps
     if family == CAUSAL_LM and demo_base() == "tiny":
@@ -123,12 +124,7 @@ def demo_params(root: Path, family: str, steps: int | None, seed: int):
 def demo_tasks(out: Path, family: str, count: int, seed: int) -> list[Path]:
     """`count` task directories of the demo: generated classification tasks, real CLDR
     instruction tasks on SmolLM2, generated word games on the tiny Llama."""
-    from share_core.taskdata import CAUSAL_LM
-    from share_core.tasks import INSTRUCTION_TASK_NAMES, TASK_NAMES, generate_tasks
-
     if family == CAUSAL_LM and demo_base() == "smollm2":
-        from pipelines.realtasks import generate_real_tasks
-
         names = list(REAL_DEMO_TASKS)
         _check_count(count, names)
         return generate_real_tasks(out, names[:count], seed=seed, n_train=128, n_eval=16)
@@ -145,20 +141,13 @@ def _check_count(count: int, names) -> None:
 def run_demo(
     workspace: Path, tasks: int, steps: int | None, seed: int, console: Console, family: str = "sequence-classification"
 ) -> dict:
-    from share_core.families import FAMILIES
-
     if family not in FAMILIES:
         raise SystemExit(f"--family must be one of {sorted(FAMILIES)}")
     with tempfile.TemporaryDirectory() as check:  # the count is checked before anything is created
         demo_tasks(Path(check), family, tasks + 1, seed)
     root = _prepare(workspace)
-    from pipelines import evaluate as ev
-    from pipelines import lineage, register
-    from pipelines.storage import LocalStorage
-    from pipelines.workspace import Workspace
-
-    from .continual import continual_update, rollback
-    from .watcher import Watcher
+    from .continual import continual_update, rollback  # noqa: PLC0415 - after _prepare: Prefect reads PREFECT_HOME and its settings when imported
+    from .watcher import Watcher  # noqa: PLC0415 - after _prepare: Prefect reads PREFECT_HOME and its settings when imported
 
     t_start = time.perf_counter()
     ws = Workspace(root)
