@@ -3,6 +3,11 @@
 Errors a user can act on (a bad version id or storage URL, a server that is down, a missing
 workspace) print one line, sometimes a `hint:` line, on stderr and exit non-zero; unexpected
 ones print one line too. `share --debug …` (or SHARE_DEBUG=1) adds the traceback.
+
+Imports of torch (share_core and most of pipelines), MLflow and Prefect (the flows) stay inside
+the commands that use them, so that `share --help` and the quick commands (land, status, stack)
+start in a fraction of a second; Prefect is also imported only after this module has set the
+PREFECT_* defaults below. Each such import is marked `# noqa: PLC0415 - start-up: …`.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,7 +27,10 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from pipelines.storage import kind_and_task, redact_url
+from infra import stack
+from pipelines.journal import Journal
+from pipelines.storage import LocalStorage, S3Storage, StorageError, kind_and_task, open_storage, redact_url
+from pipelines.workspace import Workspace, parse_version_id
 
 from .servers import (
     STACK_HINT,
@@ -99,13 +108,13 @@ def core_demo(
 ) -> None:
     """Learn generated tasks one by one on MiniLM in one subspace (no orchestration) and print
     the accuracy matrix, forgetting and storage against one LoRA per task."""
-    from share_core import state as st
-    from share_core.continual import run_continual
-    from share_core.metrics import accounting
-    from share_core.subspace import KPolicy
-    from share_core.taskdata import load_task
-    from share_core.tasks import TASK_NAMES, generate_tasks
-    from share_core.train import TrainConfig
+    from share_core import state as st  # noqa: PLC0415 - start-up: loads torch
+    from share_core.continual import run_continual  # noqa: PLC0415 - start-up: loads torch
+    from share_core.metrics import accounting  # noqa: PLC0415 - start-up: loads torch
+    from share_core.subspace import KPolicy  # noqa: PLC0415 - start-up: loads torch
+    from share_core.taskdata import load_task  # noqa: PLC0415 - start-up: loads torch
+    from share_core.tasks import TASK_NAMES, generate_tasks  # noqa: PLC0415 - start-up: loads torch
+    from share_core.train import TrainConfig  # noqa: PLC0415 - start-up: loads torch
 
     if not 1 <= tasks <= len(TASK_NAMES):
         raise typer.BadParameter(f"--tasks must be between 1 and {len(TASK_NAMES)}")
@@ -161,8 +170,6 @@ def _tracking(ws, tracking_uri: str | None) -> str:
 
 def open_workspace(path: Path):
     """The workspace at `path`; one line naming it when there is none (nothing is created)."""
-    from pipelines.workspace import Workspace
-
     ws = Workspace(path)
     marks = (ws.params_path, ws.versions, ws.ledger_path, ws.root / "HEAD")
     if not ws.root.is_dir() or not any(m.exists() for m in marks):
@@ -177,16 +184,12 @@ def open_workspace(path: Path):
 def version_arg(ws, text: str) -> str:
     """A user's version id (v3, 3, v0003) as the workspace's id; VersionIdError (one line that
     lists the existing versions) when it is malformed or absent."""
-    from pipelines.workspace import parse_version_id
-
     return parse_version_id(text, ws.version_ids())
 
 
 def open_storage_arg(url: str | None):
     """The storage behind --storage / $SHARE_STORAGE, checked: a local directory must exist and
     an S3 endpoint_url must answer (the AWS default endpoint is not probed)."""
-    from pipelines.storage import LocalStorage, S3Storage, StorageError, open_storage
-
     if not url:
         raise CLIError(f"no storage: pass --storage URL or set SHARE_STORAGE ({STORAGE_FORMS})", code=2)
     try:
@@ -227,7 +230,7 @@ def demo(
     Prefect flows turn each into a registered, evaluated, DVC-tracked version on Prefect's
     ephemeral server and a local sqlite MLflow; then a rollback."""
     require_prefect(prefect_api_url(profile=False))  # the demo uses its own PREFECT_HOME: only the environment counts
-    from .demo import run_demo
+    from .demo import run_demo  # noqa: PLC0415 - start-up: loads torch and mlflow
 
     run_demo(workspace, tasks=tasks, steps=steps, seed=seed, console=console, family=family)
 
@@ -251,7 +254,7 @@ def land(
     if not task_dir.is_dir():
         raise CLIError(f"{task_dir} is not a directory", hint="pass a task directory: task.yaml plus its data", code=2)
     if check:
-        from pipelines.validate import LandingRejected, precheck_landing
+        from pipelines.validate import LandingRejected, precheck_landing  # noqa: PLC0415 - start-up: loads torch
 
         try:
             precheck_landing(task_dir, kind, task_dir.name)
@@ -270,8 +273,6 @@ def land(
 def status(workspace: Path = WORKSPACE) -> None:
     """What became of each landing: processed (its version), rejected (the reason), in progress
     or pending, from the workspace's ledger."""
-    from pipelines.journal import Journal
-
     ws = open_workspace(workspace)
     rows: list[tuple[str, str, str, str, str]] = []  # (at, key, etag, status, version or reason)
     done: set[tuple[str, str]] = set()
@@ -287,7 +288,7 @@ def status(workspace: Path = WORKSPACE) -> None:
         if "key" in prov and (prov["key"], prov.get("etag")) not in done:
             later.append((j.record.opened, prov["key"], str(prov.get("etag", "")), "in progress", f"→ {j.version}"))
             done.add((prov["key"], prov.get("etag")))
-    from .watcher import read_record
+    from .watcher import read_record  # noqa: PLC0415 - start-up: loads Prefect
 
     for key, rec in sorted(read_record(ws.root / WATCHER_LEDGER).items()):
         if (key, rec["etag"]) not in done:
@@ -331,14 +332,12 @@ def versions(
     workspace: Path = WORKSPACE, model_name: str = MODEL_NAME, tracking_uri: str | None = TRACKING_URI
 ) -> None:
     """The registered versions with their aliases, scores and parents."""
-    from pipelines.workspace import Workspace
-
     ws = Workspace(workspace)
     uri = _tracking(ws, tracking_uri)
     if uri == ws.tracking_uri:
         ws = open_workspace(workspace)  # its sqlite store: never create one in a mistyped directory
     require_mlflow(uri)
-    from pipelines import register
+    from pipelines import register  # noqa: PLC0415 - start-up: loads torch and mlflow
 
     rows = register.list_versions(model_name, tracking_uri=uri)
     table = Table(title=f"{model_name} (HEAD: {ws.head()})")
@@ -373,14 +372,14 @@ def rollback(
     ws = open_workspace(workspace)
     uri = _tracking(ws, tracking_uri)
     require_mlflow(uri)
-    from pipelines import register
+    from pipelines import register  # noqa: PLC0415 - start-up: loads torch and mlflow
 
     version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=uri)
     if register.champion_version(model_name, uri) == version and ws.head() == version:
         console.print(f"{version} is already the champion and HEAD: nothing to do")
         return
     require_prefect(prefect_api_url())
-    from .continual import rollback as rollback_flow
+    from .continual import rollback as rollback_flow  # noqa: PLC0415 - start-up: loads Prefect
 
     out = rollback_flow(str(ws.root), version, model_name=model_name, reason=reason, tracking_uri=uri)
     console.print_json(json.dumps(out, default=str))
@@ -397,7 +396,7 @@ def eval_cmd(version: str = typer.Argument(..., help="v3, 3 or v0003"), workspac
             hint="only versions the pipeline built and evaluated can be re-scored",
         )
     require_prefect(prefect_api_url())
-    from .continual import evaluate_version
+    from .continual import evaluate_version  # noqa: PLC0415 - start-up: loads Prefect
 
     console.print_json(json.dumps(evaluate_version(str(ws.root), version)))
 
@@ -412,10 +411,10 @@ def export(
     """Write TASK of VERSION as a standard PEFT LoRA directory."""
     ws = open_workspace(workspace)
     version = version_arg(ws, version)
-    from pipelines.params import load_params
-    from share_core import state as st
-    from share_core.base import load_base
-    from share_core.model import ShareModel
+    from pipelines.params import load_params  # noqa: PLC0415 - start-up: loads torch
+    from share_core import state as st  # noqa: PLC0415 - start-up: loads torch
+    from share_core.base import load_base  # noqa: PLC0415 - start-up: loads torch
+    from share_core.model import ShareModel  # noqa: PLC0415 - start-up: loads torch
 
     state = st.load(ws.version_dir(version))
     if task not in state.task_names:
@@ -441,8 +440,8 @@ def info(
             )
     else:
         version = version_arg(ws, version)
-    from share_core import state as st
-    from share_core.metrics import accounting
+    from share_core import state as st  # noqa: PLC0415 - start-up: loads torch
+    from share_core.metrics import accounting  # noqa: PLC0415 - start-up: loads torch
 
     state = st.load(ws.version_dir(version))
     acct = accounting(state)
@@ -503,20 +502,17 @@ def serve(
             code=2,
         )
     require_prefect(api)
-    from pipelines.workspace import Workspace
 
     ws = Workspace(workspace)
     uri = _tracking(ws, tracking_uri)
     require_mlflow(uri)
 
-    import threading
+    from prefect import serve as prefect_serve  # noqa: PLC0415 - start-up: loads Prefect
 
-    from prefect import serve as prefect_serve
+    from pipelines import lineage  # noqa: PLC0415 - start-up: loads torch
 
-    from pipelines import lineage
-
-    from .continual import recover_updates
-    from .deployments import (
+    from .continual import recover_updates  # noqa: PLC0415 - start-up: loads Prefect
+    from .deployments import (  # noqa: PLC0415 - start-up: loads Prefect
         build_deployments,
         crash_dead_runs,
         deploy_train_version,
@@ -524,8 +520,8 @@ def serve(
         landings_in_flight,
         quiet_queueing,
     )
-    from .lock import chain_id, reset_stale_slots
-    from .watcher import Watcher
+    from .lock import chain_id, reset_stale_slots  # noqa: PLC0415 - start-up: loads Prefect
+    from .watcher import Watcher  # noqa: PLC0415 - start-up: loads Prefect
 
     lineage.init_workspace(ws.root, storage_url=storage)  # a DVC remote beside the landings, if it has none
     chain = chain_id(ws)
@@ -550,7 +546,7 @@ def serve(
     stop = threading.Event()
     sqs = None
     if sqs_queue_url:
-        import boto3
+        import boto3  # noqa: PLC0415 - start-up: boto3 only with --sqs-queue-url
 
         sqs = boto3.client("sqs")
     watcher = Watcher(s, storage, ws.root / WATCHER_LEDGER, chain=chain, outcome=ws.seen)
@@ -608,8 +604,6 @@ PREFECT_PORT = typer.Option(None, help="Prefect port (default: the data dir's la
 
 
 def _stack_table(cfg) -> Table:
-    from infra import stack
-
     table = Table(title=f"local stack ({cfg.data_dir})")
     for col in ("service", "pid", "running", "healthy", "url"):
         table.add_column(col)
@@ -629,8 +623,6 @@ def stack_up(
 
     stdout gets only `export KEY=value` lines, so `eval "$(share stack up)"` configures the
     shell; progress and the status table go to stderr."""
-    from infra import stack
-
     cfg = stack.config(data_dir, s3_port=s3_port, mlflow_port=mlflow_port, prefect_port=prefect_port)
     err = Console(stderr=True)
     err.print(f"starting the local stack in {cfg.data_dir} (up to a minute the first time) …")
@@ -646,8 +638,6 @@ def stack_env(data_dir: Path = DATA_DIR) -> None:
 
     MLflow, Prefect and S3 endpoints, SHARE_STORAGE and moto's dummy AWS credentials; values
     are shell-quoted. A note on stderr says when the stack is not running."""
-    from infra import stack
-
     cfg = stack.config(data_dir)
     typer.echo(stack.shell_exports(cfg), nl=False)
     down = [name for name, s in stack.status(cfg).items() if not s["healthy"]]
@@ -658,8 +648,6 @@ def stack_env(data_dir: Path = DATA_DIR) -> None:
 @stack_app.command("down")
 def stack_down(data_dir: Path = DATA_DIR) -> None:
     """Stop every service of the stack (what it stores stays in --data-dir for the next `up`)."""
-    from infra import stack
-
     stack.down(stack.config(data_dir))
     console.print("stack stopped")
 
@@ -667,8 +655,6 @@ def stack_down(data_dir: Path = DATA_DIR) -> None:
 @stack_app.command("status")
 def stack_status(data_dir: Path = DATA_DIR) -> None:
     """Each service's pid, whether it runs and answers its health check, and its URL."""
-    from infra import stack
-
     console.print(_stack_table(stack.config(data_dir)))
 
 
