@@ -437,8 +437,11 @@ def test_a_serve_made_workspace_gets_a_dvc_remote_beside_the_landings(tmp_path):
     ws = tmp_path / "ws"
     lineage.init_workspace(ws, storage_url=str(bucket))  # the call `share serve` makes
     dvc = str(Path(sys.executable).parent / "dvc")
-    r = subprocess.run([dvc, "remote", "list"], cwd=ws, capture_output=True, text=True, timeout=60)
-    assert r.stdout.split()[:2] == ["storage", str(bucket.resolve() / "dvcstore")], r.stdout
+
+    def config(key: str) -> str:  # `dvc remote list` wraps long paths at 80 columns: ask for each value
+        return subprocess.run([dvc, "config", key], cwd=ws, capture_output=True, text=True, timeout=60).stdout.strip()
+
+    assert config("core.remote") == "storage" and config("remote.storage.url") == str(bucket.resolve() / "dvcstore")
     r = subprocess.run([dvc, "status", "-c"], cwd=ws, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     lineage.init_workspace(ws, storage_url=str(tmp_path))  # a later serve: the remote stays
