@@ -32,10 +32,10 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/share demo
 
-# two workers (pytest-xdist), one test file per worker at a time: most of a test's wall time is a
+# three pytest-xdist workers on two cores, one test file per worker at a time: most of a test's wall time is a
 # server starting or a subprocess importing, so one process leaves a core idle
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 # the edit loop: unit tests of the method and the steps, no servers, no training of the real model
 test-fast: venv

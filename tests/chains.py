@@ -41,10 +41,35 @@ for line in sys.stdin:
 """
 
 
-@pytest.fixture
-def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
+@pytest.fixture(scope="session")
+def forker(prefect_harness):
+    """The forking process (one per test session: its imports are paid once) and its log."""
     from prefect.settings import PREFECT_API_URL
 
+    # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here
+    # (tests/test_lock.py covers the global one)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "SHARE_CHAIN_LOCK": "local",
+    }
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", FORKER],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        yield proc, log
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture
+def chain(tmp_path, tiny_model_dir, forker, monkeypatch):
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root, remote=str(tmp_path / "remote"))
     edit_params(ws.params_path, base={"model_id": BASE_ID, "model_path": str(tiny_model_dir)})
@@ -56,23 +81,16 @@ def chain(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
         model, names, 2, targets=base.targets(), heads=base.heads(), base_model_id=BASE_ID, rank=2, dim=4
     ):
         write_landing(tmp_path / "src", a, template)
-    storage = LocalStorage(tmp_path / "bucket")
-    # killed holders would keep the chain's Prefect lease for a minute each: the local lock alone here
-    # (tests/test_lock.py covers the global one)
-    monkeypatch.setenv("SHARE_CHAIN_LOCK", "local")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    with tempfile.TemporaryFile("w+") as log:
-        forker = subprocess.Popen(
-            [sys.executable, "-c", FORKER],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        yield {"ws": ws, "storage": storage, "src": tmp_path / "src", "names": names, "forker": forker, "log": log}
-        forker.stdin.close()
-        forker.wait(timeout=60)
+    monkeypatch.setenv("SHARE_CHAIN_LOCK", "local")  # in this process too (the re-runs)
+    proc, log = forker
+    return {
+        "ws": ws,
+        "storage": LocalStorage(tmp_path / "bucket"),
+        "src": tmp_path / "src",
+        "names": names,
+        "forker": proc,
+        "log": log,
+    }
 
 
 def killed_at(chain, step: str, flow: str, **extra) -> None:
@@ -85,6 +103,7 @@ def killed_at(chain, step: str, flow: str, **extra) -> None:
     code = forker.stdout.readline().strip() if ready else "(none after 300 s)"
     log.seek(0)
     assert code == "-9", f"{step}: exit {code or 'of the forker'}\n{log.read()[-3000:]}"
+    log.seek(0, os.SEEK_END)
 
 
 def crash_after(chain, name: str, step: str) -> str:

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from tests.chains import chain  # noqa: E402,F401 - the fixture of the crash and service tests
+from tests.chains import chain, forker  # noqa: E402,F401 - fixtures of the crash and service tests
 
 TINY_BERT = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=3
