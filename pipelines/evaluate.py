@@ -20,6 +20,10 @@ Cost follows the work, not the history (DESIGN §8):
   the per-version rows along the chain only when asked (`accuracy_matrix`). The picture is
   O(T) to draw: a heatmap of the recent versions × recent tasks, and every task's change
   since it was learned.
+
+Why one module of ~640 lines: the certificate plan, the scoring and the record it writes share
+the row-table format and the drift bound (changing one changes the others); the reports drawn from
+the record (HEAD metrics, the matrix and the picture) are at the end.
 """
 
 from __future__ import annotations

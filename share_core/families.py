@@ -15,6 +15,10 @@ tiny change of ΔW cannot change a prediction.
 
 Adding a family (image classification: the processor instead of the tokenizer, pixel batches,
 the same accuracy scoring) is one more subclass registered in FAMILIES.
+
+Why one module of ~520 lines: the Family contract and its two implementations (sequence
+classification, causal LM with its prompt/chat helpers) change together whenever the contract does;
+a third family would be its own module registering itself the same way.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 The SubspaceState is the source of truth; the ShareLinear layers hold a device copy of it.
 Every change of the subspace (train a task, absorb adapters, finetune) computes a new state
 first and only then installs it, so a failure leaves the model and the state unchanged.
+
+Why one module of ~520 lines: ShareModel is one object (install a state, train, absorb, finetune,
+export, merge into the base) whose methods share the install-after-compute invariant above; the
+per-layer module is share_core.layer and the state and its storage are share_core.state.
 """
 
 from __future__ import annotations

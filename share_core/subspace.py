@@ -15,6 +15,9 @@ they move by a k'×k frame (`linalg.frame_product`, the same product a stored ve
 q×q per task. Nothing here is ever centred: for reconstruction an orthonormal basis of the
 uncentred stack is the Eckart–Young optimum, and centring would add a mean that every task's
 ΔW would have to carry.
+
+Why one module of ~500 lines: it is the method itself (build, merge, absorb, truncation, their
+error accounting), read as one argument; the numerical kernels it calls are in share_core.linalg.
 """
 
 from __future__ import annotations
