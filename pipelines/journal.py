@@ -118,7 +118,8 @@ class JournalRecord:
 
     @property
     def last_step(self) -> str | None:
-        return max(self.steps, key=lambda s: self.steps[s]["at"], default=None)
+        """The furthest step done (steps run in STEPS order; timestamps have one-second resolution)."""
+        return max(self.steps, key=lambda s: STEPS.index(s) if s in STEPS else -1, default=None)
 
 
 @dataclass
