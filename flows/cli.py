@@ -30,7 +30,7 @@ from typer.core import TyperGroup
 from infra import stack
 from pipelines.journal import Journal
 from pipelines.storage import LocalStorage, S3Storage, StorageError, kind_and_task, open_storage, redact_url
-from pipelines.workspace import Workspace, parse_version_id
+from pipelines.workspace import DEFAULT_MODEL_NAME, Workspace, parse_version_id
 
 from .servers import (
     STACK_HINT,
@@ -151,7 +151,7 @@ def core_demo(
 
 # ---- the pipeline --------------------------------------------------------------------------
 WORKSPACE = typer.Option(Path("share-workspace"), "--workspace", "-w", help="workspace directory (git + DVC repo)")
-MODEL_NAME = typer.Option("share-subspace", help="MLflow registered model name")
+MODEL_NAME = typer.Option(DEFAULT_MODEL_NAME, help="MLflow registered model name")
 TRACKING_URI = typer.Option(
     None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workspace's sqlite store)"
 )
@@ -339,7 +339,7 @@ def versions(
     require_mlflow(uri)
     from pipelines import register  # noqa: PLC0415 - start-up: loads torch and mlflow
 
-    rows = register.list_versions(model_name, tracking_uri=uri)
+    rows = register.list_versions(register.Registry(ws, model_name, uri))
     table = Table(title=f"{model_name} (HEAD: {ws.head()})")
     for col in ("version", "model version", "aliases", "task", "parent", "ACC", "BWT"):
         table.add_column(col)
@@ -374,8 +374,9 @@ def rollback(
     require_mlflow(uri)
     from pipelines import register  # noqa: PLC0415 - start-up: loads torch and mlflow
 
-    version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=uri)
-    if register.champion_version(model_name, uri) == version and ws.head() == version:
+    reg = register.Registry(ws, model_name, uri)
+    version = register.rollback_target(reg, version)
+    if register.champion_version(reg) == version and ws.head() == version:
         console.print(f"{version} is already the champion and HEAD: nothing to do")
         return
     require_prefect(prefect_api_url())

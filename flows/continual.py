@@ -31,6 +31,7 @@ from pipelines import evaluate as ev
 from pipelines import lineage, register, transaction
 from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, fault_point, next_version
 from pipelines.params import EvalParams, load_params
+from pipelines.register import DEFAULT_MODEL_NAME, Registry
 from pipelines.storage import Landing, kind_and_task, open_storage, redact_url
 from pipelines.update import build_version
 from pipelines.validate import LandingRejected, validate_landing
@@ -220,16 +221,16 @@ def _rename_run(name: str) -> None:
     _best_effort("rename the flow run", rename)
 
 
-def _version_artifact(ws: Workspace, out: dict, model_name: str, tracking_uri: str | None) -> None:
+def _version_artifact(reg: Registry, out: dict) -> None:
     """A markdown artifact of the run: the version, its gate, ACC/BWT and the tasks scored now
     (certified ones are counted, not listed: the artifact stays O(changed tasks))."""
-    rec = ev.read_record(ws, out["version"])
+    rec = ev.read_record(reg.ws, out["version"])
     gate = out.get("gate", {})
     fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     rows = "\n".join(f"| {t} | {fmt(rec.scores[t])} | {fmt(rec.majority[t])} |" for t in rec.rescored[:50])
-    uri = redact_url(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ws.tracking_uri)
+    uri = redact_url(reg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or reg.uri)
     link = (
-        f"{uri.rstrip('/')}/#/models/{model_name}/versions/{out['model_version']}"
+        f"{uri.rstrip('/')}/#/models/{reg.model_name}/versions/{out['model_version']}"
         if uri.startswith("http")
         else f"model version {out['model_version']} in {uri}"
     )
@@ -257,11 +258,11 @@ def _mark_crashed(
     _best_effort("end the crashed update's runs", lambda: crash_runs(run_ids, message))
 
 
-def end_abandoned_rollback_runs(ws: Workspace, model_name: str, tracking_uri: str | None) -> list[str]:
+def end_abandoned_rollback_runs(reg: Registry) -> list[str]:
     """MLflow runs of rollbacks killed between their start and end are ended FAILED. Called
     under the chain lock (every rollback runs under it, so none of them is alive)."""
-    c = register.client(ws, tracking_uri)
-    exp = c.get_experiment_by_name(model_name)
+    c = reg.client()
+    exp = c.get_experiment_by_name(reg.model_name)
     if exp is None:
         return []
     runs = c.search_runs(
@@ -272,11 +273,11 @@ def end_abandoned_rollback_runs(ws: Workspace, model_name: str, tracking_uri: st
     return [r.info.run_id for r in runs]
 
 
-def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | None, reason: str) -> None:
+def discard(reg: Registry, j: Journal, *, reason: str) -> None:
     """A stale update (its parent is no longer HEAD): what it published is undone, its version
     is removed from the workspace and the lineage, and the journal says why."""
     get_run_logger().warning("discarding the update of %s to %s: %s", j.provenance, j.version, reason)
-    transaction.undo(ws, j, model_name=model_name, tracking_uri=tracking_uri, reason=reason)
+    transaction.undo(reg, j, reason=reason)
     _mark_crashed(
         [r for r in j.flow_runs if r != _flow_run_id()],
         f"its update was discarded: {reason}; the landing is processed afresh on the new HEAD",
@@ -284,30 +285,24 @@ def discard(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | N
 
 
 @flow(name="recover-updates", log_prints=True)
-def recover_updates(workspace: str, model_name: str = "share-subspace", tracking_uri: str | None = None) -> list[dict]:
+def recover_updates(
+    workspace: str, model_name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None
+) -> list[dict]:
     """Open journals after a crash: the provenance of each landing to run again — updates that
     can resume (their parent is still HEAD) and single-landing updates discarded because their
     parent moved (processed afresh on the new HEAD, as a re-run by hand does; a discarded batch's
     adapters are simply pending again). Rollback runs a kill left RUNNING in MLflow are ended.
     `share serve` runs this when it starts and announces what it returns."""
     ws = Workspace(workspace)
+    reg = Registry(ws, model_name, tracking_uri)
     again = []
     with chain_lock(ws):
-        _best_effort(
-            "end abandoned rollback runs",
-            lambda: end_abandoned_rollback_runs(ws, model_name, tracking_uri),
-        )
+        _best_effort("end abandoned rollback runs", lambda: end_abandoned_rollback_runs(reg))
         for j in Journal.open_journals(ws):
             if j.resumable(ws.head()):
                 again.append(j.provenance)
             else:
-                discard(
-                    ws,
-                    j,
-                    model_name=model_name,
-                    tracking_uri=tracking_uri,
-                    reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})",
-                )
+                discard(reg, j, reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})")
                 if j.record.key is not None:
                     again.append(j.provenance)
     return again
@@ -326,13 +321,11 @@ def _execute(step: transaction.Step, u: transaction.Update) -> dict | None:
 
 
 def _update(
-    ws: Workspace,
+    reg: Registry,
     j: Journal,
     storage_url: str,
     landings: list[Landing],
-    model_name: str,
     tolerance: float | None,
-    tracking_uri: str | None,
     train_deployment: str | None = None,
     local: dict[str, str] | None = None,
 ) -> transaction.Update:
@@ -356,10 +349,9 @@ def _update(
             raise RuntimeError(f"training deployment {train_deployment} ended {run.state.name}")
 
     return transaction.Update(
-        ws=ws,
+        ws=reg.ws,
         journal=j,
-        model_name=model_name,
-        tracking_uri=tracking_uri,
+        registry=reg,
         storage_url=storage_url,
         landings=landings,
         tolerance=tolerance,
@@ -395,24 +387,19 @@ def _publish(u: transaction.Update) -> dict:
         "seconds": seconds,
         **register.registration(u.version, mv, run["run_id"], run["gate"]),
     }
-    _best_effort("write the version's artifact", lambda: _version_artifact(u.ws, out, u.model_name, u.tracking_uri))
+    _best_effort("write the version's artifact", lambda: _version_artifact(u.registry, out))
     return out
 
 
-def _take_over(ws: Workspace, provenance: dict, model_name: str, tracking_uri: str | None) -> Journal | None:
+def _take_over(reg: Registry, provenance: dict) -> Journal | None:
     """The open journal of this landing, if its update can resume (crashed flow runs that
     worked on it are marked Crashed); a stale one is discarded (None)."""
+    ws = reg.ws
     j = Journal.find(ws, provenance)
     if j is None or j.status != OPEN:
         return None
     if not j.resumable(ws.head()):
-        discard(
-            ws,
-            j,
-            model_name=model_name,
-            tracking_uri=tracking_uri,
-            reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})",
-        )
+        discard(reg, j, reason=f"its parent {j.parent} is no longer HEAD ({ws.head()})")
         return None
     get_run_logger().info(
         "resuming the update of %s to %s after %s",
@@ -430,7 +417,7 @@ def continual_update(
     storage_url: str,
     workspace: str,
     etag: str | None = None,
-    model_name: str = "share-subspace",
+    model_name: str = DEFAULT_MODEL_NAME,
     tolerance: float | None = None,  # None: params.yaml evaluate.gate_tolerance
     tracking_uri: str | None = None,
     train_deployment: str | None = None,
@@ -438,10 +425,9 @@ def continual_update(
     """Process one landing, exactly once per (key, ETag), as a journaled transaction that a
     re-run resumes. `etag` is the one the event saw; the landing's current content is what gets
     processed (an overwrite has its own event)."""
-    with chain_lock(Workspace(workspace)):
-        out = _continual_update(
-            key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment
-        )
+    reg = Registry(Workspace(workspace), model_name, tracking_uri)
+    with chain_lock(reg.ws):
+        out = _continual_update(key, etag, storage_url, workspace, reg, tolerance, train_deployment)
     return _served_outcome(out)
 
 
@@ -454,10 +440,10 @@ def _served_outcome(out: dict):
     return out
 
 
-def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, tracking_uri, train_deployment) -> dict:
+def _continual_update(key, etag, storage_url, workspace, reg: Registry, tolerance, train_deployment) -> dict:
     fault_point("lock")
     log = get_run_logger()
-    ws = Workspace(workspace)
+    ws = reg.ws
     landing = find_landing(storage_url, key)
     if landing is None:
         raise ValueError(f"no complete landing with task.yaml key {key!r} in {open_storage(storage_url).describe()}")
@@ -469,7 +455,7 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
             landing.etag[:8],
         )
     provenance = {"key": key, "etag": landing.etag}
-    j = _take_over(ws, provenance, model_name, tracking_uri)
+    j = _take_over(reg, provenance)
     seen = ws.seen(key, landing.etag)  # a processed record wins over any later rejection of the same content
     if j is None and seen:
         log.info("landing %s (etag %s) already %s: nothing to do", key, landing.etag[:8], seen["status"])
@@ -484,20 +470,10 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
                 return reject(ws, storage_url, landing, reason)
             if j is None:
                 j = Journal.open(ws, provenance, landing.kind, next_version(ws), ws.head(), _flow_run_id())
-            u = _update(
-                ws,
-                j,
-                storage_url,
-                [landing],
-                model_name,
-                tolerance,
-                tracking_uri,
-                train_deployment,
-                {landing.key: local},
-            )
+            u = _update(reg, j, storage_url, [landing], tolerance, train_deployment, {landing.key: local})
             transaction.run(u, transaction.LAND, _execute)
     else:
-        u = _update(ws, j, storage_url, [landing], model_name, tolerance, tracking_uri, train_deployment)
+        u = _update(reg, j, storage_url, [landing], tolerance, train_deployment)
     _rename_run(f"{j.version} ← {landing.kind} {landing.task}")
     out = _publish(u)
     log.info(
@@ -516,22 +492,21 @@ def _continual_update(key, etag, storage_url, workspace, model_name, tolerance, 
 def batch_absorb(
     storage_url: str,
     workspace: str,
-    model_name: str = "share-subspace",
+    model_name: str = DEFAULT_MODEL_NAME,
     tolerance: float | None = None,  # None: params.yaml evaluate.gate_tolerance
     tracking_uri: str | None = None,
 ) -> dict:
     """Absorb every pending adapter landing in one merge (asynchronous learning)."""
-    with chain_lock(Workspace(workspace)):
-        return _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri)
+    reg = Registry(Workspace(workspace), model_name, tracking_uri)
+    with chain_lock(reg.ws):
+        return _batch_absorb(storage_url, workspace, reg, tolerance)
 
 
-def _resume_batch(
-    ws: Workspace, storage_url: str, model_name: str, tolerance: float, tracking_uri: str | None
-) -> dict | None:
+def _resume_batch(reg: Registry, storage_url: str, tolerance: float | None) -> dict | None:
     """A batch absorb a crash left half-done is finished (or discarded) before anything new is
     taken: its landings are the ones it recorded, whatever is pending now."""
-    for open_j in [x for x in Journal.open_journals(ws) if x.record.batch]:
-        j = _take_over(ws, open_j.provenance, model_name, tracking_uri)
+    for open_j in [x for x in Journal.open_journals(reg.ws) if x.record.batch]:
+        j = _take_over(reg, open_j.provenance)
         if j is None:
             continue
         if not j.done("ingest"):  # nothing of it exists yet: its adapters are simply pending again
@@ -541,7 +516,7 @@ def _resume_batch(
         for item in j.record.batch:
             key, etag = item.rsplit("@", 1)
             landings.append(Landing(key=key, etag=etag, kind="adapter", task=key.rstrip("/").split("/")[-2]))
-        out = _finish_batch(_update(ws, j, storage_url, landings, model_name, tolerance, tracking_uri))
+        out = _finish_batch(_update(reg, j, storage_url, landings, tolerance))
         return {**out, "rejected": {}, "resumed": True}
     return None
 
@@ -553,9 +528,9 @@ def _finish_batch(u: transaction.Update) -> dict:
     return {**_publish(u), "absorbed": u.names}
 
 
-def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -> dict:
-    ws = Workspace(workspace)
-    resumed = _resume_batch(ws, storage_url, model_name, tolerance, tracking_uri)
+def _batch_absorb(storage_url, workspace, reg: Registry, tolerance) -> dict:
+    ws = reg.ws
+    resumed = _resume_batch(reg, storage_url, tolerance)
     if resumed is not None:
         return resumed
     pending = [
@@ -575,12 +550,12 @@ def _batch_absorb(storage_url, workspace, model_name, tolerance, tracking_uri) -
         if not accepted:
             return {"status": "nothing-to-absorb", "rejected": rejected}
         provenance = {"batch": sorted(f"{lnd.key}@{lnd.etag}" for lnd, _ in accepted.values())}
-        j = _take_over(ws, provenance, model_name, tracking_uri) or Journal.open(
+        j = _take_over(reg, provenance) or Journal.open(
             ws, provenance, "adapter", next_version(ws), ws.head(), _flow_run_id()
         )
         landings = [lnd for lnd, _ in accepted.values()]
         local = {key: path for key, (_, path) in accepted.items()}
-        u = _update(ws, j, storage_url, landings, model_name, tolerance, tracking_uri, local=local)
+        u = _update(reg, j, storage_url, landings, tolerance, local=local)
         transaction.run(u, transaction.LAND, _execute)
     return {**_finish_batch(u), "rejected": rejected}
 
@@ -607,16 +582,21 @@ def evaluate_version(workspace: str, version: str, tolerance: float = 1e-6) -> d
 
 @flow(name="rollback", log_prints=True)
 def rollback(
-    workspace: str, version: str, model_name: str = "share-subspace", reason: str = "", tracking_uri: str | None = None
+    workspace: str,
+    version: str,
+    model_name: str = DEFAULT_MODEL_NAME,
+    reason: str = "",
+    tracking_uri: str | None = None,
 ) -> dict:
     """Champion and HEAD move to `version` (recorded in MLflow), then it is re-evaluated."""
     ws = Workspace(workspace)
-    version = register.rollback_target(ws, version, model_name=model_name, tracking_uri=tracking_uri)
+    reg = Registry(ws, model_name, tracking_uri)
+    version = register.rollback_target(reg, version)
     with chain_lock(ws):
-        ended = end_abandoned_rollback_runs(ws, model_name, tracking_uri)
+        ended = end_abandoned_rollback_runs(reg)
         if ended:
             get_run_logger().warning("ended %d rollback run(s) a killed rollback left RUNNING", len(ended))
         lineage.checkout_version(ws.root, version)
-        moved = register.rollback(ws, version, model_name=model_name, reason=reason, tracking_uri=tracking_uri)
+        moved = register.rollback(reg, version, reason=reason)
     check = evaluate_version(workspace, version)
     return {**moved, "verified": check["matches"], "worst_abs_diff": check["worst_abs_diff"]}

@@ -188,7 +188,7 @@ def run_demo(
 
     last = ev.read_record(ws, ws.head())
     console.print(_matrix(ev.accuracy_matrix(ws, ws.head()), last))
-    versions = register.list_versions("share-subspace", tracking_uri=ws.tracking_uri)
+    versions = register.list_versions(register.Registry(ws))
     champion = next((v["version"] for v in versions if "champion" in v["aliases"]), None)
     console.print(
         f"champion: [bold]{champion}[/]   candidate: [bold]{versions[-1]['version']}[/]   versions registered: "

@@ -29,6 +29,7 @@ from prefect.events import DeploymentEventTrigger
 from prefect.states import Crashed
 
 from pipelines import register
+from pipelines.register import DEFAULT_MODEL_NAME, Registry
 from pipelines.workspace import Workspace
 
 from .continual import _landing_run_name_for, batch_absorb, continual_update, evaluate_version, rollback, train_version
@@ -40,10 +41,9 @@ NOT_ENDED = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
 
 
 @flow(name="reevaluate-champion", log_prints=True)
-def reevaluate_champion(workspace: str, model_name: str = "share-subspace", tracking_uri: str | None = None) -> dict:
+def reevaluate_champion(workspace: str, model_name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None) -> dict:
     """Scheduled check that the serving version still scores what it scored when registered."""
-    ws = Workspace(workspace)
-    version = register.champion_version(model_name, tracking_uri=tracking_uri or ws.tracking_uri)
+    version = register.champion_version(Registry(Workspace(workspace), model_name, tracking_uri))
     if version is None:
         return {"status": "no-champion"}
     return evaluate_version(workspace, version)
@@ -84,7 +84,7 @@ def build_deployments(
     storage_url: str,
     workspace: str,
     *,
-    model_name: str = "share-subspace",
+    model_name: str = DEFAULT_MODEL_NAME,
     tracking_uri: str | None = None,
     tolerance: float | None = None,  # None: the workspace's evaluate.gate_tolerance
     absorb_cron: str = "0 * * * *",

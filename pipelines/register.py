@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -32,7 +33,7 @@ from share_core.metrics import accounting
 from .evaluate import EvaluationRecord, publish_head, read_record
 from .params import load_params
 from .pyfunc import write_model
-from .workspace import Workspace, parse_version_id
+from .workspace import DEFAULT_MODEL_NAME, Workspace, parse_version_id
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
@@ -40,16 +41,37 @@ MAX_DESCRIBED = 20  # changed scores written out in a model version's descriptio
 SENSITIVE = ("secret", "password", "token", "access_key", "credential")
 
 
-def client(ws: Workspace, tracking_uri: str | None):
-    return MlflowClient(tracking_uri=tracking_uri or ws.tracking_uri, registry_uri=tracking_uri or ws.tracking_uri)
+@dataclass(frozen=True)
+class Registry:
+    """Where a chain's versions are registered: the MLflow registered model `model_name` (and
+    the experiment of the same name) in the tracking store `tracking_uri`, for the workspace
+    `ws` whose versions they are. `tracking_uri` None means the workspace's own sqlite store
+    (`ws.tracking_uri`); the environment's MLFLOW_TRACKING_URI is the CLI's to resolve, not
+    this object's. One value instead of the (workspace, model name, tracking URI) every step
+    of an update used to thread; the flows keep plain strings as their parameters (deployments
+    and the CLI pass strings) and build one of these at their entry. Every function here takes
+    one, also those that read only the registry (list_versions, champion_version): all their
+    callers have a workspace."""
+
+    ws: Workspace
+    model_name: str = DEFAULT_MODEL_NAME
+    tracking_uri: str | None = None
+
+    @property
+    def uri(self) -> str:
+        """The tracking (and model registry) URI in use."""
+        return self.tracking_uri or self.ws.tracking_uri
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
-def _experiment(c, ws: Workspace, name: str, tracking_uri: str | None) -> str:
-    exp = c.get_experiment_by_name(name)
+def _experiment(c, reg: Registry) -> str:
+    exp = c.get_experiment_by_name(reg.model_name)
     if exp is not None:
         return exp.experiment_id
-    local = (tracking_uri or ws.tracking_uri).startswith(("sqlite:", "file:"))
-    return c.create_experiment(name, artifact_location=ws.artifact_uri if local else None)
+    local = reg.uri.startswith(("sqlite:", "file:"))
+    return c.create_experiment(reg.model_name, artifact_location=reg.ws.artifact_uri if local else None)
 
 
 def _registered(c, name: str):
@@ -106,14 +128,13 @@ def forgetting_gate(new: EvaluationRecord, champion: EvaluationRecord | None, to
     }
 
 
-def gate_for(
-    ws: Workspace, version: str, *, model_name: str, tolerance: float | None = None, tracking_uri: str | None = None
-) -> dict:
+def gate_for(reg: Registry, version: str, *, tolerance: float | None = None) -> dict:
     """The forgetting gate of `version` against the current champion's recorded scores, with the
     workspace's `evaluate.gate_tolerance` unless a tolerance is given."""
+    ws = reg.ws
     if tolerance is None:
         tolerance = load_params(ws.params_path).evaluate.gate_tolerance
-    champ_id = _alias_version(client(ws, tracking_uri), model_name, CHAMPION)
+    champ_id = _alias_version(reg.client(), reg.model_name, CHAMPION)
     champ = read_record(ws, champ_id) if champ_id and champ_id != version else None
     return {
         **forgetting_gate(read_record(ws, version), champ, tolerance),
@@ -156,16 +177,14 @@ def _tags(
     return tags
 
 
-def finished_run(
-    ws: Workspace, version: str, *, model_name: str, tracking_uri: str | None = None, end_abandoned: bool = False
-) -> str | None:
+def finished_run(reg: Registry, version: str, *, end_abandoned: bool = False) -> str | None:
     """The FINISHED MLflow run of this exact version (its content hash), or None; with
     `end_abandoned`, one a crashed update left RUNNING is ended FAILED on the way."""
-    c = client(ws, tracking_uri)
-    exp = c.get_experiment_by_name(model_name)
+    c = reg.client()
+    exp = c.get_experiment_by_name(reg.model_name)
     if exp is None:
         return None
-    content_hash = st.read_manifest(ws.version_dir(version)).content_hash
+    content_hash = st.read_manifest(reg.ws.version_dir(version)).content_hash
     for run in c.search_runs(
         [exp.experiment_id], f"tags.`share.version` = '{version}' and tags.`share.content_hash` = '{content_hash}'"
     ):
@@ -176,25 +195,16 @@ def finished_run(
     return None
 
 
-def log_run(
-    ws: Workspace,
-    version: str,
-    *,
-    model_name: str,
-    landing: dict,
-    lineage: dict,
-    gate: dict,
-    tracking_uri: str | None = None,
-) -> str:
+def log_run(reg: Registry, version: str, *, landing: dict, lineage: dict, gate: dict) -> str:
     """The version's MLflow run (params, metrics, manifest, evaluation): its id. Idempotent: a
     FINISHED run of this exact version (content hash) is reused; one left RUNNING by a crash
     is ended FAILED and replaced."""
-    c = client(ws, tracking_uri)
+    ws, c = reg.ws, reg.client()
     vdir = ws.version_dir(version)
     manifest = st.read_manifest(vdir)
     record = read_record(ws, version)
-    exp_id = _experiment(c, ws, model_name, tracking_uri)
-    found = finished_run(ws, version, model_name=model_name, tracking_uri=tracking_uri, end_abandoned=True)
+    exp_id = _experiment(c, reg)
+    found = finished_run(reg, version, end_abandoned=True)
     if found:
         return found
     tags = _tags(ws, version, manifest, record, landing, lineage, gate)
@@ -284,14 +294,10 @@ def log_run(
     return rid
 
 
-def model_version_for_run(
-    ws: Workspace, version: str, run_id: str, *, model_name: str, tracking_uri: str | None = None
-) -> str | None:
+def model_version_for_run(reg: Registry, version: str, run_id: str) -> str | None:
     """The model version registered for `version` from `run_id` (not discarded), or None."""
     try:
-        found = client(ws, tracking_uri).search_model_versions(
-            f"name='{model_name}' and tag.`share.version`='{version}'"
-        )
+        found = reg.client().search_model_versions(f"name='{reg.model_name}' and tag.`share.version`='{version}'")
     except MlflowException:  # the registered model does not exist yet
         return None
     return next(
@@ -299,21 +305,19 @@ def model_version_for_run(
     )
 
 
-def register_model_version(
-    ws: Workspace, version: str, run_id: str, *, model_name: str, gate: dict, tracking_uri: str | None = None
-) -> str:
+def register_model_version(reg: Registry, version: str, run_id: str, *, gate: dict) -> str:
     """The registered model version of `version` (its number). Idempotent: one already
     registered for this version from this run is returned, never a second one."""
-    c = client(ws, tracking_uri)
-    _registered(c, model_name)
-    found = model_version_for_run(ws, version, run_id, model_name=model_name, tracking_uri=tracking_uri)
+    ws, c = reg.ws, reg.client()
+    _registered(c, reg.model_name)
+    found = model_version_for_run(reg, version, run_id)
     if found:
         return found
     run = c.get_run(run_id)
     manifest = st.read_manifest(ws.version_dir(version))
     record = read_record(ws, version)
     mv = c.create_model_version(
-        model_name,
+        reg.model_name,
         source=f"{run.info.artifact_uri}/subspace",
         run_id=run_id,
         tags=dict(run.data.tags),
@@ -322,39 +326,30 @@ def register_model_version(
     return str(mv.version)
 
 
-def aliases(ws: Workspace, *, model_name: str, tracking_uri: str | None = None) -> dict[str, str | None]:
+def aliases(reg: Registry) -> dict[str, str | None]:
     """{"candidate": model version or None, "champion": …}: what a rollback of this step restores."""
     try:
-        current = client(ws, tracking_uri).get_registered_model(model_name).aliases or {}
+        current = reg.client().get_registered_model(reg.model_name).aliases or {}
     except MlflowException:
         current = {}
     return {a: (str(current[a]) if a in current else None) for a in (CANDIDATE, CHAMPION)}
 
 
-def move_aliases(
-    ws: Workspace, model_version: str, *, model_name: str, promote: bool, tracking_uri: str | None = None
-) -> None:
+def move_aliases(reg: Registry, model_version: str, *, promote: bool) -> None:
     """`candidate` → model_version, and `champion` too when the gate passed (idempotent)."""
-    c = client(ws, tracking_uri)
-    c.set_registered_model_alias(model_name, CANDIDATE, model_version)
+    c = reg.client()
+    c.set_registered_model_alias(reg.model_name, CANDIDATE, model_version)
     if promote:
-        c.set_registered_model_alias(model_name, CHAMPION, model_version)
+        c.set_registered_model_alias(reg.model_name, CHAMPION, model_version)
 
 
 def discard_version(
-    ws: Workspace,
-    version: str,
-    content_hash: str,
-    *,
-    model_name: str,
-    aliases_before: dict | None,
-    reason: str,
-    tracking_uri: str | None = None,
+    reg: Registry, version: str, content_hash: str, *, aliases_before: dict | None, reason: str
 ) -> None:
     """Undo what a stale update published in MLflow — only what carries its version's content
     hash: its runs end FAILED, its model versions are tagged discarded, and aliases it moved go
     back to where they were."""
-    c = client(ws, tracking_uri)
+    c, model_name = reg.client(), reg.model_name
     mine = f"tag.`share.version`='{version}' and tag.`share.content_hash`='{content_hash}'"
     exp = c.get_experiment_by_name(model_name)
     if exp is not None:
@@ -365,7 +360,7 @@ def discard_version(
         mvs = c.search_model_versions(f"name='{model_name}' and {mine}")
     except MlflowException:
         mvs = []
-    current = aliases(ws, model_name=model_name, tracking_uri=tracking_uri)
+    current = aliases(reg)
     for mv in mvs:
         c.set_model_version_tag(model_name, mv.version, "share.discarded", "true")
         c.set_model_version_tag(model_name, mv.version, "share.discarded_reason", reason[:4900])
@@ -429,22 +424,20 @@ def registered_versions(c, model_name: str) -> list[str]:
     )
 
 
-def rollback_target(ws: Workspace, text: str, *, model_name: str, tracking_uri: str | None = None) -> str:
+def rollback_target(reg: Registry, text: str) -> str:
     """The version id a user's rollback argument names ("v3", "3", "v0003" → "v0003"), checked
     against the registered versions before anything changes; raises VersionIdError (one line
     listing the existing versions) for "v0099", "latest", "../v0001" and the like."""
-    return parse_version_id(text, registered_versions(client(ws, tracking_uri), model_name))
+    return parse_version_id(text, registered_versions(reg.client(), reg.model_name))
 
 
-def rollback(
-    ws: Workspace, version: str, *, model_name: str, reason: str = "", tracking_uri: str | None = None
-) -> dict:
+def rollback(reg: Registry, version: str, *, reason: str = "") -> dict:
     """Point `champion` at `version`, make it the workspace HEAD, record the rollback as a run.
     `version` may be written v3 / 3 / v0003; an unknown one raises VersionIdError before
     anything changes. When `version` is already the champion and the HEAD this is a no-op
     (no run; "noop": True); when it is the champion but HEAD moved on (a candidate that failed
     the gate), only HEAD moves back, recorded as a run."""
-    c = client(ws, tracking_uri)
+    ws, c, model_name = reg.ws, reg.client(), reg.model_name
     version = parse_version_id(version, registered_versions(c, model_name))
     mv = model_version_of(c, model_name, version)
     if not (ws.version_dir(version) / "manifest.json").is_file():
@@ -460,7 +453,7 @@ def rollback(
             "run_id": None,
             "noop": True,
         }
-    exp_id = _experiment(c, ws, model_name, tracking_uri)
+    exp_id = _experiment(c, reg)
     run = c.create_run(
         exp_id,
         run_name=f"rollback-to-{version}",
@@ -492,9 +485,9 @@ def rollback(
     }
 
 
-def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
+def list_versions(reg: Registry) -> list[dict]:
     """Every registered version, oldest first, with its aliases and summary tags."""
-    c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    c, model_name = reg.client(), reg.model_name
     try:
         aliases = c.get_registered_model(model_name).aliases or {}
     except MlflowException:
@@ -523,8 +516,9 @@ def list_versions(model_name: str, tracking_uri: str) -> list[dict]:
     return sorted(rows, key=lambda r: int(r["model_version"]))
 
 
-def champion_version(model_name: str, tracking_uri: str) -> str | None:
-    return _alias_version(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), model_name, CHAMPION)
+def champion_version(reg: Registry) -> str | None:
+    """The Share version id `champion` points at (None when unset)."""
+    return _alias_version(reg.client(), reg.model_name, CHAMPION)
 
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -532,11 +526,10 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def versions(
-    model_name: str = "share-subspace", workspace: Path = typer.Option(Path(".")), tracking_uri: str | None = None
+    model_name: str = DEFAULT_MODEL_NAME, workspace: Path = typer.Option(Path(".")), tracking_uri: str | None = None
 ) -> None:
     """Print the registered versions as JSON."""
-    ws = Workspace(workspace)
-    typer.echo(json.dumps(list_versions(model_name, tracking_uri or ws.tracking_uri), indent=2))
+    typer.echo(json.dumps(list_versions(Registry(Workspace(workspace), model_name, tracking_uri)), indent=2))
 
 
 if __name__ == "__main__":

@@ -35,14 +35,13 @@ from .workspace import Workspace
 
 @dataclass
 class Update:
-    """What every step of one update reads. `build` and `evaluate` are the orchestrator's
-    placements of the two heavy steps; `local` maps a landing's key to its downloaded copy
-    (only the ingest step needs it)."""
+    """What every step of one update reads. `registry` is where its version is registered (its
+    workspace is `ws`); `build` and `evaluate` are the orchestrator's placements of the two heavy
+    steps; `local` maps a landing's key to its downloaded copy (only the ingest step needs it)."""
 
     ws: Workspace
     journal: Journal
-    model_name: str
-    tracking_uri: str | None = None
+    registry: register.Registry
     storage_url: str = ""
     landings: list[Landing] = field(default_factory=list)
     tolerance: float | None = None
@@ -162,42 +161,34 @@ def _commit(u: Update) -> dict:
 # ---- MLflow ---------------------------------------------------------------------------------------
 def _log_run(u: Update) -> dict:
     lin = u.journal.result("lineage")
-    gate = register.gate_for(
-        u.ws, u.version, model_name=u.model_name, tolerance=u.tolerance, tracking_uri=u.tracking_uri
-    )
+    gate = register.gate_for(u.registry, u.version, tolerance=u.tolerance)
     run_id = register.log_run(
-        u.ws,
+        u.registry,
         u.version,
-        model_name=u.model_name,
         landing=u.landing_record(),
         lineage={k: lin[k] for k in ("git_rev", "dvc_stage", "dvc_hashes")},
         gate=gate,
-        tracking_uri=u.tracking_uri,
     )
     return {"gate": gate, "run_id": run_id}
 
 
 def _logged(u: Update) -> dict | None:
-    run_id = register.finished_run(u.ws, u.version, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    run_id = register.finished_run(u.registry, u.version)
     if run_id is None:
         return None
-    gate = register.gate_for(
-        u.ws, u.version, model_name=u.model_name, tolerance=u.tolerance, tracking_uri=u.tracking_uri
-    )
+    gate = register.gate_for(u.registry, u.version, tolerance=u.tolerance)
     return {"gate": gate, "run_id": run_id}
 
 
 def _register(u: Update) -> dict:
     run = u.journal.result("run")
-    mv = register.register_model_version(
-        u.ws, u.version, run["run_id"], model_name=u.model_name, gate=run["gate"], tracking_uri=u.tracking_uri
-    )
+    mv = register.register_model_version(u.registry, u.version, run["run_id"], gate=run["gate"])
     return {"model_version": mv}
 
 
 def _registered(u: Update) -> dict | None:
     run_id = u.journal.result("run")["run_id"]
-    mv = register.model_version_for_run(u.ws, u.version, run_id, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    mv = register.model_version_for_run(u.registry, u.version, run_id)
     return {"model_version": mv} if mv else None
 
 
@@ -207,31 +198,29 @@ def _promote(u: Update) -> bool:
 
 def _move_aliases(u: Update) -> dict:
     mv = u.journal.result("model_version")["model_version"]
-    register.move_aliases(u.ws, mv, model_name=u.model_name, promote=_promote(u), tracking_uri=u.tracking_uri)
+    register.move_aliases(u.registry, mv, promote=_promote(u))
     return {}
 
 
 def _aliases_moved(u: Update) -> dict | None:
     mv = u.journal.result("model_version")["model_version"]
-    now = register.aliases(u.ws, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    now = register.aliases(u.registry)
     moved = now["candidate"] == mv and (now["champion"] == mv or not _promote(u))
     return {} if moved else None
 
 
 def _aliases_before(u: Update) -> dict:
-    return register.aliases(u.ws, model_name=u.model_name, tracking_uri=u.tracking_uri)
+    return register.aliases(u.registry)
 
 
 def _discard_in_mlflow(u: Update) -> None:
     """Run, model version and aliases in one pass: only what carries this version's content hash."""
     register.discard_version(
-        u.ws,
+        u.registry,
         u.version,
         st.read_manifest(u.ws.version_dir(u.version)).content_hash,
-        model_name=u.model_name,
         aliases_before=u.journal.before("alias") or None,
         reason=u.reason,
-        tracking_uri=u.tracking_uri,
     )
 
 
@@ -358,13 +347,14 @@ def built_by(ws: Workspace, j: Journal) -> st.Manifest | None:
     return built
 
 
-def undo(ws: Workspace, j: Journal, *, model_name: str, tracking_uri: str | None, reason: str) -> bool:
-    """Discard a stale update: every step's undo, last step first — also those the journal does
-    not list as done (the crash may have come between a step and its entry) — then close the
-    journal DISCARDED with the reason. True when something it built was removed."""
-    built = built_by(ws, j) is not None
+def undo(reg: register.Registry, j: Journal, *, reason: str) -> bool:
+    """Discard a stale update of `reg`'s workspace: every step's undo, last step first — also
+    those the journal does not list as done (the crash may have come between a step and its
+    entry) — then close the journal DISCARDED with the reason. True when something it built was
+    removed."""
+    built = built_by(reg.ws, j) is not None
     if built:
-        u = Update(ws=ws, journal=j, model_name=model_name, tracking_uri=tracking_uri, reason=reason)
+        u = Update(ws=reg.ws, journal=j, registry=reg, reason=reason)
         for step in reversed(PLAN):
             if step.undo is not None:
                 step.undo(u)

@@ -30,6 +30,9 @@ LEDGER_FORMAT = 2
 PROCESSED = "processed"
 MAX_REASON = 500  # characters of a rejection reason kept in the ledger and the status file
 MAX_HISTORY = 50  # non-processed records kept per key (processed ones are always kept)
+# the MLflow registered model a chain's versions go to unless told otherwise (pipelines.register.Registry);
+# here, not in pipelines.register, so that the CLI reads it without importing torch and MLflow
+DEFAULT_MODEL_NAME = "share-subspace"
 
 
 def bound_text(text: str, limit: int = MAX_REASON) -> str:

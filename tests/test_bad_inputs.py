@@ -295,22 +295,18 @@ def registered(tmp_path, adapters_dir, monkeypatch):
         st.save(share.state, ws.version_dir(version))
         scores = {t: 0.9 for t in share.state.task_names}
         write_record(ws, version, scores, parent=parent, majority={t: 0.5 for t in scores}, acc=0.9)
-        gate = register.gate_for(ws, version, model_name="m", tolerance=1.0)
-        run_id = register.log_run(
-            ws, version, model_name="m", landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate
-        )
+        reg = register.Registry(ws, "m")
+        gate = register.gate_for(reg, version, tolerance=1.0)
+        run_id = register.log_run(reg, version, landing={"key": f"k{version}", "etag": "e"}, lineage={}, gate=gate)
         register.move_aliases(
-            ws,
-            register.register_model_version(ws, version, run_id, model_name="m", gate=gate),
-            model_name="m",
-            promote=gate["passed"],
+            reg, register.register_model_version(reg, version, run_id, gate=gate), promote=gate["passed"]
         )
         ws.set_head(version)
     return ws
 
 
 def _runs(ws: Workspace) -> int:
-    c = register.client(ws, None)
+    c = register.Registry(ws).client()
     return len(c.search_runs([c.get_experiment_by_name("m").experiment_id]))
 
 
@@ -337,12 +333,13 @@ def test_register_rollback_normalises_ids_and_is_a_noop_for_the_champion(registe
     ws = registered
     runs = _runs(ws)
     with pytest.raises(VersionIdError, match="existing versions: v0001, v0002"):
-        register.rollback(ws, "v0099", model_name="m")
+        register.rollback(register.Registry(ws, "m"), "v0099")
     assert _runs(ws) == runs and ws.head() == "v0002"
-    moved = register.rollback(ws, "1", model_name="m", reason="test")
+    reg = register.Registry(ws, "m")
+    moved = register.rollback(reg, "1", reason="test")
     assert (moved["champion"], moved["previous"], moved["noop"]) == ("v0001", "v0002", False)
-    assert ws.head() == "v0001" and register.champion_version("m", ws.tracking_uri) == "v0001" and _runs(ws) == runs + 1
-    again = register.rollback(ws, "v0001", model_name="m")
+    assert ws.head() == "v0001" and register.champion_version(reg) == "v0001" and _runs(ws) == runs + 1
+    again = register.rollback(reg, "v0001")
     assert again["noop"] and again["run_id"] is None and _runs(ws) == runs + 1
 
 

@@ -24,7 +24,7 @@ def assert_consistent(chain, processed: list[str]) -> None:
         pm, cm = st.read_manifest(ws.version_dir(parent)), st.read_manifest(ws.version_dir(child))
         assert cm.parent == parent and cm.task_names[: len(pm.tasks)] == pm.task_names
     assert st.load(ws.version_dir(versions[-1])).task_names == processed  # every task learned is there
-    registered = register.list_versions(MODEL, ws.tracking_uri)
+    registered = register.list_versions(register.Registry(ws, MODEL))
     assert [r["version"] for r in registered] == versions  # one model version each, no duplicate
     c = MlflowClient(ws.tracking_uri)
     exp = c.get_experiment_by_name(MODEL)
@@ -79,7 +79,7 @@ def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
     out = rerun(chain, a)  # processed afresh on the new HEAD
     assert out["version"] == "v0003"
     assert st.load(ws.version_dir("v0003")).task_names == [names[1], names[0]]
-    assert [r["version"] for r in register.list_versions(MODEL, ws.tracking_uri)] == ["v0002", "v0003"]
+    assert [r["version"] for r in register.list_versions(register.Registry(ws, MODEL))] == ["v0002", "v0003"]
     journals = [json.loads(p.read_text()) for p in ws.journals.glob("*.json")]
     assert any(h["status"] == "discarded" and h["version"] == "v0001" for j in journals for h in j["history"])
     # an update whose parent is still HEAD is offered for resuming, and resumes
@@ -102,7 +102,7 @@ def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
     assert out["resumed"] and out["version"] == "v0001" and len(out["absorbed"]) == 3
     assert ws.version_ids() == ["v0001"] and ws.head() == "v0001"
     assert st.load(ws.version_dir("v0001")).task_names == names[:3]
-    assert [r["version"] for r in register.list_versions(MODEL, ws.tracking_uri)] == ["v0001"]
+    assert [r["version"] for r in register.list_versions(register.Registry(ws, MODEL))] == ["v0001"]
     for lnd in storage.list_landings():
         if lnd.key != late:
             assert ws.seen(lnd.key, lnd.etag)["status"] == "processed" and storage.status_of(lnd)["version"] == "v0001"

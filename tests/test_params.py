@@ -98,12 +98,13 @@ def test_the_forgetting_gate_takes_its_tolerance_from_params_yaml(tmp_path, monk
     ws = Workspace(tmp_path)
     for version, score in (("v0001", 0.9), ("v0002", 0.8)):
         write_record(ws, version, {"t": score})
-    monkeypatch.setattr(register, "client", lambda ws, uri: None)
+    monkeypatch.setattr(register.Registry, "client", lambda self: None)
     monkeypatch.setattr(register, "_alias_version", lambda client, name, alias: "v0001")
-    assert not register.gate_for(ws, "v0002", model_name="m")["passed"]  # no params.yaml: the default 0.01
+    reg = register.Registry(ws, "m")
+    assert not register.gate_for(reg, "v0002")["passed"]  # no params.yaml: the default 0.01
     save_params(ws.params_path, Params(evaluate=EvalParams(gate_tolerance=0.2)))
-    gate = register.gate_for(ws, "v0002", model_name="m")
+    gate = register.gate_for(reg, "v0002")
     assert gate["passed"] and gate["worst_drop"] == pytest.approx(0.1)
-    assert not register.gate_for(ws, "v0002", model_name="m", tolerance=0.05)["passed"]
+    assert not register.gate_for(reg, "v0002", tolerance=0.05)["passed"]
     with pytest.raises(ValueError, match="gate_tolerance"):
         load_params(write(tmp_path, "evaluate: {gate_tolerance: 2}\n"))

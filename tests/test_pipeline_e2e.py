@@ -98,7 +98,7 @@ def snapshot(chain) -> dict:
         "head": ws.head(),
         "dvc.yaml": (ws.root / "dvc.yaml").read_text(),
         "landings": sorted(p.name for p in ws.landings.iterdir()) if ws.landings.exists() else [],
-        "registered": [v["model_version"] for v in register.list_versions(MODEL, ws.tracking_uri)],
+        "registered": [v["model_version"] for v in register.list_versions(register.Registry(ws, MODEL))],
         "git": lineage._git(ws.root, "rev-parse", "HEAD"),
     }
 
@@ -145,7 +145,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     )
 
     # registry: three model versions; candidate = newest; champion stayed behind the gate
-    versions = register.list_versions(MODEL, ws.tracking_uri)
+    versions = register.list_versions(register.Registry(ws, MODEL))
     assert [v["version"] for v in versions] == ["v0001", "v0002", "v0003"]
     aliases = {v["version"]: v["aliases"] for v in versions}
     assert aliases == {"v0001": [], "v0002": ["champion"], "v0003": ["candidate"]}

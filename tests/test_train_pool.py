@@ -211,7 +211,7 @@ def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_ret
                 ws.landing_history(key) == [] and storage.status_history(landing) == []
             )  # neither processed nor rejected
             assert ws.version_ids() == [] and ws.head() is None and not (ws.versions / "v0001").exists()
-            assert register.list_versions(MODEL, ws.tracking_uri) == []
+            assert register.list_versions(register.Registry(ws, MODEL)) == []
 
         # 1. a landing: the event starts continual-update in `serve`, which hands training to the
         #    pool; worker1 runs it in a process of its own
@@ -301,7 +301,7 @@ def test_training_runs_on_a_pool_worker_and_a_lost_worker_leaves_the_landing_ret
         assert [(r["etag"], r["status"], r["version"]) for r in storage.status_history(landing)] == [
             (landing.etag, "processed", "v0001")
         ]
-        registered = register.list_versions(MODEL, ws.tracking_uri)
+        registered = register.list_versions(register.Registry(ws, MODEL))
         assert [(r["version"], sorted(r["aliases"])) for r in registered] == [("v0001", ["candidate", "champion"])], (
             registered
         )

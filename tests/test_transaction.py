@@ -6,6 +6,7 @@ import json
 
 from pipelines import transaction
 from pipelines.journal import DISCARDED, Journal
+from pipelines.register import Registry
 from pipelines.workspace import Workspace
 from share_core import state as st
 from share_core.model import ShareModel
@@ -44,6 +45,6 @@ def test_a_discard_refuses_what_it_did_not_build_or_what_others_depend_on(tmp_pa
     moved = Journal.open(ws, {"key": "k2b"}, "adapter", "v0002", "v0000")  # planned on another parent
     assert transaction.built_by(ws, moved) is None
     # a refused discard closes the journal and removes nothing
-    assert transaction.undo(ws, other, model_name="m", tracking_uri=None, reason="stale") is False
+    assert transaction.undo(Registry(ws, "m"), other, reason="stale") is False
     assert (ws.version_dir("v0002") / "manifest.json").is_file()
     assert json.loads(other.path.read_text())["status"] == DISCARDED
