@@ -62,7 +62,7 @@ K, PHI, BYTES = 32, 2, 4
 STEPS, FT_STEPS, LR = 40, 5, 5e-3
 METHODS = ("Share strict", "Share-full", "independent LoRA", "sequential LoRA", "joint LoRA")
 CAUSAL_METHODS = ("Share strict", "independent LoRA", "sequential LoRA")
-# the tiny random Llama learns an instruction task in ~150 steps at lr 5e-3 (tests/test_instruction_tasks.py)
+# the tiny random Llama learns an instruction task in ~150 steps at lr 5e-3 (tests/test_tasks.py)
 CAUSAL = {
     "steps": 150,
     "lr": 5e-3,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 MARKER = ".share-demo"
 # the causal-LM demo's base: the packaged SmolLM2-135M-Instruct learning real CLDR tasks
 # (pipelines.realtasks), or, with SHARE_DEMO_BASE=tiny, a tiny random Llama on generated word games
-TINY_TRAIN = {"lr": 5e-3, "max_length": 24}  # the tiny Llama's recipe (tests/test_instruction_tasks.py)
+TINY_TRAIN = {"lr": 5e-3, "max_length": 24}  # the tiny Llama's recipe (tests/test_tasks.py)
 SMOLLM2_TRAIN = {"lr": 5e-3, "max_length": 64, "batch_size": 4, "steps": 24}  # a pretrained 135M model learns fast
 SMOLLM2_EVAL = {"max_new_tokens": 20, "batch_size": 16}  # "27,40,781.812": one token per digit
 REAL_DEMO_TASKS = ("date_de_short", "list_fr", "list_de", "number_de", "price_de_eur")  # the most learnable (measured)

@@ -16,7 +16,7 @@ that ends with "=" (reverse a colour-thing-name triple, the last word, the one n
 value lookups (plural, antonym, a made-up capital table, the next number word) and templated
 answers (greet a name; count on from a number, scored with ROUGE-L). A tiny random Llama
 (`synthetic.tiny_causal_lm`) learns each of them with a rank-8 LoRA in 150 CPU steps
-(tests/test_instruction_tasks.py has the recipe).
+(tests/test_tasks.py has the recipe).
 
 Same (name, seed) → byte-identical files on every machine.
 

@@ -213,7 +213,7 @@ INTEGRATION_MODULES = {
     "test_schedules",
     "test_lock",
     "test_train_pool",
-    "test_flows",
+    "test_watcher",
     "test_pipeline_e2e",
     "test_repo_pipeline",
     "test_minilm",

@@ -26,7 +26,7 @@ from share_core.taskdata import MAX_LINE_BYTES, MAX_TEXT_BYTES, TaskFormatError,
 from share_core.tasks import generate_tasks
 
 from .conftest import tiny_bert, write_record
-from .test_storage_validate import BASE, _adapter_landing, _manifest
+from .test_validate import BASE, _adapter_landing, _manifest
 
 KEY = "incoming/datasets/sentiment/task.yaml"
 

@@ -1,13 +1,12 @@
-"""Orchestration pieces that need no training: the watcher (polling with its {key: ETag} ledger
-and S3 notifications through SQS on a moto server) and the deployments `share serve` runs."""
+"""flows.watcher: polling with its {key: ETag} ledger and S3 notifications through SQS on a moto
+server emit one landing event per landing (and again on an overwrite)."""
 
 import json
 
 import boto3
 import pytest
 
-from flows.deployments import build_deployments
-from flows.watcher import EVENT, Watcher
+from flows.watcher import Watcher
 from pipelines.storage import open_storage
 from share_core.tasks import generate_tasks
 
@@ -57,31 +56,3 @@ def test_s3_notifications_from_sqs_emit_task_yaml_landings_only(moto_s3, bucket,
     ]  # train/eval objects and the TestEvent ignored
     assert watcher.poll_once() == []  # polling and notifications share one ledger: no second event
     assert sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=0).get("Messages") is None  # drained
-
-
-def test_deployments_trigger_schedule_and_serialise_updates(tmp_path):
-    from flows.lock import chain_id
-    from pipelines.workspace import Workspace
-
-    built = build_deployments("file:///tmp/bucket", str(tmp_path), absorb_cron="*/30 * * * *")
-    chain = chain_id(Workspace(tmp_path))
-    deps = {d.flow_name: d for d in built}
-    assert set(deps) == {"continual-update", "batch-absorb", "reevaluate-champion", "rollback", "evaluate-version"}
-    assert {d.name for d in built} == {f"chain-{chain}"} and all(d.tags == [f"share-chain:{chain}"] for d in built)
-    update = deps["continual-update"]
-    [trigger] = update.triggers
-    assert trigger.expect == {EVENT} and trigger.parameters["key"] == "{{ event.payload.key }}"
-    assert trigger.match.root["prefect.resource.id"] == f"share.landing.{chain}.*"  # this chain's landings only
-    assert update.concurrency_limit == 1 and deps["batch-absorb"].concurrency_limit == 1
-    assert deps["batch-absorb"].schedules[0].schedule.cron == "*/30 * * * *"
-    assert deps["reevaluate-champion"].schedules[0].schedule.cron == "30 3 * * *"
-
-
-def test_workspace_init_is_idempotent_and_commits_only_its_own_files(tmp_path):
-    from pipelines import lineage
-
-    lineage.init_workspace(tmp_path / "ws")
-    (tmp_path / "ws" / "notes.txt").write_text("a user's file")  # untracked, not ignored
-    lineage.init_workspace(tmp_path / "ws")  # `share serve` on an existing workspace
-    assert len(lineage._git(tmp_path / "ws", "log", "--oneline").splitlines()) == 1
-    assert "notes.txt" not in lineage._git(tmp_path / "ws", "ls-files")
