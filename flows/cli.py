@@ -8,6 +8,10 @@ Imports of torch (share_core and most of pipelines), MLflow and Prefect (the flo
 the commands that use them, so that `share --help` and the quick commands (land, status, stack)
 start in a fraction of a second; Prefect is also imported only after this module has set the
 PREFECT_* defaults below. Each such import is marked `# noqa: PLC0415 - start-up: …`.
+
+Why one module of ~660 lines: it is the `share` command tree (typer needs the commands registered
+on one app); server probes and the one-line error mapping are flows/servers.py, the stack is
+infra/stack.py, and each command body is a few lines calling them.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ recover_updates    at `share serve` start: discard stale updates, end abandoned 
 evaluate_version   re-score a version and compare with what was recorded
 rollback           move champion + HEAD to a version, verify it by re-evaluation
 train_version      the training step alone: the "GPU job" deployment on a work pool
+
+Why one module of ~600 lines: these are the flows of one chain, and they share its placement
+choices (Prefect tasks with retries, training in process or on a pool, evaluation in process or on
+Dask) and its crash handling (take-over, discard, marking dead runs Crashed); the steps themselves
+are pipelines.transaction's.
 """
 
 from __future__ import annotations

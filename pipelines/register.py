@@ -11,6 +11,11 @@ DVC hashes). Aliases: `candidate` = newest; `champion` moves only when the forge
 passes — no task the champion serves scores more than `tolerance` lower in the new version.
 A rollback moves `champion` (and the workspace HEAD) to a chosen version and is itself
 recorded as a run. Works the same on a sqlite store and an MLflow server.
+
+Why one module of ~540 lines: every function here talks to one MLflow registry through one
+`Registry` object, and the run, the model version, the aliases, the gate and the rollback share
+the tags that tie them together (share.version, share.content_hash); split, the tag vocabulary
+would live in several places.
 """
 
 from __future__ import annotations
