@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -33,8 +34,8 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Failed
 
 from pipelines import evaluate as ev
-from pipelines import lineage, register, transaction
-from pipelines.journal import DISCARDED, OPEN, PUBLISHED, Journal, fault_point, next_version
+from pipelines import register, transaction
+from pipelines.journal import DISCARDED, OPEN, PUBLISHED, ROLLBACK, Journal, fault_point, next_version
 from pipelines.params import EvalParams, load_params
 from pipelines.register import DEFAULT_MODEL_NAME, Registry
 from pipelines.storage import Landing, kind_and_task, open_storage, redact_url
@@ -263,9 +264,12 @@ def _mark_crashed(
     _best_effort("end the crashed update's runs", lambda: crash_runs(run_ids, message))
 
 
-def end_abandoned_rollback_runs(reg: Registry) -> list[str]:
-    """MLflow runs of rollbacks killed between their start and end are ended FAILED. Called
-    under the chain lock (every rollback runs under it, so none of them is alive)."""
+def end_abandoned_rollbacks(reg: Registry) -> list[str]:
+    """Rollbacks killed on the way: their MLflow runs still RUNNING end FAILED and their journals
+    close (a rollback is run again by whoever asked for it, never resumed behind their back).
+    Called under the chain lock (every rollback runs under it, so none of them is alive)."""
+    for j in Journal.open_journals(reg.ws, rollbacks=True):
+        j.close(DISCARDED, reason="killed before it finished; the next rollback decides where champion and HEAD go")
     c = reg.client()
     exp = c.get_experiment_by_name(reg.model_name)
     if exp is None:
@@ -302,7 +306,7 @@ def recover_updates(
     reg = Registry(ws, model_name, tracking_uri)
     again = []
     with chain_lock(ws):
-        _best_effort("end abandoned rollback runs", lambda: end_abandoned_rollback_runs(reg))
+        _best_effort("end abandoned rollback runs", lambda: end_abandoned_rollbacks(reg))
         for j in Journal.open_journals(ws):
             if j.resumable(ws.head()):
                 again.append(j.provenance)
@@ -315,14 +319,14 @@ def recover_updates(
 
 # the steps that talk to a server run as Prefect tasks with retries; the others in the flow
 _AS_TASK = {
-    step.name: task(name=step.name, cache_policy=NO_CACHE, **TRANSIENT)(step.do)
-    for step in transaction.PLAN
+    step: task(name=step.name, cache_policy=NO_CACHE, **TRANSIENT)(step.do)
+    for step in transaction.PLAN + transaction.ROLLBACK
     if step.remote
 }
 
 
 def _execute(step: transaction.Step, u: transaction.Update) -> dict | None:
-    return _AS_TASK[step.name](u) if step.remote else step.do(u)
+    return _AS_TASK[step](u) if step.remote else step.do(u)
 
 
 def _update(
@@ -593,15 +597,23 @@ def rollback(
     reason: str = "",
     tracking_uri: str | None = None,
 ) -> dict:
-    """Champion and HEAD move to `version` (recorded in MLflow), then it is re-evaluated."""
+    """Champion and HEAD move to `version` (recorded in MLflow), then it is re-evaluated. The
+    moves are journaled steps (pipelines.transaction.ROLLBACK); a rollback killed on the way is
+    closed by the next rollback or serve's recovery, which also end its MLflow run."""
     ws = Workspace(workspace)
     reg = Registry(ws, model_name, tracking_uri)
     version = register.rollback_target(reg, version)
     with chain_lock(ws):
-        ended = end_abandoned_rollback_runs(reg)
+        ended = end_abandoned_rollbacks(reg)
         if ended:
             get_run_logger().warning("ended %d rollback run(s) a killed rollback left RUNNING", len(ended))
-        lineage.checkout_version(ws.root, version)
-        moved = register.rollback(reg, version, reason=reason)
+        moved = register.rollback_plan(reg, version)
+        if not moved["noop"]:
+            provenance = {"rollback": version, "from": moved["previous"], "id": uuid.uuid4().hex}
+            j = Journal.open(ws, provenance, ROLLBACK, version, ws.head(), _flow_run_id())
+            u = transaction.Update(ws=ws, journal=j, registry=reg, reason=reason)
+            transaction.run(u, transaction.ROLLBACK, _execute)
+            j.close(PUBLISHED)
+            moved["run_id"] = j.result("run")["run_id"]
     check = evaluate_version(workspace, version)
     return {**moved, "verified": check["matches"], "worst_abs_diff": check["worst_abs_diff"]}

@@ -45,6 +45,8 @@ STEPS = (
     "ledger",
     "mark",
 )
+ROLLBACK = "rollback"  # the kind of a rollback's journal, whose steps are these:
+ROLLBACK_STEPS = ("checkout", "run", "champion", "head")
 OPEN, PUBLISHED, DISCARDED = "open", "published", "discarded"
 FAULT_ENV = "SHARE_FAULT_AFTER"
 FAULT_ONCE_ENV = "SHARE_FAULT_ONCE"
@@ -119,7 +121,8 @@ class JournalRecord:
     @property
     def last_step(self) -> str | None:
         """The furthest step done (steps run in STEPS order; timestamps have one-second resolution)."""
-        return max(self.steps, key=lambda s: STEPS.index(s) if s in STEPS else -1, default=None)
+        order = ROLLBACK_STEPS if self.kind == ROLLBACK else STEPS
+        return max(self.steps, key=lambda s: order.index(s) if s in order else -1, default=None)
 
 
 @dataclass
@@ -165,11 +168,12 @@ class Journal:
         return j
 
     @classmethod
-    def open_journals(cls, ws: Workspace) -> list[Journal]:
+    def open_journals(cls, ws: Workspace, rollbacks: bool = False) -> list[Journal]:
+        """The open journals of updates (with `rollbacks`: of rollbacks instead)."""
         if not ws.journals.is_dir():
             return []
         out = [cls._read(p) for p in sorted(ws.journals.glob("*.json"))]
-        return [j for j in out if j.status == OPEN]
+        return [j for j in out if j.status == OPEN and (j.kind == ROLLBACK) == rollbacks]
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -223,7 +227,7 @@ class Journal:
     # ---- steps ------------------------------------------------------------------------------
     def begin(self, step: str, **before) -> None:
         """Journal that `step` is about to act (with what it needs to undo, e.g. aliases before)."""
-        if step not in STEPS:
+        if step not in (ROLLBACK_STEPS if self.kind == ROLLBACK else STEPS):
             raise ValueError(f"unknown journal step {step!r}")
         self.record.started = step
         if before:  # the first attempt's view: a resumed step must not record its own effects as "before"

@@ -441,7 +441,20 @@ def rollback(reg: Registry, version: str, *, reason: str = "") -> dict:
     `version` may be written v3 / 3 / v0003; an unknown one raises VersionIdError before
     anything changes. When `version` is already the champion and the HEAD this is a no-op
     (no run; "noop": True); when it is the champion but HEAD moved on (a candidate that failed
-    the gate), only HEAD moves back, recorded as a run."""
+    the gate), only HEAD moves back, recorded as a run. The same pieces, in the same order, are
+    the journaled rollback's steps (pipelines.transaction.ROLLBACK)."""
+    out = rollback_plan(reg, version)
+    if out["noop"]:
+        return out
+    run_id = record_rollback(reg, out["champion"], previous=out["previous"], reason=reason)
+    point_champion(reg, out["champion"], run_id)
+    move_head(reg.ws, out["champion"])
+    return {**out, "run_id": run_id}
+
+
+def rollback_plan(reg: Registry, version: str) -> dict:
+    """What a rollback to `version` does, checked before anything changes: the normalised id,
+    the champion it replaces, its model version, and whether there is nothing to do."""
     ws, c, model_name = reg.ws, reg.client(), reg.model_name
     version = parse_version_id(version, registered_versions(c, model_name))
     mv = model_version_of(c, model_name, version)
@@ -450,44 +463,62 @@ def rollback(reg: Registry, version: str, *, reason: str = "") -> dict:
             f"versions/{version} is missing from the workspace; restore it (dvc pull {version}) before rolling back"
         )
     previous = _alias_version(c, model_name, CHAMPION)
-    if previous == version and ws.head() == version:
-        return {
-            "champion": version,
-            "previous": previous,
-            "model_version": str(mv.version),
-            "run_id": None,
-            "noop": True,
-        }
-    exp_id = _experiment(c, reg)
+    noop = previous == version and ws.head() == version
+    return {"champion": version, "previous": previous, "model_version": str(mv.version), "run_id": None, "noop": noop}
+
+
+def record_rollback(
+    reg: Registry, version: str, *, previous: str | None, reason: str, rollback_id: str | None = None
+) -> str:
+    """The rollback's MLflow run (FINISHED); `rollback_id` ties it to its journal."""
+    c = reg.client()
     run = c.create_run(
-        exp_id,
+        _experiment(c, reg),
         run_name=f"rollback-to-{version}",
         tags={
             "share.event": "rollback",
             "share.version": version,
             "rollback.from": previous or "",
-            "rollback.head_from": ws.head() or "",
+            "rollback.head_from": reg.ws.head() or "",
             "rollback.reason": reason[:4900],
+            **({"share.rollback_id": rollback_id} if rollback_id else {}),
         },
     )
     c.log_param(run.info.run_id, "to_version", version)
     c.log_param(run.info.run_id, "from_version", previous or "none")
     c.set_terminated(run.info.run_id, "FINISHED")
-    if previous != version:
-        c.set_registered_model_alias(model_name, CHAMPION, mv.version)
-    c.set_model_version_tag(model_name, mv.version, "rollback.run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def rollback_recorded(reg: Registry, rollback_id: str) -> str | None:
+    """The FINISHED run of the rollback `rollback_id`, or None."""
+    c = reg.client()
+    exp = c.get_experiment_by_name(reg.model_name)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.`share.rollback_id` = '{rollback_id}'")
+    return next((r.info.run_id for r in runs if r.info.status == "FINISHED"), None)
+
+
+def point_champion(reg: Registry, version: str, run_id: str) -> None:
+    """`champion` → `version`'s model version, which records the rollback run that moved it."""
+    c = reg.client()
+    mv = model_version_of(c, reg.model_name, version)
+    if _alias_version(c, reg.model_name, CHAMPION) != version:
+        c.set_registered_model_alias(reg.model_name, CHAMPION, mv.version)
+    c.set_model_version_tag(reg.model_name, mv.version, "rollback.run_id", run_id)
+
+
+def champion_is(reg: Registry, version: str) -> bool:
+    return _alias_version(reg.client(), reg.model_name, CHAMPION) == version
+
+
+def move_head(ws: Workspace, version: str) -> None:
+    """HEAD → `version`, and what DVC reports follows (a version pulled back without its
+    untracked evaluation record is re-evaluated by the rollback instead)."""
     ws.set_head(version)
-    if (
-        read_record(ws, version) is not None
-    ):  # a version pulled back without its (untracked) record: rollback re-evaluates it
+    if read_record(ws, version) is not None:
         publish_head(ws, version)
-    return {
-        "champion": version,
-        "previous": previous,
-        "model_version": str(mv.version),
-        "run_id": run.info.run_id,
-        "noop": False,
-    }
 
 
 def list_versions(reg: Registry) -> list[dict]:

@@ -28,7 +28,7 @@ from share_core import state as st
 
 from . import evaluate as ev
 from . import lineage, register
-from .journal import DISCARDED, STEPS, Journal, fault_point
+from .journal import DISCARDED, ROLLBACK_STEPS, STEPS, Journal, fault_point
 from .storage import Landing, open_storage
 from .workspace import Workspace
 
@@ -48,7 +48,7 @@ class Update:
     local: dict[str, str] = field(default_factory=dict)
     build: Callable[[Update], None] | None = None
     evaluate: Callable[[Update], dict] | None = None
-    reason: str = ""  # why it is discarded (undo only)
+    reason: str = ""  # why it is discarded (undo) or rolled back
 
     @property
     def version(self) -> str:
@@ -226,8 +226,7 @@ def _discard_in_mlflow(u: Update) -> None:
 
 # ---- HEAD, remote, outcomes -----------------------------------------------------------------------
 def _move_head(u: Update) -> dict:
-    u.ws.set_head(u.version)
-    ev.publish_head(u.ws, u.version)  # what `dvc metrics show` / `dvc plots show` report
+    register.move_head(u.ws, u.version)  # and what `dvc metrics show` / `dvc plots show` report
     return {}
 
 
@@ -305,6 +304,55 @@ PLAN = (
 assert tuple(s.name for s in PLAN) == STEPS, "the plan and the journal's steps must agree"
 LAND = PLAN[:2]  # validate, ingest: the landings into the workspace (a batch validates several first)
 PUBLISH = PLAN[2:]  # build … mark
+
+
+# ---- a rollback: the same runner, its own steps (journal kind "rollback") ----------------------------
+def _checkout(u: Update) -> dict:
+    lineage.checkout_version(u.ws.root, u.version)  # pulled from the DVC remote when it was removed
+    return {}
+
+
+def _record_rollback(u: Update) -> dict:
+    previous = u.journal.provenance.get("from")
+    rid = u.journal.path.stem
+    return {
+        "run_id": register.record_rollback(u.registry, u.version, previous=previous, reason=u.reason, rollback_id=rid)
+    }
+
+
+def _rollback_recorded(u: Update) -> dict | None:
+    run_id = register.rollback_recorded(u.registry, u.journal.path.stem)
+    return {"run_id": run_id} if run_id else None
+
+
+def _point_champion(u: Update) -> dict:
+    register.point_champion(u.registry, u.version, u.journal.result("run")["run_id"])
+    return {}
+
+
+ROLLBACK = (
+    Step("checkout", "versions/<v> present (pulled from the DVC remote)", _checkout, None, None, "a restored copy"),
+    Step(
+        "run",
+        "an MLflow run recording the rollback",
+        _record_rollback,
+        _rollback_recorded,
+        None,
+        "history",
+        remote=True,
+    ),
+    Step(
+        "champion",
+        "the champion alias",
+        _point_champion,
+        lambda u: {} if register.champion_is(u.registry, u.version) else None,
+        None,
+        "a later rollback moves it",
+        remote=True,
+    ),
+    Step("head", "HEAD", _move_head, lambda u: {} if u.ws.head() == u.version else None, None, "as above"),
+)
+assert tuple(s.name for s in ROLLBACK) == ROLLBACK_STEPS, "the rollback plan and its journal's steps must agree"
 
 
 def _direct(step: Step, u: Update) -> dict | None:

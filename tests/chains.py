@@ -25,13 +25,14 @@ BASE_ID = "tiny-minilm"
 MODEL = "share-crash"
 FORKER = """
 import json, os, sys
-from flows.continual import batch_absorb, continual_update
+from flows.continual import batch_absorb, continual_update, rollback
+FLOWS = {"update": continual_update, "batch": batch_absorb, "rollback": rollback}
 for line in sys.stdin:
     req = json.loads(line)
     pid = os.fork()
     if pid == 0:
         os.environ["SHARE_FAULT_AFTER"] = req.pop("fault")
-        flow = batch_absorb if req.pop("flow") == "batch" else continual_update
+        flow = FLOWS[req.pop("flow")]
         try:
             flow(**req)
         finally:
@@ -96,8 +97,10 @@ def chain(tmp_path, tiny_model_dir, forker, monkeypatch):
 def killed_at(chain, step: str, flow: str, **extra) -> None:
     """Run `flow` in a forked child that must die (SIGKILL) right after `step`."""
     forker, log = chain["forker"], chain["log"]
-    params = {"storage_url": chain["storage"].describe(), "workspace": str(chain["ws"].root), "model_name": MODEL}
-    forker.stdin.write(json.dumps({"fault": step, "flow": flow, "tolerance": 1.0, **params, **extra}) + "\n")
+    params = {"workspace": str(chain["ws"].root), "model_name": MODEL}
+    if flow != "rollback":
+        params.update(storage_url=chain["storage"].describe(), tolerance=1.0)
+    forker.stdin.write(json.dumps({"fault": step, "flow": flow, **params, **extra}) + "\n")
     forker.stdin.flush()
     ready, _, _ = select.select([forker.stdout], [], [], 300)  # bounded: a hung update fails the test
     code = forker.stdout.readline().strip() if ready else "(none after 300 s)"

@@ -6,7 +6,7 @@ discarded and redone on the new HEAD, never published on the stale parent."""
 import json
 
 from pipelines import lineage, register
-from pipelines.journal import STEPS
+from pipelines.journal import DISCARDED, STEPS, Journal
 from share_core import state as st
 
 from .chains import MODEL, crash_after, killed_at, rerun
@@ -87,6 +87,34 @@ def test_a_crashed_update_whose_parent_moved_is_redone_on_the_new_head(chain):
     landing = chain["storage"].landing(c)
     assert recover_updates(str(ws.root), MODEL) == [{"key": c, "etag": landing.etag}]
     assert rerun(chain, c)["version"] == "v0004"
+
+
+def test_a_rollback_killed_after_moving_the_champion_is_closed_by_the_next_one(chain):
+    """A rollback is journaled step by step too: killed after the champion moved (HEAD not yet),
+    the next rollback closes its journal, and champion and HEAD end where the last one asked."""
+    from mlflow import MlflowClient
+
+    from flows.continual import rollback
+
+    ws = chain["ws"]
+    for name in chain["names"][:3]:
+        key = chain["storage"].upload_task(chain["src"] / name, "adapter", name)
+        assert rerun(chain, key)["status"] == "processed"
+    reg = register.Registry(ws, MODEL)
+    killed_at(chain, "champion", "rollback", version="v0001", reason="test")
+    assert register.champion_is(reg, "v0001") and ws.head() == "v0003"  # killed between the two moves
+    [open_rollback] = Journal.open_journals(ws, rollbacks=True)
+    assert open_rollback.done("run") and not open_rollback.done("head")
+    out = rollback(str(ws.root), "v0002", model_name=MODEL, reason="test")
+    assert out["champion"] == "v0002" and out["previous"] == "v0001" and out["verified"]
+    assert register.champion_is(reg, "v0002") and ws.head() == "v0002"
+    assert (
+        Journal.open_journals(ws, rollbacks=True) == []
+        and Journal.find(ws, open_rollback.provenance).status == DISCARDED
+    )
+    c = MlflowClient(ws.tracking_uri)
+    runs = c.search_runs([c.get_experiment_by_name(MODEL).experiment_id], "tags.`share.event` = 'rollback'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # the killed one's and the new one's
 
 
 def test_a_crashed_batch_absorb_resumes_with_the_landings_it_recorded(chain):
