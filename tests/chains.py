@@ -6,6 +6,7 @@ death (SIGKILL) without paying the imports again each time."""
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ import pytest
 from pipelines import lineage
 from pipelines.journal import STEPS
 from pipelines.params import edit_params
-from pipelines.storage import LocalStorage
+from pipelines.storage import LocalStorage, open_storage
 from pipelines.workspace import Workspace
 from share_core.base import BaseSpec, load_base
 from share_core.synthetic import shared_subspace_adapters, write_landing
@@ -126,3 +127,27 @@ def rerun(chain, key: str) -> dict:
         model_name=MODEL,
         tolerance=1.0,
     )
+
+
+def land(ws: Workspace, url: str, task_dir, kind: str, model_name: str) -> dict:
+    """Upload a task directory as a landing and run its update in this process."""
+    from flows.continual import continual_update
+
+    key = open_storage(url).upload_task(task_dir, kind, task_dir.name)
+    return continual_update(key=key, storage_url=url, workspace=str(ws.root), model_name=model_name, tolerance=1.0)
+
+
+def land_causal_chain(ws: Workspace, url: str, dirs: list, adapter, model_name: str) -> list[dict]:
+    """The causal-LM chain of the family tests: the first two tasks land as datasets, the third as
+    the PEFT CAUSAL_LM `adapter` trained elsewhere (with its task.yaml and eval rows). Returns the
+    three outcomes."""
+    from share_core.peft_io import write_adapter
+
+    adapter.task_type = "CAUSAL_LM"
+    adapter_dir = write_adapter(ws.root.parent / "adapters" / dirs[2].name, adapter)
+    for f in ("task.yaml", "eval.jsonl"):
+        shutil.copy(dirs[2] / f, adapter_dir / f)
+    return [
+        land(ws, url, task_dir, kind, model_name)
+        for task_dir, kind in ((dirs[0], "dataset"), (dirs[1], "dataset"), (adapter_dir, "adapter"))
+    ]

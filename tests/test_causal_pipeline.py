@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from pipelines import evaluate as ev
 from pipelines import lineage
 from pipelines.params import Params
-from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
 from share_core import state as st
 from share_core.base import BaseSpec, load_base
@@ -27,6 +26,8 @@ from share_core.synthetic import tiny_causal_lm
 from share_core.taskdata import load_task
 from share_core.tasks import generate_tasks
 from share_core.train import evaluate, train_lora
+
+from .chains import land, land_causal_chain
 
 MODEL = "share-causal"
 TASKS = ["plural", "antonym", "capital"]  # two datasets, then one adapter
@@ -49,13 +50,11 @@ def causal_params(model_dir) -> Params:
 
 def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_harness, llama_dir):
     from flows.cli import app
-    from flows.continual import continual_update
 
     params = causal_params(llama_dir)
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root, params=params)
     url = (tmp_path / "bucket").as_uri()
-    storage = open_storage(url)
     dirs = generate_tasks(tmp_path / "tasks", names=TASKS, n_train=256, n_eval=32)
     data = {d.name: load_task(d) for d in dirs}
     model, tok = load_base(params.base)
@@ -67,16 +66,7 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
     adapter = train_lora(
         model, tok, data["capital"], params.train, params.base.targets(), params.base.heads(), "tiny-llama"
     )
-    adapter.task_type = "CAUSAL_LM"
-    adapter_dir = write_adapter(tmp_path / "adapters" / "capital", adapter)
-    for f in ("task.yaml", "eval.jsonl"):
-        shutil.copy(dirs[2] / f, adapter_dir / f)
-
-    def land(task_dir, kind):
-        key = storage.upload_task(task_dir, kind, task_dir.name)
-        return continual_update(key=key, storage_url=url, workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
-
-    outs = [land(dirs[0], "dataset"), land(dirs[1], "dataset"), land(adapter_dir, "adapter")]
+    outs = land_causal_chain(ws, url, dirs, adapter, MODEL)
     assert [o["status"] for o in outs] == ["processed"] * 3, outs
     assert ws.version_ids() == ["v0001", "v0002", "v0003"]
 
@@ -89,7 +79,7 @@ def test_instruction_tasks_are_learned_retained_and_exported(tmp_path, prefect_h
 
     # a classification landing on a causal-LM workspace: rejected with the reason, nothing changes
     cls_dir = generate_tasks(tmp_path / "cls", names=["sentiment"], n_train=32, n_eval=8)[0]
-    out = land(cls_dir, "dataset")
+    out = land(ws, url, cls_dir, "dataset", MODEL)
     assert out["status"] == "rejected"
     assert "type 'sequence-classification'" in out["reason"] and "serves 'causal-lm' tasks" in out["reason"]
     assert ws.version_ids() == ["v0001", "v0002", "v0003"] and ws.head() == "v0003"

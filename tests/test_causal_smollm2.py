@@ -15,7 +15,6 @@ not accuracy."""
 
 import json
 import os
-import shutil
 
 import pandas as pd
 import pytest
@@ -27,15 +26,15 @@ from pipelines import lineage
 from pipelines.params import Params
 from pipelines.pyfunc import SubspaceModel, write_model
 from pipelines.realtasks import generate_real_tasks
-from pipelines.storage import open_storage
 from pipelines.workspace import Workspace
 from share_core import state as st
 from share_core.base import SMOLLM2_ID, BaseSpec, load_base
 from share_core.families import family, render_prompt
 from share_core.model import ShareModel
-from share_core.peft_io import write_adapter
 from share_core.taskdata import load_task
 from share_core.train import train_lora
+
+from .chains import land_causal_chain
 
 MODEL = "share-smollm2"
 # ~10 min on 2 loaded cores (three trainings of the real model): opt in with SHARE_TEST_REAL_LLM=1
@@ -58,28 +57,17 @@ def smollm2() -> BaseSpec:
 
 def test_smollm2_learns_real_tasks_retains_and_exports(tmp_path, prefect_harness, smollm2):
     from flows.cli import app
-    from flows.continual import continual_update
 
     params = Params().replace(base=smollm2.__dict__, train=TRAIN, evaluate=EVAL)
     ws = Workspace(tmp_path / "ws")
     lineage.init_workspace(ws.root, params=params)
     url = (tmp_path / "bucket").as_uri()
-    storage = open_storage(url)
     dirs = generate_real_tasks(tmp_path / "tasks", TASKS, seed=0, n_train=32, n_eval=8)
     model, tok = load_base(params.base)
     assert tok.chat_template and "<|im_start|>assistant" in render_prompt(tok, "hi")
 
     adapter = train_lora(model, tok, load_task(dirs[2]), params.train, params.base.targets(), [], SMOLLM2_ID)
-    adapter.task_type = "CAUSAL_LM"
-    adapter_dir = write_adapter(tmp_path / "adapters" / TASKS[2], adapter)
-    for f in ("task.yaml", "eval.jsonl"):
-        shutil.copy(dirs[2] / f, adapter_dir / f)
-
-    def land(task_dir, kind):
-        key = storage.upload_task(task_dir, kind, task_dir.name)
-        return continual_update(key=key, storage_url=url, workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
-
-    outs = [land(dirs[0], "dataset"), land(dirs[1], "dataset"), land(adapter_dir, "adapter")]
+    outs = land_causal_chain(ws, url, dirs, adapter, MODEL)
     assert [o["status"] for o in outs] == ["processed"] * 3, outs
     assert ws.version_ids() == ["v0001", "v0002", "v0003"]
     manifest = st.read_manifest(ws.version_dir("v0003"))
