@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"  # Prefect's own
 HOST = "127.0.0.1"  # loopback only: the stack has no authentication
 # moto accepts any credentials; these dummies keep real ones from ever reaching it.
 S3_SERVER = Path(__file__).with_name("s3_server.py")
@@ -130,6 +131,10 @@ def _services(cfg: StackConfig) -> list[_Service]:
         "PREFECT_HOME": str(d / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{d / 'prefect' / 'prefect.db'}",
+        # concurrency leases on disk (PREFECT_HOME/concurrency_leases), not in the server's memory: a
+        # chain slot held across a server restart keeps its lease, so it is released (or expires) as
+        # usual instead of being counted as taken forever (the soak found a chain blocked that way)
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
     }
     return [
         _Service(

@@ -8,9 +8,13 @@ import signal
 import socket
 import time
 from pathlib import Path
+from uuid import UUID
 
 import mlflow
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from infra import stack
 
@@ -107,6 +111,10 @@ def restarted_and_still_there(cfg, tmp_path, monkeypatch) -> None:
     storage.upload_task(task_dir, "dataset", "sentiment")
     landings, objects = [(x.key, x.etag) for x in storage.list_landings()], storage.objects()
     assert len(landings) == 1
+    # a chain slot held across the restart (the chain lock is a Prefect limit with a lease)
+    with temporary_settings({PREFECT_API_URL: e["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="dur-chain", limit=1))
+        lease = c.increment_concurrency_slots_with_lease(["dur-chain"], 1, "concurrency", 300).json()["lease_id"]
 
     before = stack.status(cfg)
     for s in before.values():
@@ -121,6 +129,11 @@ def restarted_and_still_there(cfg, tmp_path, monkeypatch) -> None:
     assert storage.objects() == objects
     assert storage.read("tasks/incoming/datasets/sentiment/train.jsonl") == (task_dir / "train.jsonl").read_bytes()
     assert mlflow.pyfunc.load_model("models:/dur@champion").predict([1, 2]) == [2, 4]
+    # the lease outlived the server, so its holder's release frees the slot (in memory it was lost
+    # and the slot stayed taken: a chain blocked for good)
+    with temporary_settings({PREFECT_API_URL: e["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        c.release_concurrency_slots_with_lease(UUID(lease))
+        assert c.read_global_concurrency_limit_by_name("dur-chain").active_slots == 0
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc to check listening sockets")
