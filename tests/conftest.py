@@ -4,6 +4,7 @@ PEFT adapters saved by PEFT itself."""
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -179,8 +180,15 @@ def rest(url: str, body: dict | None = None):
         headers={"Content-Type": "application/json"},
         method="POST" if body is not None else "GET",
     )
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for attempt in range(6):  # a busy sqlite-backed server answers 503 ("database is locked"): retry, as clients do
+        try:
+            with opener.open(req, timeout=10) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == 5:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def wait_for(what: str, fn, timeout: float, procs: dict, poll: float = 0.5):
