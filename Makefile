@@ -39,7 +39,7 @@ test: venv
 
 # the edit loop: unit tests of the method and the steps, no servers, no training of the real model
 test-fast: venv
-	$(PY) -m pytest -q -m "not integration and not slow"
+	$(PY) -m pytest -q -n 2 -m "not integration and not slow"
 
 # CI runs this before the tests: formatting and lint (pyproject.toml [tool.ruff], line length 120)
 lint: venv
