@@ -1,10 +1,14 @@
 """Step `lineage`: the continual chain as a DVC pipeline in the workspace's git repo.
 
-Every landing is `dvc add`-ed (landings/<name>.dvc); every version is one stage of dvc.yaml
-whose deps are its landing(s) and its parent version and whose out is versions/<id>:
+Every version has its own stage file, lineage/<version>/dvc.yaml (stages run from the
+workspace root, `wdir: ../..`): a frozen stage "landings" whose outs are the landing(s) it
+was built from (how landings become versioned, pushable inputs), and the version's stage, whose
+deps are its landing(s) and its parent version and whose out is versions/<id>:
 
     stages:
+      landings: {wdir: ../.., cmd: "true", frozen: true, outs: [landings/topic-1a2b…]}
       v0002:
+        wdir: ../..
         cmd: python -m pipelines.update --workspace . --landing landings/topic-1a2b… --kind dataset
              --out versions/v0002 --parent versions/v0001
         deps: [landings/topic-1a2b…, versions/v0001]
@@ -12,14 +16,18 @@ whose deps are its landing(s) and its parent version and whose out is versions/<
         outs: [versions/v0002]
 
 so `dvc dag` draws the chain (a rollback shows up as a branch), `dvc repro` rebuilds it, and
-dvc.lock pins every dep/out hash — the lineage attached to each MLflow model version. The
-flows build a version first and then `dvc commit` its stage (recording hashes without
-re-running it); versions are pushed to the DVC remote (a local dir or S3).
+each lineage/<version>/dvc.lock pins its dep/out hashes — the lineage attached to each MLflow
+model version. The flows build a version first and then `dvc commit` its stage file (recording
+hashes without re-running it); a landing's commit and push name that one file, so their cost
+does not grow with the history. Versions are pushed to the DVC remote (a local dir or S3). The
+root dvc.yaml holds the workspace's metrics and plots (and, in workspaces made before the
+per-version files, the stages of their versions, with a landings/<name>.dvc per landing).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +57,21 @@ IGNORED = [
     "bucket/",
     "dvc-remote/",
 ]
+# git ignores every DVC output under these directories with one pattern each, written before DVC
+# sees them: DVC otherwise appends one line per output to <dir>/.gitignore and matches every path
+# it collects against every line — O(T) patterns × O(T) paths (4 s of a `dvc add` at T = 1,000).
+# DVC finds each output already ignored and adds nothing. The .dvc files must stay tracked.
+OUT_DIR_IGNORES = {"landings": ["/*", "!/*.dvc", "!/.gitignore"], "versions": ["/*", "!/.gitignore"]}
+
+
+def _read_yaml(path: Path) -> dict | None:
+    """dvc.yaml / dvc.lock, parsed by libyaml (safe; ~20× the pure-Python parser on a long chain's
+    dvc.lock)."""
+    return yaml.load(path.read_text(), Loader=yaml.CSafeLoader) if path.is_file() else None
+
+
+def _write_yaml(path: Path, spec: dict) -> None:
+    write_atomic(path, yaml.dump(spec, Dumper=yaml.CSafeDumper, sort_keys=False, width=1000))
 
 
 def _git(root: Path, *args: str) -> str:
@@ -102,16 +125,28 @@ def init_workspace(
     if not Workspace(root).params_path.exists():
         save_params(Workspace(root).params_path, params or Params())
     if not (root / "dvc.yaml").exists():
-        write_atomic(root / "dvc.yaml", yaml.safe_dump({"stages": {}, **reports(Workspace(root))}, sort_keys=False))
+        _write_yaml(root / "dvc.yaml", {"stages": {}, **reports(Workspace(root))})
     ignore = root / ".gitignore"
     have = ignore.read_text().splitlines() if ignore.exists() else []
     write_atomic(ignore, "\n".join(have + [x for x in IGNORED if x not in have]) + "\n")
+    ignore_outputs(root)
     if remote:
         _dvc_cli(root, "remote", "add", "-d", "-f", "storage", remote)
         if endpoint_url:
             _dvc_cli(root, "remote", "modify", "storage", "endpointurl", endpoint_url)
-    _git(root, "add", "-A", ".gitignore", ".dvc", "params.yaml", "dvc.yaml")
+    ignores = [f"{d}/.gitignore" for d in OUT_DIR_IGNORES]
+    _git(root, "add", "-A", ".gitignore", ".dvc", "params.yaml", "dvc.yaml", *ignores)
     _commit_staged(root, "share workspace: params, dvc.yaml, remote")
+
+
+def ignore_outputs(root: Path) -> None:
+    """Write OUT_DIR_IGNORES (idempotent; replaces the per-output lines an older workspace has,
+    which the patterns cover)."""
+    for name, patterns in OUT_DIR_IGNORES.items():
+        path = Path(root) / name / ".gitignore"
+        if not path.is_file() or path.read_text().splitlines() != patterns:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, "\n".join(patterns) + "\n")
 
 
 def cache_links(root: Path, rel: str) -> dict:
@@ -137,12 +172,6 @@ def _dvc_cli(root: Path, *args: str) -> str:
     return out.stdout
 
 
-def track_landings(root: Path, names: list[str]) -> None:
-    """`dvc add landings/<name>…` in one call: the landings become versioned, pushable inputs."""
-    if names:
-        _dvc_cli(Path(root).resolve(), "add", "-q", *[f"landings/{n}" for n in names])
-
-
 def stage(version: str, landings: list[str], kind: str, parent: str | None) -> dict:
     """The dvc.yaml stage that (re)builds `version` with pipelines.update."""
     cmd = ["python -m pipelines.update --workspace ."]
@@ -165,29 +194,62 @@ def reports(ws: Workspace) -> dict:
     }
 
 
+STAGES = "lineage"  # lineage/<version>/dvc.yaml (+ dvc.lock): one version's stages
+
+
+def stage_file(root: Path, version: str) -> Path:
+    return Path(root) / STAGES / version / "dvc.yaml"
+
+
+def _target(root: Path, version: str) -> str:
+    """How DVC names the version's stage: lineage/<v>/dvc.yaml:<v>, or <v> in the root dvc.yaml
+    of a workspace made before the per-version files."""
+    f = stage_file(root, version)
+    return f"{f.relative_to(root).as_posix()}:{version}" if f.is_file() else version
+
+
+def locked_stage(root: Path, version: str) -> dict | None:
+    """The version's dvc.lock entry (its dep and out hashes), None before `dvc commit` wrote it."""
+    lock = stage_file(root, version).with_name("dvc.lock")
+    lock = lock if lock.is_file() else Path(root) / "dvc.lock"
+    return ((_read_yaml(lock) or {}).get("stages") or {}).get(version)
+
+
 def add_version_stage(root: Path, version: str, landings: list[str], kind: str, parent: str | None) -> None:
-    """Add the version's stage and record its hashes in dvc.lock (the version is already built)."""
+    """Write lineage/<version>/dvc.yaml — a frozen stage "landings" whose outs are the landings
+    (what makes them versioned, pushable inputs) and the version's stage — and record their
+    hashes in its dvc.lock with one `dvc commit` of that file (the version is already built).
+
+    Why a file per version: DVC rewrites a whole dvc.lock on every commit (ruamel, ~1 MB/s) and
+    `dvc add` parses every .dvc file in the repository, so one dvc.yaml and a .dvc file per
+    landing made each landing O(T) (5.5 + 4.9 s at T = 1,000). A commit or push that names one
+    file reads only that file. `dvc dag`/`repro`/`status` still see every version."""
     root = Path(root).resolve()
-    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    stages = spec.setdefault("stages", {}) or {}
-    spec["stages"] = stages
-    stages[version] = stage(version, landings, kind, parent)
-    for key, value in reports(Workspace(root)).items():  # workspaces made before the reports existed get them
-        spec.setdefault(key, value)
-    write_atomic(root / "dvc.yaml", yaml.safe_dump(spec, sort_keys=False, width=1000))
-    _dvc_cli(root, "commit", "-q", "-f", version)
+    ignore_outputs(root)  # a workspace made before the patterns gets them
+    spec = _read_yaml(root / "dvc.yaml") or {}
+    if any(key not in spec for key in reports(Workspace(root))):  # workspaces made before the reports
+        _write_yaml(root / "dvc.yaml", {**spec, **{k: v for k, v in reports(Workspace(root)).items() if k not in spec}})
+    # a landing `dvc add`-ed by a workspace made before this layout keeps its .dvc file
+    new = [f"landings/{n}" for n in landings if not (root / "landings" / f"{n}.dvc").is_file()]
+    stages = {"landings": {"wdir": "../..", "cmd": "true", "frozen": True, "outs": new}} if new else {}
+    stages[version] = {"wdir": "../..", **stage(version, landings, kind, parent)}
+    path = stage_file(root, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_yaml(path, {"stages": stages})
+    _dvc_cli(root, "commit", "-q", "-f", path.relative_to(root).as_posix())
 
 
 def remove_version_stage(root: Path, version: str) -> None:
-    """Take a never-published version's stage out of dvc.yaml/dvc.lock (a discarded update)."""
+    """Take a never-published version's stages out of the lineage (a discarded update)."""
     root = Path(root).resolve()
-    for name in ("dvc.yaml", "dvc.lock"):
+    shutil.rmtree(stage_file(root, version).parent, ignore_errors=True)
+    for name in ("dvc.yaml", "dvc.lock"):  # a workspace made before the per-version files
         path = root / name
-        spec = yaml.safe_load(path.read_text()) if path.is_file() else None
+        spec = _read_yaml(path)
         if spec and version in (spec.get("stages") or {}):
             del spec["stages"][version]
-            write_atomic(path, yaml.safe_dump(spec, sort_keys=False, width=1000))
-    _git(root, "add", "-A", "dvc.yaml", *(["dvc.lock"] if (root / "dvc.lock").exists() else []))
+            _write_yaml(path, spec)
+    _git(root, "add", "-A", "dvc.yaml", *(["dvc.lock"] if (root / "dvc.lock").exists() else []), STAGES)
     _commit_staged(root, f"discard {version}: its update was superseded before it was published")
 
 
@@ -195,9 +257,12 @@ def record_version(root: Path, version: str, message: str) -> dict:
     """git-commit the chain's metadata; return the lineage to attach to the MLflow version:
     the git revision and the stage's dvc.lock entry (dep and out hashes)."""
     root = Path(root).resolve()
-    _git(root, "add", "-A", "dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", "landings", "versions/.gitignore")
+    tracked = ["dvc.yaml", "dvc.lock", "params.yaml", ".gitignore", "landings", "versions/.gitignore", STAGES]
+    _git(root, "add", "-A", *[t for t in tracked if (root / t).exists()])
     _commit_staged(root, message)
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][version]
+    lock = locked_stage(root, version)
+    if lock is None:
+        raise RuntimeError(f"no dvc.lock holds stage {version}: its `dvc commit` has not run")
     hashes = {e["path"]: e.get("md5", "") for e in lock.get("deps", []) + lock.get("outs", [])}
     return {"git_rev": _git(root, "rev-parse", "HEAD"), "dvc_stage": version, "dvc_hashes": hashes}
 
@@ -207,12 +272,21 @@ def has_remote(root: Path) -> bool:
     return cfg.is_file() and "remote" in cfg.read_text()
 
 
-def push(root: Path, targets: list[str] | None = None) -> None:
-    """Upload `targets` (stage names, landings/<name> paths; default: everything) to the DVC
-    remote (no-op without one). A landing pushes only what it added, whatever the history."""
+def push(root: Path, versions: list[str] | None = None, landings: list[str] = ()) -> None:
+    """Upload `versions` and the landings they were built from (default: everything) to the
+    DVC remote (no-op without one). A landing pushes only what it added, whatever the history:
+    its version's stage file (landings and version), or in a workspace made before those files
+    the version's stage and `landings` (their .dvc files)."""
     root = Path(root).resolve()
-    if has_remote(root):
-        _dvc_cli(root, "push", "-q", *[f"{t}.dvc" if t.startswith("landings/") else t for t in targets or []])
+    if not has_remote(root):
+        return
+    targets = []
+    for v in versions or []:
+        f = stage_file(root, v)
+        targets.append(f.relative_to(root).as_posix() if f.is_file() else v)
+    targets += [f"landings/{n}.dvc" for n in landings if (root / "landings" / f"{n}.dvc").is_file()]
+    if versions is None or targets:
+        _dvc_cli(root, "push", "-q", *targets)
 
 
 def _pull_missing(root: Path, versions: list[str]) -> None:
@@ -220,7 +294,7 @@ def _pull_missing(root: Path, versions: list[str]) -> None:
     if missing and not has_remote(root):
         raise FileNotFoundError(f"versions/{missing[0]} is missing and the workspace has no DVC remote to pull it from")
     if missing:
-        _dvc_cli(root, "pull", "-q", *missing)
+        _dvc_cli(root, "pull", "-q", *[_target(root, v) for v in missing])
 
 
 def checkout_version(root: Path, version: str) -> Path:
@@ -234,8 +308,8 @@ def checkout_version(root: Path, version: str) -> Path:
 
 
 def dag(root: Path) -> str:
-    """The text of `dvc dag`: every version with the landing(s) and parent it came from."""
-    return _dvc_cli(Path(root), "dag")
+    """The text of `dvc dag --outs`: every version with the landing(s) and parent it came from."""
+    return _dvc_cli(Path(root), "dag", "--outs")
 
 
 app = typer.Typer(add_completion=False, help=__doc__)

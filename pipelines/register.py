@@ -114,11 +114,15 @@ def _alias_version(c, model_name: str, alias: str) -> str | None:
 
 
 def forgetting_gate(new: EvaluationRecord, champion: EvaluationRecord | None, tolerance: float) -> dict:
-    """Pass when no task scored by both drops more than `tolerance` (accuracy units)."""
+    """Pass when no task scored by both drops more than `tolerance` (accuracy units); "drops":
+    every task that dropped, "carried": those of them whose score is a carried (certified) one."""
     if champion is None:
         return {"passed": True, "drops": {}, "against": None}
+    # only the tasks that dropped: the gate's size follows the changes, not the history
     drops = {
-        t: champion.scores[t] - s for t, s in new.scores.items() if s is not None and champion.scores.get(t) is not None
+        t: d
+        for t, s in new.scores.items()
+        if s is not None and champion.scores.get(t) is not None and (d := champion.scores[t] - s) > 0
     }
     worst = max(drops.values(), default=0.0)
     return {

@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import yaml
-
 from share_core import state as st
 
 from . import evaluate as ev
@@ -82,7 +80,7 @@ def landing_name(landing: Landing) -> str:
 
 
 def ingest(u: Update) -> dict:
-    """Move the validated landings into the workspace and DVC-track them in one `dvc add`."""
+    """Move the validated landings into the workspace (DVC tracks them with the version's stage)."""
     names = []
     for landing in u.landings:
         name = landing_name(landing)
@@ -94,14 +92,12 @@ def ingest(u: Update) -> dict:
             shutil.copytree(u.local[landing.key], tmp)
             tmp.rename(dest)
         names.append(name)
-    lineage.track_landings(u.ws.root, names)
     return {"names": names}
 
 
 def _ingested(u: Update) -> dict | None:
     names = [landing_name(lnd) for lnd in u.landings]
-    tracked = all((u.ws.landings / n).is_dir() and (u.ws.landings / f"{n}.dvc").is_file() for n in names)
-    return {"names": names} if names and tracked else None
+    return {"names": names} if names and all((u.ws.landings / n).is_dir() for n in names) else None
 
 
 # ---- build ----------------------------------------------------------------------------------------
@@ -136,9 +132,7 @@ def _stage(u: Update) -> dict:
 
 
 def _staged(u: Update) -> dict | None:
-    lock = u.ws.root / "dvc.lock"
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {} if lock.is_file() else {}
-    return {} if u.version in stages else None
+    return {} if lineage.locked_stage(u.ws.root, u.version) else None
 
 
 def _evaluate(u: Update) -> dict:
@@ -231,7 +225,7 @@ def _move_head(u: Update) -> dict:
 
 
 def _push(u: Update) -> dict:
-    lineage.push(u.ws.root, [u.version] + [f"landings/{n}" for n in u.names])
+    lineage.push(u.ws.root, [u.version], u.names)
     return {}
 
 
@@ -265,11 +259,11 @@ def _nothing(u: Update) -> dict:
 
 PLAN = (
     Step("validate", "nothing (checked against HEAD before the journal opens)", _nothing, None, None, "nothing made"),
-    Step("ingest", "landings/<task>-<etag> + its DVC entry", ingest, _ingested, None, "content-addressed, harmless"),
+    Step("ingest", "landings/<task>-<etag>", ingest, _ingested, None, "content-addressed, harmless"),
     Step("build", "versions/<v>", _build, _built, _remove_version),
     Step(
         "stage",
-        "dvc.yaml / dvc.lock stage of <v>",
+        "lineage/<v>/dvc.yaml + dvc.lock: the stages of <v> and its landings",
         _stage,
         _staged,
         lambda u: lineage.remove_version_stage(u.ws.root, u.version),

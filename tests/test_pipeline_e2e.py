@@ -11,7 +11,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-import yaml
 
 from pipelines import evaluate, lineage, register
 from pipelines.params import edit_params
@@ -97,6 +96,7 @@ def snapshot(chain) -> dict:
         "versions": ws.version_ids(),
         "head": ws.head(),
         "dvc.yaml": (ws.root / "dvc.yaml").read_text(),
+        "stage files": sorted(p.relative_to(ws.root).as_posix() for p in (ws.root / "lineage").rglob("*")),
         "landings": sorted(p.name for p in ws.landings.iterdir()) if ws.landings.exists() else [],
         "registered": [v["model_version"] for v in register.list_versions(register.Registry(ws, MODEL))],
         "git": lineage._git(ws.root, "rev-parse", "HEAD"),
@@ -213,8 +213,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     dag = lineage.dag(ws.root)
     for node in ("v0001", "v0002", "v0003", "landings/sentiment-", "landings/tense-"):
         assert node in dag
-    lock = yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]
-    deps = [d["path"] for d in lock["v0002"]["deps"]]
+    deps = [d["path"] for d in lineage.locked_stage(ws.root, "v0002")["deps"]]
     assert len(deps) == 2 and deps[0].startswith("landings/topic-") and deps[1] == "versions/v0001"
     assert chain["s3"].list_objects_v2(Bucket=chain["bucket"], Prefix="dvcstore/")["KeyCount"] > 0
     # DVC reports the workspace: HEAD's metrics and the plots of every HEAD move
@@ -267,11 +266,9 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     # the next landing builds on the rolled-back version
     fourth = land_and_update(chain, t["number"])
     assert fourth["version"] == "v0004"
-    manifest = json.loads((ws.version_dir("v0004") / "manifest.json").read_text())
-    assert manifest["parent"] == "v0001" and [x["name"] for x in manifest["tasks"]] == ["sentiment", "number"]
-    assert "versions/v0001" in [
-        d["path"] for d in yaml.safe_load((ws.root / "dvc.lock").read_text())["stages"]["v0004"]["deps"]
-    ]
+    manifest = st.read_manifest(ws.version_dir("v0004"))
+    assert manifest.parent == "v0001" and manifest.task_names == ["sentiment", "number"]
+    assert "versions/v0001" in [d["path"] for d in lineage.locked_stage(ws.root, "v0004")["deps"]]
 
     # v0002 is a delta on v0001: with both gone locally (workspace and DVC cache), restoring
     # v0002 pulls its chain from the remote and the state is bit-exactly what was registered
@@ -360,10 +357,8 @@ def test_batch_absorb_folds_every_pending_adapter_into_one_version(chain):
         storage.upload_task(adapter_landing(chain["tmp"], t[name], chain["model_dir"]), "adapter", name)
     out = batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL, tolerance=1.0)
     assert out["version"] == "v0002" and len(out["absorbed"]) == 2 and out["rejected"] == {}
-    manifest = json.loads((ws.version_dir("v0002") / "manifest.json").read_text())
-    assert [x["name"] for x in manifest["tasks"]] == ["sentiment", "number", "tense"] and manifest[
-        "parent"
-    ] == "v0001"  # pending landings in key order
+    manifest = st.read_manifest(ws.version_dir("v0002"))
+    assert manifest.task_names == ["sentiment", "number", "tense"] and manifest.parent == "v0001"  # in key order
     rec = json.loads(ws.evaluation_path("v0002").read_text())
     assert set(rec["scores"]) == {"sentiment", "tense", "number"}  # adapters brought eval.jsonl: scored too
     assert all(storage.status_of(x)["status"] == "processed" for x in storage.list_landings() if x.kind == "adapter")
