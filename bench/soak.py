@@ -525,10 +525,11 @@ class Soak:
     def _tasks(ws, version: str | None) -> set[str]:
         if not version:
             return set()
-        m = ws.root / "versions" / version / "manifest.json"
+        from share_core import state as st
+
         try:
-            return {t["name"] for t in json.loads(m.read_text())["tasks"]}
-        except (OSError, ValueError, KeyError):
+            return set(st.read_manifest(ws.version_dir(version)).task_names)
+        except (OSError, ValueError, KeyError):  # VersionError is a ValueError
             return set()
 
     def _train_seconds(self) -> dict:

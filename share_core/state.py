@@ -1,7 +1,8 @@
 """SubspaceState: everything a version holds, and its atomic, validated save/load.
 
 A version directory (DESIGN §5, §8: "a version stores what it changed"):
-    manifest.json        base model id+hash, target/head modules, k/p/φ per layer, ordered tasks,
+    manifest.json        base model id+hash, target/head modules, k/p/φ per layer, the tasks it
+                         stores (a delta: its own; `read_manifest` appends them to its parent's),
                          parent, how the state is stored, sha256 of every file, content hash
     basis.safetensors    "<layer>.beta" (n×k_B), "<layer>.alpha" (d×k_A); in a delta also the
                          frames "<layer>.frame_b" (k_B×k_B_parent), "<layer>.frame_a" (float64)
@@ -14,7 +15,7 @@ merge moves every old task by the same per-module change of coordinates (E' = fr
 old tasks' coefficients are the frames applied to the parent's (`subspace.apply_frame`, float64,
 deterministic). Loading a delta loads its parent (a sibling directory) first; after
 `compact_every` deltas in a row the next version is a snapshot, so a load reads a bounded chain.
-What a landing writes is O(layers·k² + new tasks), not O(all tasks).
+What a landing writes is O(layers·k² + new tasks), not O(all tasks), in tensors and in text.
 
 `state_sha256` (in the manifest) is the digest of the materialised state — every basis,
 coefficient and head tensor — checked on every load: a restored version is bit-exact or refused.
@@ -33,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -152,7 +153,12 @@ def state_sha256(state: SubspaceState) -> str:
     return h.hexdigest()
 
 
+def _entry(t: TaskRecord) -> dict:
+    return {"name": t.name, "rank": t.rank, "scale": t.scale, "heads": sorted(t.heads), "info": t.info}
+
+
 def _manifest(state: SubspaceState, files: dict[str, str], storage: dict) -> dict:
+    stored = set(storage["stored_tasks"])  # a delta lists only its own tasks (read_manifest assembles the rest)
     return {
         "format": FORMAT,
         "base_model": {"id": state.base_model_id, "hash": state.base_model_hash},
@@ -165,10 +171,7 @@ def _manifest(state: SubspaceState, files: dict[str, str], storage: dict) -> dic
             "energy": state.policy.energy,
             "error_budget": state.policy.error_budget,
         },
-        "tasks": [
-            {"name": t.name, "rank": t.rank, "scale": t.scale, "heads": sorted(t.heads), "info": t.info}
-            for t in state.tasks
-        ],
+        "tasks": [_entry(t) for t in state.tasks if t.name in stored],
         "parent": state.parent,
         "extra": state.extra,
         "storage": storage,
@@ -291,7 +294,8 @@ def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
     except VersionError:
         return snapshot
     chain = pm.storage["chain"] + [state.parent]
-    same_tasks = pm.task_names == state.task_names[: d.n_old]
+    old = [json.loads(json.dumps(_entry(t))) for t in state.tasks[: d.n_old]]
+    same_tasks = [asdict(e) for e in pm.tasks] == old  # names, ranks, heads and info: the delta lists none of them
     if (
         pm.content_hash != d.base_hash
         or not same_tasks
@@ -305,6 +309,7 @@ def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
         "chain": chain,
         "parent_content_hash": d.base_hash,
         "stored_tasks": state.task_names[d.n_old :],
+        "task_entries": "stored",  # manifest "tasks" lists the stored tasks only (older deltas: every task)
     }
 
 
@@ -357,22 +362,54 @@ def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COM
     return manifest["content_hash"]
 
 
-def read_manifest(path: str | os.PathLike) -> Manifest:
-    """The manifest, its content hash verified (files are checked by `load`)."""
-    mpath = Path(path) / "manifest.json"
+_VERIFIED: dict[tuple, str] = {}  # (path, inode, mtime, size) -> a manifest's verified text (versions are immutable)
+
+
+def _own_manifest(path: Path) -> dict:
+    """The version's own manifest.json, its content hash verified (a verified file's text is kept
+    while its inode, mtime and size stay the same, so a chain's snapshot is hashed once)."""
+    mpath = path / "manifest.json"
     try:
-        manifest = json.loads(mpath.read_text())
+        st_ = mpath.stat()
+        key = (str(mpath.resolve()), st_.st_ino, st_.st_mtime_ns, st_.st_size)
+        if key in _VERIFIED:
+            return json.loads(_VERIFIED[key])
+        text = mpath.read_text()
+        manifest = json.loads(text)
     except FileNotFoundError:
         raise VersionError(f"{mpath}: missing; {path} is not a subspace version") from None
     except json.JSONDecodeError as e:
         raise VersionError(f"{mpath}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise VersionError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise VersionError(f"{mpath}: format {found!r}, expected {FORMAT!r}")
     claimed = manifest.pop("content_hash", None)
     actual = hashlib.sha256(_canonical(manifest)).hexdigest()
     if claimed != actual:
         raise VersionError(f"{mpath}: content hash {claimed} does not match the manifest ({actual})")
     manifest["content_hash"] = claimed
+    if len(_VERIFIED) >= 4 * MAX_CHAIN:
+        _VERIFIED.clear()
+    _VERIFIED[key] = text
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike, _depth: int = 0) -> Manifest:
+    """The manifest with every task of the version, its content hash verified (files are checked
+    by `load`). A delta lists only the tasks it stores: the others are its parent's, read from the
+    sibling directory and checked to be the version the delta was built on."""
+    path = Path(path)
+    manifest = _own_manifest(path)
+    storage = manifest.get("storage") or {}
+    if storage.get("kind") == "delta" and storage.get("task_entries") == "stored":
+        if _depth > MAX_CHAIN:
+            raise VersionError(f"{path}: delta chain longer than {MAX_CHAIN} versions")
+        if not manifest.get("parent"):
+            raise VersionError(f"{path}: a delta version without a parent")
+        parent = read_manifest(path.parent / manifest["parent"], _depth + 1)
+        if parent.content_hash != storage.get("parent_content_hash"):
+            raise VersionError(f"{path}: parent {manifest['parent']} is not the version this delta was built on")
+        manifest["tasks"] = [asdict(e) for e in parent.tasks] + manifest["tasks"]
     return Manifest.from_json(manifest)
 
 
@@ -566,5 +603,6 @@ def load(path: str | os.PathLike) -> SubspaceState:
 
 
 def chain(path: str | os.PathLike) -> list[str]:
-    """The versions a version's load reads besides itself (its snapshot first)."""
-    return list(read_manifest(path).storage["chain"])
+    """The versions a version's load reads besides itself (its snapshot first): its own manifest
+    says, so this works before they are pulled."""
+    return list(_own_manifest(Path(path))["storage"]["chain"])

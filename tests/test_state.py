@@ -1,6 +1,9 @@
 """Version storage: snapshots and deltas (frames + new tasks), bit-exact loads along a chain,
 compaction, and what a version writes as the history grows."""
 
+import dataclasses
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -67,18 +70,28 @@ def test_a_delta_needs_its_chain_intact(tmp_path):
 
 
 def test_bytes_written_per_version_do_not_grow_with_tasks(tmp_path):
-    vdir, _ = _chain(tmp_path, 9, compact_every=100)
+    vdir, memory = _chain(tmp_path, 9, compact_every=100)
     size = lambda v: sum(f.stat().st_size for f in (vdir / v).glob("*.safetensors"))  # noqa: E731
     # with k saturated (k_max=6), versions 3..9 differ only by the task count
     assert size("v0009") <= size("v0003") * 1.05
+    # a delta's manifest lists its own task (each task's entry is ~250 bytes); the reader appends it to its parent's
+    text = lambda v: (vdir / v / "manifest.json").stat().st_size  # noqa: E731
+    assert text("v0009") - text("v0003") < 6 * 100
+    assert [t["name"] for t in json.loads((vdir / "v0009" / "manifest.json").read_text())["tasks"]] == ["t9"]
+    assert st.read_manifest(vdir / "v0009").task_names == [f"t{j}" for j in range(10)]
+    # a delta written before, listing every task, reads and loads the same
+    m = json.loads((vdir / "v0009" / "manifest.json").read_text())
+    m["tasks"] = [dataclasses.asdict(e) for e in st.read_manifest(vdir / "v0009").tasks]
+    del m["storage"]["task_entries"], m["content_hash"]
+    m["content_hash"] = hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (vdir / "v0009" / "manifest.json").write_text(json.dumps(m))
+    assert st.read_manifest(vdir / "v0009").task_names == [f"t{j}" for j in range(10)]
+    assert st.state_sha256(st.load(vdir / "v0009")) == memory["v0009"]
 
 
 def _legacy(vdir, version: str) -> None:
     """Rewrite a stored version in the per-task layout older versions used ("<task>/coef_b.<layer>"),
     its manifest re-hashed as such a version's was."""
-    import hashlib
-    import json
-
     from safetensors.torch import load_file, save_file
 
     path = vdir / version
