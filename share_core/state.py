@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -190,6 +190,14 @@ class TaskEntry:
     heads: list[str]
     info: dict
 
+    @classmethod
+    def from_json(cls, data: dict) -> TaskEntry:
+        """A copy: the lists and dicts of a (cached) manifest are never shared with a caller."""
+        return cls(data["name"], data["rank"], data["scale"], list(data["heads"]), dict(data["info"]))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "rank": self.rank, "scale": self.scale, "heads": self.heads, "info": self.info}
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -213,10 +221,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:
-        known = {f.name for f in fields(cls)}
-        return cls(
-            **{**{k: v for k, v in data.items() if k in known}, "tasks": [TaskEntry(**t) for t in data["tasks"]]}
-        )
+        known = {f.name for f in fields(cls)} - {"tasks"}
+        tasks = [TaskEntry.from_json(t) for t in data["tasks"]]
+        return cls(**{k: v for k, v in data.items() if k in known}, tasks=tasks)
 
     @property
     def task_names(self) -> list[str]:
@@ -295,7 +302,7 @@ def _storage_plan(state: SubspaceState, path: Path, compact_every: int) -> dict:
         return snapshot
     chain = pm.storage["chain"] + [state.parent]
     old = [json.loads(json.dumps(_entry(t))) for t in state.tasks[: d.n_old]]
-    same_tasks = [asdict(e) for e in pm.tasks] == old  # names, ranks, heads and info: the delta lists none of them
+    same_tasks = [e.to_json() for e in pm.tasks] == old  # names, ranks, heads and info: the delta lists none of them
     if (
         pm.content_hash != d.base_hash
         or not same_tasks
@@ -362,18 +369,33 @@ def save(state: SubspaceState, path: str | os.PathLike, compact_every: int = COM
     return manifest["content_hash"]
 
 
-_VERIFIED: dict[tuple, str] = {}  # (path, inode, mtime, size) -> a manifest's verified text (versions are immutable)
+_VERIFIED: dict[tuple, str] = {}  # _file_key -> a manifest's verified text (versions are immutable)
+_ASSEMBLED: dict[tuple, list[dict]] = {}  # the _file_keys of a delta's chain and its own -> its every task entry
+
+
+def _file_key(path: Path) -> tuple:
+    """Which manifest.json file `path` holds now: its path, inode, mtime and size."""
+    mpath = path / "manifest.json"
+    try:
+        s = mpath.stat()
+    except FileNotFoundError:
+        raise VersionError(f"{mpath}: missing; {path} is not a subspace version") from None
+    return (str(mpath.resolve()), s.st_ino, s.st_mtime_ns, s.st_size)
+
+
+def _remember(cache: dict, key: tuple, value) -> None:
+    if len(cache) >= 4 * MAX_CHAIN:
+        cache.clear()
+    cache[key] = value
 
 
 def _own_manifest(path: Path) -> dict:
-    """The version's own manifest.json, its content hash verified (a verified file's text is kept
-    while its inode, mtime and size stay the same, so a chain's snapshot is hashed once)."""
-    mpath = path / "manifest.json"
+    """The version's own manifest.json, its content hash verified (once per file: a verified
+    file's text is kept while the file stays the same, so a chain's snapshot is hashed once)."""
+    mpath, key = path / "manifest.json", _file_key(path)
+    if key in _VERIFIED:
+        return json.loads(_VERIFIED[key])
     try:
-        st_ = mpath.stat()
-        key = (str(mpath.resolve()), st_.st_ino, st_.st_mtime_ns, st_.st_size)
-        if key in _VERIFIED:
-            return json.loads(_VERIFIED[key])
         text = mpath.read_text()
         manifest = json.loads(text)
     except FileNotFoundError:
@@ -388,16 +410,15 @@ def _own_manifest(path: Path) -> dict:
     if claimed != actual:
         raise VersionError(f"{mpath}: content hash {claimed} does not match the manifest ({actual})")
     manifest["content_hash"] = claimed
-    if len(_VERIFIED) >= 4 * MAX_CHAIN:
-        _VERIFIED.clear()
-    _VERIFIED[key] = text
+    _remember(_VERIFIED, key, text)
     return manifest
 
 
 def read_manifest(path: str | os.PathLike, _depth: int = 0) -> Manifest:
     """The manifest with every task of the version, its content hash verified (files are checked
     by `load`). A delta lists only the tasks it stores: the others are its parent's, read from the
-    sibling directory and checked to be the version the delta was built on."""
+    sibling directory and checked to be the version the delta was built on (once for the same
+    files along the chain: a version's load reads every manifest of its chain)."""
     path = Path(path)
     manifest = _own_manifest(path)
     storage = manifest.get("storage") or {}
@@ -406,10 +427,13 @@ def read_manifest(path: str | os.PathLike, _depth: int = 0) -> Manifest:
             raise VersionError(f"{path}: delta chain longer than {MAX_CHAIN} versions")
         if not manifest.get("parent"):
             raise VersionError(f"{path}: a delta version without a parent")
-        parent = read_manifest(path.parent / manifest["parent"], _depth + 1)
-        if parent.content_hash != storage.get("parent_content_hash"):
-            raise VersionError(f"{path}: parent {manifest['parent']} is not the version this delta was built on")
-        manifest["tasks"] = [asdict(e) for e in parent.tasks] + manifest["tasks"]
+        key = tuple(_file_key(path.parent / v) for v in storage.get("chain", [])) + (_file_key(path),)
+        if key not in _ASSEMBLED:
+            parent = read_manifest(path.parent / manifest["parent"], _depth + 1)
+            if parent.content_hash != storage.get("parent_content_hash"):
+                raise VersionError(f"{path}: parent {manifest['parent']} is not the version this delta was built on")
+            _remember(_ASSEMBLED, key, [e.to_json() for e in parent.tasks] + manifest["tasks"])
+        manifest["tasks"] = _ASSEMBLED[key]
     return Manifest.from_json(manifest)
 
 

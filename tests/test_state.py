@@ -1,7 +1,6 @@
 """Version storage: snapshots and deltas (frames + new tasks), bit-exact loads along a chain,
 compaction, and what a version writes as the history grows."""
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -81,7 +80,7 @@ def test_bytes_written_per_version_do_not_grow_with_tasks(tmp_path):
     assert st.read_manifest(vdir / "v0009").task_names == [f"t{j}" for j in range(10)]
     # a delta written before, listing every task, reads and loads the same
     m = json.loads((vdir / "v0009" / "manifest.json").read_text())
-    m["tasks"] = [dataclasses.asdict(e) for e in st.read_manifest(vdir / "v0009").tasks]
+    m["tasks"] = [e.to_json() for e in st.read_manifest(vdir / "v0009").tasks]
     del m["storage"]["task_entries"], m["content_hash"]
     m["content_hash"] = hashlib.sha256(json.dumps(m, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     (vdir / "v0009" / "manifest.json").write_text(json.dumps(m))
