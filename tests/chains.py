@@ -13,11 +13,12 @@ import tempfile
 
 import pytest
 
-from pipelines import lineage
+from pipelines import lineage, register
 from pipelines.journal import STEPS
 from pipelines.params import edit_params
 from pipelines.storage import LocalStorage, open_storage
 from pipelines.workspace import Workspace
+from share_core import state as st
 from share_core.base import BaseSpec, load_base
 from share_core.synthetic import shared_subspace_adapters, write_landing
 from share_core.tasks import generate_tasks
@@ -151,3 +152,55 @@ def land_causal_chain(ws: Workspace, url: str, dirs: list, adapter, model_name: 
         land(ws, url, task_dir, kind, model_name)
         for task_dir, kind in ((dirs[0], "dataset"), (dirs[1], "dataset"), (adapter_dir, "adapter"))
     ]
+
+
+def assert_consistent(chain, processed: list[str]) -> None:
+    """One version per processed landing, chained, nothing lost, every system agreeing."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    ws, storage = chain["ws"], chain["storage"]
+    versions = ws.version_ids()
+    assert versions == [f"v{i:04d}" for i in range(1, len(processed) + 1)] and ws.head() == versions[-1]
+    for parent, child in zip(versions, versions[1:]):
+        pm, cm = st.read_manifest(ws.version_dir(parent)), st.read_manifest(ws.version_dir(child))
+        assert cm.parent == parent and cm.task_names[: len(pm.tasks)] == pm.task_names
+    assert st.load(ws.version_dir(versions[-1])).task_names == processed  # every task learned is there
+    registered = register.list_versions(register.Registry(ws, MODEL))
+    assert [r["version"] for r in registered] == versions  # one model version each, no duplicate
+    c = MlflowClient(ws.tracking_uri)
+    exp = c.get_experiment_by_name(MODEL)
+    assert not [r for r in c.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
+    assert (
+        json.loads(lineage._dvc_cli(ws.root, "status", "-c", "--json") or "{}") == {}
+    )  # the remote holds every version
+    by_task = {lnd.task: lnd for lnd in storage.list_landings()}
+    for v, name in zip(versions, processed):
+        assert ws.seen(by_task[name].key, by_task[name].etag)["status"] == "processed"
+        assert storage.status_of(by_task[name])["version"] == v
+    with get_client(sync_client=True) as client:
+        assert not [r for r in client.read_flow_runs() if r.state and r.state.is_running()]
+    assert not [p for p in ws.journals.glob("*.json") if json.loads(p.read_text())["status"] == "open"]
+
+
+def recover_at_every(chain, monkeypatch, points) -> None:
+    """Land one adapter per kill point, killed there ("<step>": after it is journaled;
+    "acted:<step>": between its act and its journal entry, where the re-run must find the effect
+    in the real system instead of acting again), re-run each to completion and check the chain
+    after every one; a third run is a duplicate."""
+    import flows.continual as fc
+
+    acted, execute = [], fc._execute
+    monkeypatch.setattr(fc, "_execute", lambda step, u: acted.append(step.name) or execute(step, u))
+    processed = []
+    assert len(points) <= len(chain["names"]), "one landing per kill point"
+    for point, name in zip(points, chain["names"]):
+        key = crash_after(chain, name, point)
+        acted.clear()
+        out = rerun(chain, key)
+        processed.append(name)
+        assert out["status"] == "processed", (point, out)
+        if point.startswith("acted:"):
+            assert point.split(":")[1] not in acted, f"{point}: acted again instead of finding its effect"
+        assert_consistent(chain, processed)
+        assert rerun(chain, key)["status"] == "duplicate"  # and once done, exactly once
