@@ -32,7 +32,7 @@ import json
 import math
 import random
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import matplotlib
@@ -94,7 +94,8 @@ class EvaluationRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The fields as they are (no deep copy, unlike dataclasses.asdict: ~0.1 s at T = 1,000); for json.dumps."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def read_record(ws: Workspace, version: str | None) -> EvaluationRecord | None:
@@ -483,7 +484,8 @@ def summarize(
     if tables:
         write_atomic(rows_path(ws, version), json.dumps(tables, separators=(",", ":")))
     picture(ws, record, ws.evaluations / f"{version}.png")
-    write_atomic(ws.evaluation_path(version), json.dumps(record.to_json(), indent=1))
+    # compact: a result per task, written twice per landing (here and as the run's MLflow artifact)
+    write_atomic(ws.evaluation_path(version), json.dumps(record.to_json(), separators=(",", ":")))
     return record
 
 
