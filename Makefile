@@ -35,7 +35,7 @@ demo: venv
 # three pytest-xdist workers on two cores, one test file per worker at a time: most of a test's wall time is a
 # server starting or a subprocess importing, so one process leaves a core idle
 test: venv
-	$(PY) -m pytest -q -n 3 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 # the edit loop: unit tests of the method and the steps, no servers, no training of the real model
 test-fast: venv

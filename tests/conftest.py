@@ -218,6 +218,7 @@ INTEGRATION_MODULES = {
     "test_servers",
     "test_stack",
     "test_crash_recovery",
+    "test_crash_publish",
     "test_schedules",
     "test_lock",
     "test_train_pool",
@@ -232,8 +233,28 @@ INTEGRATION_MODULES = {
 }
 
 
+# The modules that hold a test worker for minutes (measured, slowest first). `make test` hands out
+# whole files in collection order (xdist --dist loadfile --no-loadscope-reorder; the default order,
+# most tests first, left the one-test train-pool file running alone at the end for 3 minutes), so
+# they go first and the many short files fill the other workers around them.
+SLOWEST_FIRST = [
+    "test_crash_recovery",
+    "test_crash_publish",
+    "test_servers",
+    "test_train_pool",
+    "test_repo_pipeline",
+    "test_scale",
+    "test_pipeline_e2e",
+    "test_schedules",
+    "test_stack",
+    "test_readme",
+]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in INTEGRATION_MODULES or "prefect_harness" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    rank = {m: i for i, m in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
