@@ -154,8 +154,9 @@ def land_causal_chain(ws: Workspace, url: str, dirs: list, adapter, model_name: 
     ]
 
 
-def assert_consistent(chain, processed: list[str]) -> None:
-    """One version per processed landing, chained, nothing lost, every system agreeing."""
+def assert_consistent(chain, processed: list[str], remote: bool = True) -> None:
+    """One version per processed landing, chained, nothing lost, every system agreeing (the DVC
+    remote too, unless `remote` is False: a `dvc status -c` costs ~1.5 s CPU)."""
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
@@ -171,9 +172,8 @@ def assert_consistent(chain, processed: list[str]) -> None:
     c = MlflowClient(ws.tracking_uri)
     exp = c.get_experiment_by_name(MODEL)
     assert not [r for r in c.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
-    assert (
-        json.loads(lineage._dvc_cli(ws.root, "status", "-c", "--json") or "{}") == {}
-    )  # the remote holds every version
+    if remote:  # the remote holds every version and landing
+        assert json.loads(lineage._dvc_cli(ws.root, "status", "-c", "--json") or "{}") == {}
     by_task = {lnd.task: lnd for lnd in storage.list_landings()}
     for v, name in zip(versions, processed):
         assert ws.seen(by_task[name].key, by_task[name].etag)["status"] == "processed"
@@ -202,5 +202,7 @@ def recover_at_every(chain, monkeypatch, points) -> None:
         assert out["status"] == "processed", (point, out)
         if point.startswith("acted:"):
             assert point.split(":")[1] not in acted, f"{point}: acted again instead of finding its effect"
-        assert_consistent(chain, processed)
+        # the remote once, at the end: a landing pushes only its own stage file, so a version a kill
+        # left unpushed stays missing there
+        assert_consistent(chain, processed, remote=point == points[-1])
         assert rerun(chain, key)["status"] == "duplicate"  # and once done, exactly once
