@@ -2,7 +2,7 @@
 training and evaluation run bare, in the same process, landing by landing.
 
 Orchestrated: the landing is written to local-directory storage and the `continual-update`
-flow runs on Prefect's ephemeral server (validate, ingest with `dvc add`, train, DVC stage +
+flow runs on Prefect's ephemeral server (validate, ingest, train, the version's DVC stage file +
 commit, mapped evaluation of every task, MLflow run + model version + aliases on sqlite, git
 commit, `dvc push`, storage mark). Bare: `pipelines.update.build_version` then
 `pipelines.evaluate.evaluate_version` on a plain directory — the compute alone. The overhead

@@ -10,7 +10,7 @@
 
 For each regime and T a fresh process grows a workspace to T tasks in one version (the
 `batch-absorb` flow: one merge, one evaluation of everything), then lands adapters one by one
-with `continual-update` (local-directory bucket → validate → ingest (`dvc add`) → absorb → DVC
+with `continual-update` (local-directory bucket → validate → ingest → absorb → DVC
 stage → evaluate → MLflow run + model version → HEAD → `dvc push`), on the embedded stack
 (Prefect ephemeral server, sqlite MLflow, DVC with a local remote). Per landing: wall and
 process CPU seconds (this process plus its finished children: git, dvc), by part; the version
