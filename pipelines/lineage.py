@@ -201,11 +201,17 @@ def stage_file(root: Path, version: str) -> Path:
     return Path(root) / STAGES / version / "dvc.yaml"
 
 
-def _target(root: Path, version: str) -> str:
-    """How DVC names the version's stage: lineage/<v>/dvc.yaml:<v>, or <v> in the root dvc.yaml
-    of a workspace made before the per-version files."""
+def _own_file(root: Path, version: str) -> str | None:
+    """lineage/<v>/dvc.yaml relative to the workspace, None in a workspace made before the
+    per-version files (the version's stage is in the root dvc.yaml)."""
     f = stage_file(root, version)
-    return f"{f.relative_to(root).as_posix()}:{version}" if f.is_file() else version
+    return f.relative_to(root).as_posix() if f.is_file() else None
+
+
+def _target(root: Path, version: str) -> str:
+    """How DVC names the version's stage: lineage/<v>/dvc.yaml:<v>, or <v> in the root dvc.yaml."""
+    own = _own_file(root, version)
+    return f"{own}:{version}" if own else version
 
 
 def locked_stage(root: Path, version: str) -> dict | None:
@@ -280,10 +286,7 @@ def push(root: Path, versions: list[str] | None = None, landings: list[str] = ()
     root = Path(root).resolve()
     if not has_remote(root):
         return
-    targets = []
-    for v in versions or []:
-        f = stage_file(root, v)
-        targets.append(f.relative_to(root).as_posix() if f.is_file() else v)
+    targets = [_own_file(root, v) or v for v in versions or []]
     targets += [f"landings/{n}.dvc" for n in landings if (root / "landings" / f"{n}.dvc").is_file()]
     if versions is None or targets:
         _dvc_cli(root, "push", "-q", *targets)

@@ -13,6 +13,7 @@ def test_forgetting_gate():
     assert forgetting_gate(evaluation_record("v0003", {"a": 0.895, "b": 0.85, "c": 0.7}), champ, 0.01)["passed"]
     failed = forgetting_gate(evaluation_record("v0003", {"a": 0.87, "b": 0.85}), champ, 0.01)
     assert not failed["passed"] and failed["worst_drop"] == pytest.approx(0.03)
+    assert list(failed["drops"]) == ["a"]  # only the tasks that dropped: b improved, c is new
     assert forgetting_gate(evaluation_record("v0001", {"a": 0.1}), None, 0.01)[
         "passed"
     ]  # the first version always serves
