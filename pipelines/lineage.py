@@ -115,13 +115,8 @@ def init_workspace(
     for key, value in (("user.name", "share pipeline"), ("user.email", "share@localhost")):
         if not subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True).stdout.strip():
             _git(root, "config", key, value)
-    if not (root / ".dvc").exists():
-        _dvc_cli(root, "init", "-q")
-        _dvc_cli(root, "config", "core.analytics", "false")
-        # the workspace file and DVC's cache copy are one inode: versions are written once, never
-        # edited. Not "reflink,hardlink,copy": with reflink first, DVC 3 copies on ext4 (measured:
-        # every file a second inode); hardlink first links, and copies only across devices.
-        _dvc_cli(root, "config", "cache.type", CACHE_TYPE)
+    if remote or not (root / ".dvc").exists():
+        _setup_dvc(root, remote, endpoint_url)
     if not Workspace(root).params_path.exists():
         save_params(Workspace(root).params_path, params or Params())
     if not (root / "dvc.yaml").exists():
@@ -130,13 +125,41 @@ def init_workspace(
     have = ignore.read_text().splitlines() if ignore.exists() else []
     write_atomic(ignore, "\n".join(have + [x for x in IGNORED if x not in have]) + "\n")
     ignore_outputs(root)
-    if remote:
-        _dvc_cli(root, "remote", "add", "-d", "-f", "storage", remote)
-        if endpoint_url:
-            _dvc_cli(root, "remote", "modify", "storage", "endpointurl", endpoint_url)
     ignores = [f"{d}/.gitignore" for d in OUT_DIR_IGNORES]
     _git(root, "add", "-A", ".gitignore", ".dvc", "params.yaml", "dvc.yaml", *ignores)
     _commit_staged(root, "share workspace: params, dvc.yaml, remote")
+
+
+# `dvc init` and the config a workspace needs, through DVC's API in one child process: four
+# `dvc` commands cost ~4 s CPU (each start-up imports DVC again), this ~1 s. A child, not this
+# process: importing dvc configures logging process-wide (it silences asyncio's logger).
+# The workspace file and DVC's cache copy are one inode (cache.type): versions are written once,
+# never edited. Not "reflink,hardlink,copy": with reflink first, DVC 3 copies on ext4 (measured:
+# every file a second inode); hardlink first links, and copies only across devices.
+_SETUP_DVC = """
+import os, sys
+from dvc.repo import Repo
+root, cache_type, remote, endpoint = sys.argv[1:]
+fresh = not os.path.isdir(os.path.join(root, ".dvc"))
+repo = Repo.init(root) if fresh else Repo(root)
+with repo.config.edit("repo") as conf:
+    if fresh:
+        conf["core"]["analytics"] = False
+        conf["cache"]["type"] = cache_type
+    if remote:  # = dvc remote add -d -f storage <remote> [+ modify endpointurl]
+        conf["remote"]["storage"] = {"url": remote, **({"endpointurl": endpoint} if endpoint else {})}
+        conf["core"]["remote"] = "storage"
+repo.close()
+"""
+
+
+def _setup_dvc(root: Path, remote: str | None, endpoint_url: str | None) -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    argv = [sys.executable, "-c", _SETUP_DVC, str(root), CACHE_TYPE, remote or "", endpoint_url or ""]
+    out = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        lines = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise RuntimeError(f"setting up DVC in {root} failed: {lines[-1] if lines else out.returncode}")
 
 
 def ignore_outputs(root: Path) -> None:
