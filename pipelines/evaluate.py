@@ -627,15 +627,19 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def main(
-    version: str,
+    versions: list[str],
     workspace: Path = typer.Option(Path(".")),
     full: bool = typer.Option(False, help="re-score every task (no certificates)"),
 ) -> None:
-    """Evaluate VERSION; write evaluations/VERSION.json and .png."""
-    rec = evaluate_version(Workspace(workspace), version, full)
-    typer.echo(
-        json.dumps({k: getattr(rec, k) for k in ("version", "acc", "bwt", "scores", "rescored", "certified")}, indent=2)
-    )
+    """Evaluate each of VERSIONS, in order (one process: the base model loads once); write
+    evaluations/<version>.json and .png."""
+    for version in versions:
+        rec = evaluate_version(Workspace(workspace), version, full)
+        typer.echo(
+            json.dumps(
+                {k: getattr(rec, k) for k in ("version", "acc", "bwt", "scores", "rescored", "certified")}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":
