@@ -15,8 +15,9 @@ Cost follows the work, not the history (DESIGN §8):
 - `score_tasks` loads the base model and the version once (cached per process) and scores the
   tasks' eval rows in mixed-task batches (one forward serves rows of different tasks), each
   task's eval data read once. The orchestrator shards the tasks over its workers.
-- `summarize` writes evaluations/<version>.json with O(T) content: this version's scores,
-  each task's first score (the matrix diagonal) and certificates; the matrix is assembled from
+- `summarize` writes evaluations/<version>.json: this version's scores, each task's first
+  score (the matrix diagonal) and certificates, as a delta on the parent's record (only the
+  entries of the tasks it scored or re-checked: O(work), not O(T)); the matrix is assembled from
   the per-version rows along the chain only when asked (`accuracy_matrix`). The picture is
   O(T) to draw: a heatmap of the recent versions × recent tasks, and every task's change
   since it was learned.
@@ -28,6 +29,7 @@ the record (HEAD metrics, the matrix and the picture) are at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -98,9 +100,107 @@ class EvaluationRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def carried(prev: dict, error: float) -> dict:
+    """A task's entry carried one merge on, certified: its drift (and, with row tables, the
+    cumulative drift its row certificates are checked against) grows by the merge's measured
+    ΔW change plus float32 rounding. `plan` certifies with it; a delta record leaves out every
+    entry it reproduces."""
+    step = error + FLOAT32_ROUNDING
+    entry = {**prev, "drift": prev["drift"] + step, "certified": True, "check": "certified", "rows_rescored": 0}
+    if prev["score"] is not None and "rows_in" in prev:
+        entry["cum_drift"] = prev["cum_drift"] + step
+    return entry
+
+
+# A record is written as a delta on its parent's record: the entries `carried` does not reproduce
+# (tasks scored, re-checked or new here) and the version's scalars, so a landing writes O(tasks it
+# touched) whatever the history. Reading one assembles it from the chain of records and the
+# version's manifest (its task order and each task's measured error), once per file content
+# (a landing reads its records a dozen times). Every RECORD_SNAPSHOT_EVERY-th record in a row is
+# written whole.
+RECORD_SNAPSHOT_EVERY = 32
+_DERIVED = ("tasks", "results", "scores", "majority", "first_scores", "certified")
+_RECORDS: dict[str, tuple[str, EvaluationRecord, int]] = {}  # path → (sha256 of its bytes, record, delta depth)
+
+
 def read_record(ws: Workspace, version: str | None) -> EvaluationRecord | None:
+    """The version's record, whole (a delta record is assembled along its chain), or None. The
+    same object while the file's bytes are unchanged: treat it as read-only."""
     path = ws.evaluation_path(version) if version else None
-    return EvaluationRecord.from_json(json.loads(path.read_text())) if path and path.is_file() else None
+    if not path or not path.is_file():
+        return None
+    raw = path.read_bytes()
+    key = hashlib.sha256(raw).hexdigest()
+    hit = _RECORDS.get(str(path))
+    if hit and hit[0] == key:
+        return hit[1]
+    data = json.loads(raw)
+    record = _assemble(ws, data) if "base" in data else EvaluationRecord.from_json(data)
+    if len(_RECORDS) >= 4 * RECORD_SNAPSHOT_EVERY:
+        _RECORDS.pop(next(iter(_RECORDS)))
+    _RECORDS[str(path)] = (key, record, data["base"]["depth"] if "base" in data else 0)
+    return record
+
+
+def _expand(data: dict, parent: EvaluationRecord, manifest: st.Manifest) -> EvaluationRecord:
+    errors = manifest.reconstruction_error
+    tasks = manifest.task_names
+    own = data["results"]
+    results = {t: own[t] if t in own else carried(parent.results[t], errors[t]) for t in tasks}
+    first = {t: parent.first_scores.get(t, results[t]["score"]) for t in tasks}
+    rest = {k: v for k, v in data.items() if k not in ("base", "results")}
+    return EvaluationRecord(
+        **rest,
+        tasks=tasks,
+        results=results,
+        scores={t: results[t]["score"] for t in tasks},
+        majority={t: results[t]["majority"] for t in tasks},
+        first_scores=first,
+        certified=sorted(set(tasks) - set(data["rescored"])),
+    )
+
+
+def _assemble(ws: Workspace, data: dict) -> EvaluationRecord:
+    base = data["base"]
+    where = ws.evaluation_path(data["version"]).relative_to(ws.root)
+    parent_path = ws.evaluation_path(base["version"])
+    if not parent_path.is_file() or hashlib.sha256(parent_path.read_bytes()).hexdigest() != base["sha256"]:
+        raise ValueError(
+            f"{where} is a delta on a record of {base['version']} that is no longer there: re-evaluate "
+            f"{data['version']} (python -m pipelines.evaluate {data['version']})"
+        )
+    try:
+        manifest = st.read_manifest(ws.version_dir(data["version"]))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{where} needs versions/{data['version']} (its task order and merge errors): restore the version first"
+        ) from None
+    return _expand(data, read_record(ws, base["version"]), manifest)
+
+
+def _delta(ws: Workspace, record: EvaluationRecord, parent: EvaluationRecord | None, manifest: st.Manifest):
+    """The record as a delta on `parent`'s (see RECORD_SNAPSHOT_EVERY), or None where it must be
+    written whole: no parent record, a long run of deltas, or anything the delta would not
+    reproduce exactly."""
+    if parent is None or record.parent != parent.version or read_record(ws, parent.version) is not parent:
+        return None
+    sha256, _, depth = _RECORDS[str(ws.evaluation_path(parent.version))]
+    if depth + 1 > RECORD_SNAPSHOT_EVERY:
+        return None
+    errors = manifest.reconstruction_error
+    own = {
+        t: e
+        for t, e in record.results.items()
+        if t not in parent.results or t not in errors or e != carried(parent.results[t], errors[t])
+    }
+    data = {k: v for k, v in record.to_json().items() if k not in _DERIVED}
+    data["results"] = own
+    data["base"] = {"version": parent.version, "sha256": sha256, "depth": depth + 1}
+    try:
+        same = _expand(data, parent, manifest) == record
+    except KeyError:
+        same = False
+    return data if same else None
 
 
 def remove_record(ws: Workspace, version: str) -> None:
@@ -196,8 +296,7 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
         if t in added or prev is None or t not in errors:
             score.append(t)
             continue
-        step = errors[t] + FLOAT32_ROUNDING
-        entry = {**prev, "drift": prev["drift"] + step, "certified": True, "check": "certified", "rows_rescored": 0}
+        entry = carried(prev, errors[t])
         if prev["score"] is None:
             certified[t] = entry
             continue
@@ -208,7 +307,6 @@ def plan(ws: Workspace, version: str, cfg: EvalParams, full: bool = False) -> di
             else:
                 score.append(t)
             continue
-        entry["cum_drift"] = prev["cum_drift"] + step
         sigma = sensitivity(prev, cfg)
         stale = sigma != prev["sensitivity"]  # the params' prior changed since the expiry was computed
         if stale or entry["cum_drift"] > prev["expires"]:  # some row's certificate may have expired: which ones
@@ -411,7 +509,8 @@ def summarize(
     certified: dict[str, dict] | None = None,
     mode: str = "changed-only",
 ) -> EvaluationRecord:
-    """Write the version's evaluation record (O(T)) and picture; return the record."""
+    """Write the version's evaluation record (a delta where one reproduces it) and picture;
+    return the record."""
     manifest = st.read_manifest(ws.version_dir(version))
     tasks = manifest.task_names
     cfg = load_params(ws.params_path).evaluate
@@ -484,8 +583,9 @@ def summarize(
     if tables:
         write_atomic(rows_path(ws, version), json.dumps(tables, separators=(",", ":")))
     picture(ws, record, ws.evaluations / f"{version}.png")
-    # compact: a result per task, written twice per landing (here and as the run's MLflow artifact)
-    write_atomic(ws.evaluation_path(version), json.dumps(record.to_json(), separators=(",", ":")))
+    # written twice per landing (here and as the run's MLflow artifact): a delta where one reproduces it
+    data = _delta(ws, record, parent, manifest) or record.to_json()
+    write_atomic(ws.evaluation_path(version), json.dumps(data, separators=(",", ":")))
     return record
 
 

@@ -163,3 +163,24 @@ def test_a_landing_loads_its_version_once(ws, tiny_model_dir):
     assert {r["task"]: (r["score"], r["margin"]) for r in fresh} == {
         t: (r1.results[t]["score"], r1.results[t]["margin"]) for t in ("t0", "t1")
     }
+
+
+def test_a_record_is_a_delta_of_the_tasks_it_touched_and_reads_back_whole(ws, monkeypatch):
+    monkeypatch.setattr(ev, "RECORD_SNAPSHOT_EVERY", 2)
+    build(ws, "v0001", None, ["t0", "t1"])
+    records = {"v0001": ev.evaluate_version(ws, "v0001")}
+    for version, parent, task in (("v0002", "v0001", "t2"), ("v0003", "v0002", "t3"), ("v0004", "v0003", "outsider")):
+        build(ws, version, parent, [task])
+        records[version] = ev.evaluate_version(ws, version)
+    raw = {v: json.loads(ws.evaluation_path(v).read_text()) for v in records}
+    assert "base" not in raw["v0001"] and [raw[v]["base"]["depth"] for v in ("v0002", "v0003")] == [1, 2]
+    assert sorted(raw["v0002"]["results"]) == ["t2"] and sorted(raw["v0003"]["results"]) == ["t3"]  # not t0, t1
+    assert "base" not in raw["v0004"] and len(raw["v0004"]["results"]) == 5  # the third delta in a row: whole
+    ev._RECORDS.clear()  # read back from the files alone: every record exactly as evaluate returned it
+    assert {v: ev.read_record(ws, v) for v in records} == records
+    assert records["v0003"].results["t0"]["check"] == "certified" and records["v0003"].certified == ["t0", "t1", "t2"]
+    # a parent record rewritten under a delta (here: written whole) is not silently mixed in
+    ws.evaluation_path("v0002").write_text(json.dumps(records["v0002"].to_json()))
+    ev._RECORDS.clear()
+    with pytest.raises(ValueError, match="evaluations/v0003.json is a delta on a record of v0002"):
+        ev.read_record(ws, "v0003")

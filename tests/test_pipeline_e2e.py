@@ -118,10 +118,10 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
         ("v0002", ["sentiment", "topic"]),
         ("v0003", ["sentiment", "topic", "tense"]),
     ):
-        rec = json.loads(ws.evaluation_path(version).read_text())
-        assert rec["tasks"] == tasks and all(0.0 <= rec["scores"][x] <= 1.0 for x in tasks)  # every past task scored
+        rec = evaluate.read_record(ws, version)
+        assert rec.tasks == tasks and all(0.0 <= rec.scores[x] <= 1.0 for x in tasks)  # every past task scored
         assert (ws.evaluations / f"{version}.png").stat().st_size > 1000
-    rec3 = json.loads(ws.evaluation_path("v0003").read_text())
+    rec3 = evaluate.read_record(ws, "v0003")
     m = evaluate.accuracy_matrix(ws, "v0003")
     assert m["versions"] == ["v0001", "v0002", "v0003"] and [sum(x is not None for x in r) for r in m["rows"]] == [
         1,
@@ -158,10 +158,10 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     assert json.loads(mv3.tags["lineage.dvc_hashes"]).keys() >= {"versions/v0002", "versions/v0003"}
     run = client.get_run(mv3.run_id)
     # a run logs score.<task> only where the score changed against the parent's record (and every new task)
-    rec2 = json.loads(ws.evaluation_path("v0002").read_text())
-    changed = {t for t, s in rec3["scores"].items() if rec2["scores"].get(t) != s}
+    rec2 = evaluate.read_record(ws, "v0002")
+    changed = {t for t, s in rec3.scores.items() if rec2.scores.get(t) != s}
     assert {k.removeprefix("score.") for k in run.data.metrics if k.startswith("score.")} == changed
-    assert all(run.data.metrics[f"score.{t}"] == rec3["scores"][t] for t in changed) and "acc" in run.data.metrics
+    assert all(run.data.metrics[f"score.{t}"] == rec3.scores[t] for t in changed) and "acc" in run.data.metrics
     assert not any(
         "secret" in k.lower() or "testing" in str(v) for k, v in {**run.data.params, **run.data.tags}.items()
     )
@@ -220,12 +220,7 @@ def test_landings_become_registered_versions_with_lineage_and_rollback(chain, mo
     shown = json.loads(lineage._dvc_cli(ws.root, "metrics", "show", "--json"))[""]["data"]["evaluations/metrics.json"][
         "data"
     ]
-    assert (
-        shown["version"] == "v0003"
-        and shown["acc"] == rec3["acc"]
-        and shown["bwt"] == rec3["bwt"]
-        and shown["tasks"] == 3
-    )
+    assert shown["version"] == "v0003" and shown["acc"] == rec3.acc and shown["bwt"] == rec3.bwt and shown["tasks"] == 3
     history = ws.history_path.read_text().splitlines()
     assert [r.split(",")[1] for r in history[1:]] == ["v0001", "v0002", "v0003"]
     lineage._dvc_cli(ws.root, "plots", "show", "-o", str(chain["tmp"] / "plots"))
@@ -359,8 +354,8 @@ def test_batch_absorb_folds_every_pending_adapter_into_one_version(chain):
     assert out["version"] == "v0002" and len(out["absorbed"]) == 2 and out["rejected"] == {}
     manifest = st.read_manifest(ws.version_dir("v0002"))
     assert manifest.task_names == ["sentiment", "number", "tense"] and manifest.parent == "v0001"  # in key order
-    rec = json.loads(ws.evaluation_path("v0002").read_text())
-    assert set(rec["scores"]) == {"sentiment", "tense", "number"}  # adapters brought eval.jsonl: scored too
+    rec = evaluate.read_record(ws, "v0002")
+    assert set(rec.scores) == {"sentiment", "tense", "number"}  # adapters brought eval.jsonl: scored too
     assert all(storage.status_of(x)["status"] == "processed" for x in storage.list_landings() if x.kind == "adapter")
     assert (
         batch_absorb(storage_url=chain["url"], workspace=str(ws.root), model_name=MODEL)["status"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.evaluate import accuracy_matrix
+from pipelines.evaluate import accuracy_matrix, read_record
 from pipelines.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ def test_dvc_repro_builds_the_chain_from_params(tmp_path, tiny_model_dir):
     pending = run(sys.executable, "-m", "dvc", "status")
     assert all(f"{stage}:" in pending for stage in ("generate", "v0001", "v0002", "v0003", "evaluate"))
     run(sys.executable, "-m", "dvc", "repro")
-    record = json.loads(Workspace(repo).evaluation_path("v0003").read_text())
-    assert record["tasks"] == ["sentiment", "topic", "tense"] and set(record["first_scores"]) == set(record["tasks"])
+    record = read_record(Workspace(repo), "v0003")
+    assert record.tasks == ["sentiment", "topic", "tense"] and set(record.first_scores) == set(record.tasks)
     matrix = accuracy_matrix(Workspace(repo), "v0003")  # the rows of v0001..v0003, assembled from their records
     assert [sum(x is not None for x in r) for r in matrix["rows"]] == [1, 2, 3]
     manifest = json.loads((repo / "versions" / "v0003" / "manifest.json").read_text())
