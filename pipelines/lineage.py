@@ -49,6 +49,7 @@ IGNORED = [
     ".chain-id",
     "*chain-lease.json*",
     "ledger.json",
+    "ledger.log",
     "journal/",
     "watcher-ledger.json",
     "HEAD",

@@ -7,6 +7,10 @@
       ledger.json             every landing's outcomes, a history per (storage key, ETag):
                               {"format": 2, "landings": {key: [{"etag", "status", "version"|"reason", "at"}, …]}}
                               (the first format, {key: {"etag", "status", …}}, is still read)
+      ledger.log              the outcomes recorded since ledger.json was last rewritten, one JSON
+                              line each ({"key", "record"}): a landing appends one line instead of
+                              rewriting every landing's history; every LEDGER_COMPACT_EVERY lines
+                              they are folded into ledger.json
       mlflow.db, mlartifacts/ the embedded MLflow store (sqlite + file artifacts)
       dvc.yaml, params.yaml   the chain's lineage (pipelines.lineage)
 Every writer replaces files atomically (write to a temp file, then os.replace).
@@ -30,6 +34,7 @@ LEDGER_FORMAT = 2
 PROCESSED = "processed"
 MAX_REASON = 500  # characters of a rejection reason kept in the ledger and the status file
 MAX_HISTORY = 50  # non-processed records kept per key (processed ones are always kept)
+LEDGER_COMPACT_EVERY = 256  # ledger.log lines before they are folded into ledger.json
 # the MLflow registered model a chain's versions go to unless told otherwise (pipelines.register.Registry);
 # here, not in pipelines.register, so that the CLI reads it without importing torch and MLflow
 DEFAULT_MODEL_NAME = "share-subspace"
@@ -127,6 +132,10 @@ class Workspace:
         return self.root / "ledger.json"
 
     @property
+    def ledger_log_path(self) -> Path:
+        return self.root / "ledger.log"
+
+    @property
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
@@ -175,13 +184,27 @@ class Workspace:
     # ---- the ledger: what happened to each landing, a history per (key, ETag) ------------------
     def ledger_history(self) -> dict[str, list[dict]]:
         """{storage key: [records, oldest first]}; each record has "etag", "status" and
-        "version" (processed) or "reason" (rejected). Reads both ledger formats."""
-        if not self.ledger_path.is_file():
-            return {}
-        data = json.loads(self.ledger_path.read_text())
-        if isinstance(data, dict) and data.get("format") == LEDGER_FORMAT and isinstance(data.get("landings"), dict):
-            return {k: list(v) for k, v in data["landings"].items()}
-        return {k: [v] for k, v in data.items() if isinstance(v, dict)}  # format 1: {key: record}
+        "version" (processed) or "reason" (rejected). Reads both ledger formats, then replays
+        ledger.log (a line torn by a crash is skipped: its outcome was never acknowledged)."""
+        history: dict[str, list[dict]] = {}
+        if self.ledger_path.is_file():
+            data = json.loads(self.ledger_path.read_text())
+            current = isinstance(data, dict) and data.get("format") == LEDGER_FORMAT
+            if current and isinstance(data.get("landings"), dict):
+                history = {k: list(v) for k, v in data["landings"].items()}
+            else:
+                history = {k: [v] for k, v in data.items() if isinstance(v, dict)}  # format 1: {key: record}
+        for line in self._ledger_log():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if item["record"] not in history.get(item["key"], []):  # not folded into ledger.json already
+                _fold(history, item["key"], item["record"])
+        return history
+
+    def _ledger_log(self) -> list[str]:
+        return self.ledger_log_path.read_text().splitlines() if self.ledger_log_path.is_file() else []
 
     def ledger(self) -> dict[str, dict]:
         """{storage key: its latest record} (the view of the first ledger format)."""
@@ -192,39 +215,61 @@ class Workspace:
 
     def processed_record(self, key: str, etag: str) -> dict | None:
         """The record of the landing (key, etag) that built a version, or None."""
-        hits = [r for r in self.landing_history(key) if r.get("etag") == etag and r.get("status") == PROCESSED]
-        return dict(hits[-1]) if hits else None
+        return _processed(self.landing_history(key), etag)
 
     def seen(self, key: str, etag: str) -> dict | None:
         """What happened to the landing (key, etag): its processed record if one exists (a later
         rejection never hides it), else its latest record, else None (never seen)."""
-        hits = [r for r in self.landing_history(key) if r.get("etag") == etag]
-        return self.processed_record(key, etag) or (dict(hits[-1]) if hits else None)
+        return _seen(self.landing_history(key), etag)
 
     def record_landing(self, key: str, entry: dict) -> dict:
         """Append the outcome `entry` ({"etag", "status", "version"|"reason"}) to the key's
         history and return the landing's record as `seen` then gives it. A processed record is
         never replaced: a rejection of a (key, ETag) that already built a version is dropped.
-        Recording the same outcome again moves it to the end instead of repeating it."""
+        Recording the same outcome again moves it to the end instead of repeating it. Writers
+        hold the chain lock (flows.lock), so appends and the fold into ledger.json never race."""
         if not isinstance(entry.get("etag"), str) or not isinstance(entry.get("status"), str):
             raise ValueError(f"a ledger record needs 'etag' and 'status' strings, got {sorted(entry)}")
         history = self.ledger_history()
-        records = history.get(key, [])
-        if entry["status"] != PROCESSED and any(
-            r.get("etag") == entry["etag"] and r.get("status") == PROCESSED for r in records
-        ):
-            return self.processed_record(key, entry["etag"])
+        if entry["status"] != PROCESSED and _processed(history.get(key, []), entry["etag"]):
+            return _processed(history[key], entry["etag"])
         record = {**entry, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if "reason" in record:
             record["reason"] = bound_text(record["reason"])
+        _fold(history, key, record)
+        lines = self._ledger_log()
+        if not self.ledger_path.is_file() or len(lines) + 1 >= LEDGER_COMPACT_EVERY:
+            body = {"format": LEDGER_FORMAT, "landings": history}
+            write_atomic(self.ledger_path, json.dumps(body, indent=1, sort_keys=True))
+            self.ledger_log_path.unlink(missing_ok=True)  # a crash before this replays lines already folded: no-ops
+        else:
+            with open(self.ledger_log_path, "ab") as f:
+                if f.tell() and not self.ledger_log_path.read_bytes().endswith(b"\n"):
+                    f.write(b"\n")  # after a torn line: never glue a new record onto it
+                f.write(json.dumps({"key": key, "record": record}, sort_keys=True).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return _seen(history[key], entry["etag"])
 
-        def same(r: dict) -> bool:
-            return all(r.get(f) == record.get(f) for f in ("etag", "status", "version", "reason"))
 
-        records = [r for r in records if not same(r)] + [record]
-        others = [i for i, r in enumerate(records) if r.get("status") != PROCESSED]
-        drop = set(others[:-MAX_HISTORY]) if len(others) > MAX_HISTORY else set()
-        history[key] = [r for i, r in enumerate(records) if i not in drop]
-        body = {"format": LEDGER_FORMAT, "landings": history}
-        write_atomic(self.ledger_path, json.dumps(body, indent=2, sort_keys=True))
-        return self.seen(key, entry["etag"])
+def _same(a: dict, b: dict) -> bool:
+    return all(a.get(f) == b.get(f) for f in ("etag", "status", "version", "reason"))
+
+
+def _fold(history: dict[str, list[dict]], key: str, record: dict) -> None:
+    """Add `record` to the key's history: an equal outcome moves to the end, and only the last
+    MAX_HISTORY non-processed records are kept (processed ones always are)."""
+    records = [r for r in history.get(key, []) if not _same(r, record)] + [record]
+    others = [i for i, r in enumerate(records) if r.get("status") != PROCESSED]
+    drop = set(others[:-MAX_HISTORY]) if len(others) > MAX_HISTORY else set()
+    history[key] = [r for i, r in enumerate(records) if i not in drop]
+
+
+def _processed(records: list[dict], etag: str) -> dict | None:
+    hits = [r for r in records if r.get("etag") == etag and r.get("status") == PROCESSED]
+    return dict(hits[-1]) if hits else None
+
+
+def _seen(records: list[dict], etag: str) -> dict | None:
+    hits = [r for r in records if r.get("etag") == etag]
+    return _processed(records, etag) or (dict(hits[-1]) if hits else None)

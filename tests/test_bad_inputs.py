@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from pipelines import register
+from pipelines import register, workspace
 from pipelines.storage import StorageError, open_storage, redact_url
 from pipelines.validate import LandingRejected, validate_landing
 from pipelines.workspace import MAX_REASON, VersionIdError, Workspace, parse_version_id
@@ -65,6 +65,33 @@ def test_ledger_reads_the_first_format(tmp_path):
     assert ws.seen(KEY, "e1") == old[KEY]
     ws.record_landing(KEY, {"etag": "e2", "status": "rejected", "reason": "already exists"})
     assert ws.processed_record(KEY, "e1")["version"] == "v0001" and ws.ledger()["b/task.yaml"] == old["b/task.yaml"]
+
+
+def test_ledger_appends_one_line_per_outcome_and_folds_them_in_without_losing_any(tmp_path, monkeypatch):
+    monkeypatch.setattr(workspace, "LEDGER_COMPACT_EVERY", 5)
+    ws = Workspace(tmp_path)
+    ws.record_landing("a/task.yaml", {"etag": "a1", "status": "processed", "version": "v0001"})
+    folded = ws.ledger_path.read_bytes()  # the first outcome makes ledger.json
+    for i in range(2):
+        ws.record_landing(f"k{i}/task.yaml", {"etag": "x", "status": "rejected", "reason": f"bad {i}"})
+    assert ws.ledger_path.read_bytes() == folded and len(ws.ledger_log_path.read_text().splitlines()) == 2
+    # a crash mid-append leaves a torn line: skipped when read, and the next line is not glued to it
+    with open(ws.ledger_log_path, "a") as f:
+        f.write('{"key": "torn/task.yaml", "rec')
+    assert "torn/task.yaml" not in ws.ledger()
+    ws.record_landing("b/task.yaml", {"etag": "b1", "status": "processed", "version": "v0002"})
+    assert ws.seen("b/task.yaml", "b1")["version"] == "v0002"
+    # the fifth line folds everything into ledger.json (the log goes); a crash before the log was
+    # removed replays lines already folded: nothing repeats, nothing moves
+    log = ws.ledger_log_path.read_text()
+    ws.record_landing("k0/task.yaml", {"etag": "y", "status": "rejected", "reason": "bad again"})
+    assert not ws.ledger_log_path.exists()
+    before = ws.ledger_history()
+    ws.ledger_log_path.write_text(log)
+    assert ws.ledger_history() == before
+    assert sorted(before) == ["a/task.yaml", "b/task.yaml", "k0/task.yaml", "k1/task.yaml"]
+    assert [r["etag"] for r in before["k0/task.yaml"]] == ["x", "y"]
+    assert json.loads(ws.ledger_path.read_text())["landings"] == before
 
 
 def test_status_file_keeps_the_processed_record_and_recognises_identical_content(storage, tmp_path):
