@@ -119,6 +119,7 @@ def carried(prev: dict, error: float) -> dict:
 # (a landing reads its records a dozen times). Every RECORD_SNAPSHOT_EVERY-th record in a row is
 # written whole.
 RECORD_SNAPSHOT_EVERY = 32
+RECORDS_CACHED = 8  # assembled records kept (least recently used out): ~1.2 MiB each at T = 1,000
 _DERIVED = ("tasks", "results", "scores", "majority", "first_scores", "certified")
 _RECORDS: dict[str, tuple[str, EvaluationRecord, int]] = {}  # path → (sha256 of its bytes, record, delta depth)
 
@@ -131,14 +132,15 @@ def read_record(ws: Workspace, version: str | None) -> EvaluationRecord | None:
         return None
     raw = path.read_bytes()
     key = hashlib.sha256(raw).hexdigest()
-    hit = _RECORDS.get(str(path))
+    hit = _RECORDS.pop(str(path), None)
     if hit and hit[0] == key:
+        _RECORDS[str(path)] = hit  # most recently used last
         return hit[1]
     data = json.loads(raw)
     record = _assemble(ws, data) if "base" in data else EvaluationRecord.from_json(data)
-    if len(_RECORDS) >= 4 * RECORD_SNAPSHOT_EVERY:
-        _RECORDS.pop(next(iter(_RECORDS)))
     _RECORDS[str(path)] = (key, record, data["base"]["depth"] if "base" in data else 0)
+    while len(_RECORDS) > RECORDS_CACHED:
+        _RECORDS.pop(next(iter(_RECORDS)))
     return record
 
 
