@@ -436,6 +436,13 @@ def seed_loaded(root: str, version: str, content_hash: str, share: ShareModel, t
         _LOADED[(str(root), version, content_hash)] = (share, tok, params)
 
 
+def release_loaded() -> None:
+    """Drop the version this process kept: a build calls it before loading its parent, so that a
+    landing never holds two versions' models (the last one scored and the one being built)."""
+    with _LOADED_LOCK:
+        _LOADED.clear()
+
+
 def loads() -> int:
     """How many versions this process loaded from disk for evaluation (a counter for tests and benchmarks)."""
     return _LOAD_COUNT[0]

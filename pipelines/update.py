@@ -50,6 +50,7 @@ def build_version(
         raise ValueError("a dataset update takes exactly one landing")
     if out.exists():
         raise FileExistsError(f"{out} already exists; versions are immutable")
+    evaluate.release_loaded()
     model, tok = load_base(params.base, params.train.seed)
     share = ShareModel(model, st.load(parent)) if parent else None
     infos = []
