@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -186,25 +187,27 @@ class Workspace:
         """{storage key: [records, oldest first]}; each record has "etag", "status" and
         "version" (processed) or "reason" (rejected). Reads both ledger formats, then replays
         ledger.log (a line torn by a crash is skipped: its outcome was never acknowledged)."""
+        return self._read_ledger()[0]
+
+    def _read_ledger(self) -> tuple[dict[str, list[dict]], bytes]:
+        """(the history, the ledger.log bytes still to fold: b"" when ledger.json already holds
+        them, i.e. a fold was interrupted before it removed the log)."""
         history: dict[str, list[dict]] = {}
-        if self.ledger_path.is_file():
-            data = json.loads(self.ledger_path.read_text())
-            current = isinstance(data, dict) and data.get("format") == LEDGER_FORMAT
-            if current and isinstance(data.get("landings"), dict):
-                history = {k: list(v) for k, v in data["landings"].items()}
-            else:
-                history = {k: [v] for k, v in data.items() if isinstance(v, dict)}  # format 1: {key: record}
-        for line in self._ledger_log():
+        data = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
+        if isinstance(data, dict) and data.get("format") == LEDGER_FORMAT and isinstance(data.get("landings"), dict):
+            history = {k: list(v) for k, v in data["landings"].items()}
+        else:
+            history = {k: [v] for k, v in data.items() if isinstance(v, dict)}  # format 1: {key: record}
+        log = self.ledger_log_path.read_bytes() if self.ledger_log_path.is_file() else b""
+        if log and data.get("folded") == hashlib.sha256(log).hexdigest():
+            return history, b""
+        for line in log.splitlines():
             try:
                 item = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if item["record"] not in history.get(item["key"], []):  # not folded into ledger.json already
-                _fold(history, item["key"], item["record"])
-        return history
-
-    def _ledger_log(self) -> list[str]:
-        return self.ledger_log_path.read_text().splitlines() if self.ledger_log_path.is_file() else []
+            _fold(history, item["key"], item["record"])
+        return history, log
 
     def ledger(self) -> dict[str, dict]:
         """{storage key: its latest record} (the view of the first ledger format)."""
@@ -230,21 +233,22 @@ class Workspace:
         hold the chain lock (flows.lock), so appends and the fold into ledger.json never race."""
         if not isinstance(entry.get("etag"), str) or not isinstance(entry.get("status"), str):
             raise ValueError(f"a ledger record needs 'etag' and 'status' strings, got {sorted(entry)}")
-        history = self.ledger_history()
+        history, log = self._read_ledger()
+        if not log:
+            self.ledger_log_path.unlink(missing_ok=True)  # absent, or folded by a fold that was interrupted
         if entry["status"] != PROCESSED and _processed(history.get(key, []), entry["etag"]):
             return _processed(history[key], entry["etag"])
         record = {**entry, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if "reason" in record:
             record["reason"] = bound_text(record["reason"])
         _fold(history, key, record)
-        lines = self._ledger_log()
-        if not self.ledger_path.is_file() or len(lines) + 1 >= LEDGER_COMPACT_EVERY:
-            body = {"format": LEDGER_FORMAT, "landings": history}
+        if not self.ledger_path.is_file() or log.count(b"\n") + 1 >= LEDGER_COMPACT_EVERY:
+            body = {"format": LEDGER_FORMAT, "landings": history, "folded": hashlib.sha256(log).hexdigest()}
             write_atomic(self.ledger_path, json.dumps(body, indent=1, sort_keys=True))
-            self.ledger_log_path.unlink(missing_ok=True)  # a crash before this replays lines already folded: no-ops
+            self.ledger_log_path.unlink(missing_ok=True)
         else:
             with open(self.ledger_log_path, "ab") as f:
-                if f.tell() and not self.ledger_log_path.read_bytes().endswith(b"\n"):
+                if log and not log.endswith(b"\n"):
                     f.write(b"\n")  # after a torn line: never glue a new record onto it
                 f.write(json.dumps({"key": key, "record": record}, sort_keys=True).encode() + b"\n")
                 f.flush()

@@ -92,6 +92,9 @@ def test_ledger_appends_one_line_per_outcome_and_folds_them_in_without_losing_an
     assert sorted(before) == ["a/task.yaml", "b/task.yaml", "k0/task.yaml", "k1/task.yaml"]
     assert [r["etag"] for r in before["k0/task.yaml"]] == ["x", "y"]
     assert json.loads(ws.ledger_path.read_text())["landings"] == before
+    ws.record_landing("c/task.yaml", {"etag": "c1", "status": "rejected", "reason": "bad"})  # the next outcome
+    assert ws.ledger_log_path.read_text().count("\n") == 1  # started a new log: the folded one is gone
+    assert ws.ledger_history() == {**before, "c/task.yaml": ws.landing_history("c/task.yaml")}
 
 
 def test_status_file_keeps_the_processed_record_and_recognises_identical_content(storage, tmp_path):
