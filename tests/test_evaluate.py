@@ -1,6 +1,7 @@
 """Evaluation that follows the work: certified-unchanged tasks keep their scores, moved tasks
 are re-scored, a full re-scoring agrees with every certificate; the same scores on a real Dask
-LocalCluster as in-process; records and pictures O(T) per version."""
+LocalCluster as in-process; a record is a delta of the entries its version changed and reads back
+whole."""
 
 import json
 
