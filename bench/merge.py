@@ -21,7 +21,7 @@ The 24-module target (issue 8 item 6) is measured at k = 16 (the peers' setup: 2
 adapters, r = 8, 24 modules, n = d = 384) and at this grid's k = 32: absorbing one adapter into
 all 24 modules in one `merge_layers` call, absorbing 100 adapters at once, and building from the
 200 adapters, each build contender in a fresh process of its own (same factors, same threads)
-so that its time and peak RSS (VmHWM reset before the build) are its own: ours, a float32
+so that its time and peak RSS (VmHWM reset before the build) are its own (`--tasks N`: N instead of 200): ours, a float32
 centred-covariance eigendecomposition as lorashare 0.1.3's compression.py does it, the float64
 covariance eigendecomposition (the paper code's route) and the float64 thin SVD.
 """
@@ -643,7 +643,14 @@ def report(cells: list[dict], mods: list[dict], builds: dict, args, env: dict, w
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.split("\n")[0], argv, threads=1)
+    args = parse_args(
+        __doc__.split("\n")[0],
+        argv,
+        threads=1,
+        extra=lambda p: p.add_argument(
+            "--tasks", type=int, default=200, help="tasks in the 24-module absorb and the build contest (default 200)"
+        ),
+    )
     t0 = time.perf_counter()
     env = environment(torch.device("cpu"))
     grid_n, grid_t = ((64, 128), (4, 12)) if args.quick else ((384, 1024, 4096), (10, 100, 500))
@@ -657,8 +664,8 @@ def main(argv: list[str] | None = None) -> None:
         mods = [many_modules(64, 20, 4, k, 10) for k in (8, 16)]
         builds = build_contest(64, 20, 4, 8, args.threads or 1, rounds=1, runs=2)
     else:
-        mods = [many_modules(384, 200, 24, k, 100) for k in (16, 32)]
-        builds = build_contest(384, 200, 24, 16, args.threads or 1, rounds=5)
+        mods = [many_modules(384, args.tasks, 24, k, 100) for k in (16, 32)]
+        builds = build_contest(384, args.tasks, 24, 16, args.threads or 1, rounds=5)
     report(cells, mods, builds, args, env, time.perf_counter() - t0)
 
 
