@@ -21,9 +21,10 @@ The 24-module target (issue 8 item 6) is measured at k = 16 (the peers' setup: 2
 adapters, r = 8, 24 modules, n = d = 384) and at this grid's k = 32: absorbing one adapter into
 all 24 modules in one `merge_layers` call, absorbing 100 adapters at once, and building from the
 200 adapters, each build contender in a fresh process of its own (same factors, same threads)
-so that its time and peak RSS (VmHWM reset before the build) are its own (`--tasks N`: N instead of 200): ours, a float32
+so that its time and peak RSS (VmHWM reset before the build) are its own: ours, a float32
 centred-covariance eigendecomposition as lorashare 0.1.3's compression.py does it, the float64
-covariance eigendecomposition (the paper code's route) and the float64 thin SVD.
+covariance eigendecomposition (the paper code's route) and the float64 thin SVD. `--tasks N` runs
+the absorb and the build at N tasks instead of 200.
 """
 
 from __future__ import annotations
