@@ -165,8 +165,8 @@ def _expand(data: dict, parent: EvaluationRecord, manifest: st.Manifest) -> Eval
 def _assemble(ws: Workspace, data: dict) -> EvaluationRecord:
     base = data["base"]
     where = ws.evaluation_path(data["version"]).relative_to(ws.root)
-    parent_path = ws.evaluation_path(base["version"])
-    if not parent_path.is_file() or hashlib.sha256(parent_path.read_bytes()).hexdigest() != base["sha256"]:
+    parent = read_record(ws, base["version"])  # its file's sha256 is then the cache's key
+    if parent is None or _RECORDS[str(ws.evaluation_path(base["version"]))][0] != base["sha256"]:
         raise ValueError(
             f"{where} is a delta on a record of {base['version']} that is no longer there: re-evaluate "
             f"{data['version']} (python -m pipelines.evaluate {data['version']})"
@@ -177,7 +177,7 @@ def _assemble(ws: Workspace, data: dict) -> EvaluationRecord:
         raise FileNotFoundError(
             f"{where} needs versions/{data['version']} (its task order and merge errors): restore the version first"
         ) from None
-    return _expand(data, read_record(ws, base["version"]), manifest)
+    return _expand(data, parent, manifest)
 
 
 def _delta(ws: Workspace, record: EvaluationRecord, parent: EvaluationRecord | None, manifest: st.Manifest):
